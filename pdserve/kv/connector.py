@@ -1,0 +1,156 @@
+"""``PdConnector``: pdserve's KV connector, loaded by vLLM through ``kv_connector_module_path``.
+
+vLLM builds one connector object per role: in the EngineCore process (scheduler role) and in
+every worker (worker role). This class only routes vLLM's calls to the half that serves them:
+``SchedulerSide`` (policy, no I/O) or ``KVWorker`` (the KV server and the transfers).
+
+Enable it with ``pdserve instance`` or by hand::
+
+    vllm serve MODEL --kv-transfer-config '{"kv_connector": "PdConnector",
+        "kv_connector_module_path": "pdserve.kv.connector", "kv_role": "kv_both",
+        "kv_connector_extra_config": {"pdserve": {"port": 7100}}}'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorTransferResults,
+)
+
+from pdserve.kv.layout import build_layout
+from pdserve.kv.scheduler_side import SchedulerSide, StepOrders
+from pdserve.kv.settings import KVSettings, from_extra_config
+from pdserve.kv.worker_side import KVWorker
+from pdserve.wire import cluster_secret
+from pdserve.logs import get_logger
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class PdConnectorMetadata(KVConnectorMetadata):
+    orders: StepOrders = field(default_factory=StepOrders)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class PdConnector(KVConnectorBase_V1):
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.settings: KVSettings = from_extra_config(
+            self._kv_transfer_config.kv_connector_extra_config
+        )
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker: KVWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings)
+
+    # --- scheduler role --------------------------------------------------------------------
+
+    def _sched(self) -> SchedulerSide:
+        assert self.scheduler_side is not None, "scheduler-side call on a worker connector"
+        return self.scheduler_side
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return PdConnectorMetadata(orders=self._sched().take_orders())
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request, block_ids)
+
+    def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        return (0,)
+
+    # --- worker role -----------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        layout = build_layout(kv_caches, self._vllm_config.cache_config.num_gpu_blocks)
+        secret = cluster_secret(loopback_only=is_loopback(self.settings.host))
+        self.worker = KVWorker(self.settings, layout, get_tensor_model_parallel_rank(), secret)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is None or not isinstance(connector_metadata, PdConnectorMetadata):
+            return
+        orders = connector_metadata.orders
+        for export in orders.exports:
+            self.worker.add_export(export)
+        for load in orders.loads:
+            self.worker.start_load(load)
+        for release in orders.releases:
+            self.worker.send_release(release)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Loads run in the background from the moment their order arrives."""
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loaded requests are only scheduled once their whole load is reported done."""
+
+    def save_kv_layer(
+        self,
+        layer_name: str,
+        kv_layer: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        **kwargs: Any,
+    ) -> None:
+        """Nothing to save: exporters keep the blocks and peers pull them."""
+
+    def wait_for_save(self) -> None:
+        """Nothing to wait for (see save_kv_layer)."""
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        if self.worker is None:
+            return KVConnectorTransferResults()
+        sending, recving, failed = self.worker.poll()
+        return KVConnectorTransferResults(
+            finished_sending=sending, finished_recving=recving, failed_recving=failed
+        )
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        results = self.get_transfer_results(finished_req_ids)
+        return results.finished_sending or None, results.finished_recving or None
+
+    def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None

@@ -1,0 +1,104 @@
+"""The shape of a worker's KV cache, seen as runs of whole blocks.
+
+vLLM gives a connector one tensor per attention layer. On CPU (layout LBHNC) it is
+``[num_blocks, kv_heads, block_size, 2 * head_size]``, one contiguous region per layer; GPU
+backends may put K and V in two planes ``[2, num_blocks, ...]``. Either way a *plane* here is
+a tensor whose first dimension indexes blocks, so a run of consecutive blocks is one
+contiguous slice, sent as one message without any copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.kv.messages import Run
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Planes of the cache in a fixed order both ends agree on, and its fingerprint."""
+
+    planes: tuple[torch.Tensor, ...]
+    fingerprint: str
+    num_blocks: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes[0].device
+
+    @property
+    def bytes_per_block(self) -> int:
+        return sum(p[0].numel() * p.element_size() for p in self.planes)
+
+    def slices(self, runs: Sequence[Run], side: int) -> Iterator[torch.Tensor]:
+        """Contiguous slices, plane-major, for the source (side=0) or destination (side=1)."""
+        for plane in self.planes:
+            for run in runs:
+                start, count = run[side], run[2]
+                yield plane[start : start + count]
+
+
+def _planes_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
+    if tensor.shape[0] == num_blocks:
+        return [tensor]
+    if tensor.dim() >= 2 and tensor.shape[0] == 2 and tensor.shape[1] == num_blocks:
+        return [tensor[0], tensor[1]]
+    raise ValueError(
+        f"cannot find the block dimension ({num_blocks} blocks) in a KV tensor of shape "
+        f"{tuple(tensor.shape)}"
+    )
+
+
+def build_layout(kv_caches: dict[str, torch.Tensor], num_blocks: int | None = None) -> KVLayout:
+    """Orders the layers by name (numbers compared as numbers) and skips aliased tensors."""
+    if not kv_caches:
+        raise ValueError("no KV cache tensors were registered")
+    names = sorted(kv_caches, key=_natural_key)
+    blocks = num_blocks or kv_caches[names[0]].shape[0]
+    planes: list[torch.Tensor] = []
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    description = []
+    for name in names:
+        tensor = kv_caches[name]
+        key = (tensor.data_ptr(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        for plane in _planes_of(tensor, blocks):
+            if not plane[0].is_contiguous():
+                raise ValueError(f"blocks of layer {name} are not contiguous in memory")
+            planes.append(plane)
+            description.append([name, list(plane.shape[1:]), str(plane.dtype)])
+    digest = hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
+    return KVLayout(planes=tuple(planes), fingerprint=digest, num_blocks=blocks)
+
+
+def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
+    """Pairs two equally long block lists into maximal runs consecutive on both sides."""
+    if len(src) != len(dst):
+        raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
+    runs: list[Run] = []
+    for s, d in zip(src, dst):
+        if runs:
+            s0, d0, n = runs[-1]
+            if s == s0 + n and d == d0 + n:
+                runs[-1] = (s0, d0, n + 1)
+                continue
+        runs.append((s, d, 1))
+    return runs
+
+
+def tokens_digest(token_ids: Sequence[int]) -> str:
+    """A short digest of token ids, so an importer can check it has the same prefix."""
+    data = json.dumps(list(token_ids), separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()[:24]

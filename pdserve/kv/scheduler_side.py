@@ -1,0 +1,192 @@
+"""The scheduler half of the connector: decides what to export, what to load, and from where.
+
+It runs inside vLLM's EngineCore, on the engine's own thread, and does no I/O: its decisions
+travel to the workers in the step's connector metadata.
+
+Producer (prefill instance): a request carrying ``{"pdserve": {"export": ...}}`` keeps its
+blocks when it finishes (``request_finished`` returns ``delay_free=True``), and the response
+carries a ``SourceSpec`` that tells a decode instance where to pull from.
+
+Consumer (decode instance): a request carrying ``{"pdserve": {"source": ...}}`` reports its
+prompt as an asynchronous external load; vLLM allocates blocks and parks the request until
+the workers report the pull finished. A source that does not match (other block size,
+layout or tokens) is not trusted: the request is prefilled locally and the export released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pdserve.kv.layout import block_runs, tokens_digest
+from pdserve.kv.messages import SourceSpec, TransferParams, params_to_json, parse_params
+from pdserve.kv.settings import KVSettings
+from pdserve.kv.worker_side import ExportOrder, LoadOrder, ReleaseOrder
+from pdserve.logs import get_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class StepOrders:
+    """What the workers must do this step (the connector metadata's payload)."""
+
+    exports: list[ExportOrder] = field(default_factory=list)
+    loads: list[LoadOrder] = field(default_factory=list)
+    releases: list[ReleaseOrder] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.exports or self.loads or self.releases)
+
+
+def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
+    """What two instances must share for their blocks to be interchangeable."""
+    description: list[Any] = [tp_size, kv_cache_config.kv_cache_layout]
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        description.append([
+            sorted(group.layer_names),
+            type(spec).__name__,
+            spec.block_size,
+            getattr(spec, "num_kv_heads", None),
+            getattr(spec, "head_size", None),
+            str(getattr(spec, "dtype", None)),
+        ])
+    return hashlib.sha256(json.dumps(description, default=str).encode()).hexdigest()[:16]
+
+
+class SchedulerSide:
+    def __init__(
+        self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: KVSettings
+    ) -> None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(
+                f"pdserve's connector supports models with one KV cache group, not {len(groups)}"
+            )
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size != 1:
+            raise ValueError("pdserve's connector does not support pipeline parallelism")
+        self.settings = settings
+        self.block_size = groups[0].kv_cache_spec.block_size
+        self.tp_size = parallel.tensor_parallel_size
+        self.layout = layout_fingerprint(kv_cache_config, self.tp_size)
+        self.addresses = [settings.address_of_rank(r) for r in range(self.tp_size)]
+        self._orders = StepOrders()
+        self._local_hits: dict[str, int] = {}
+        # Requests whose import was decided (loading, loaded, or refused): asked again after a
+        # failed load under the "recompute" policy, they are then prefilled locally.
+        self._import_decided: set[str] = set()
+
+    # --- consumer --------------------------------------------------------------------------
+
+    def _untrusted_reason(self, request: Request, source: SourceSpec) -> str | None:
+        if source.block_size != self.block_size:
+            return f"block size {source.block_size} != {self.block_size}"
+        if source.layout != self.layout:
+            return "KV layout differs (other model, dtype or tensor parallelism)"
+        if len(source.addresses) != self.tp_size:
+            return f"source has {len(source.addresses)} TP ranks, this instance {self.tp_size}"
+        if not request.num_tokens - 1 <= source.num_tokens <= request.num_tokens:
+            return f"source covers {source.num_tokens} of {request.num_tokens} tokens"
+        if len(source.block_ids) < cdiv(source.num_tokens, self.block_size):
+            return "source lists too few blocks"
+        covered = request.all_token_ids[: source.num_tokens]
+        if tokens_digest(covered) != source.tokens_digest:
+            return "source computed other tokens than this request's prompt"
+        return None
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        params = parse_params(request.kv_transfer_params)
+        if params is None or params.source is None:
+            return 0, False
+        if request.request_id in self._import_decided:
+            return 0, False
+        source = params.source
+        reason = self._untrusted_reason(request, source)
+        if reason is not None:
+            logger.warning(
+                "pdserve kv: not loading %s from %s (%s); prefilling locally",
+                request.request_id, source.instance_id, reason,
+            )
+            self._import_decided.add(request.request_id)
+            self._orders.releases.append(ReleaseOrder(source.transfer_id, source.addresses))
+            return 0, False
+        self._local_hits[request.request_id] = num_computed_tokens
+        return request.num_tokens - num_computed_tokens, True
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        if num_external_tokens == 0:
+            return
+        params = parse_params(request.kv_transfer_params)
+        assert params is not None and params.source is not None
+        source = params.source
+        self._import_decided.add(request.request_id)
+        local_hit = self._local_hits.pop(request.request_id, 0)
+        local_blocks = blocks.get_block_ids()[0]
+        first = local_hit // self.block_size
+        # The last token is recomputed here, so the blocks holding positions before it are
+        # all that is needed (a block holding only the last position needs no data).
+        end = min(cdiv(request.num_tokens - 1, self.block_size), len(local_blocks))
+        runs = block_runs(source.block_ids[first:end], local_blocks[first:end]) if end > first else []
+        self._orders.loads.append(
+            LoadOrder(request.request_id, source.transfer_id, source.addresses, runs)
+        )
+
+    # --- producer --------------------------------------------------------------------------
+
+    def request_finished(
+        self, request: Request, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        from vllm.v1.request import RequestStatus
+
+        self._local_hits.pop(request.request_id, None)
+        self._import_decided.discard(request.request_id)
+        params = parse_params(request.kv_transfer_params)
+        if params is None or params.export is None:
+            return False, None
+        finished_normally = request.status in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH_CAPPED,
+        )
+        num_tokens = request.num_computed_tokens
+        blocks = block_ids[: cdiv(num_tokens, self.block_size)]
+        if not finished_normally or not blocks:
+            return False, None
+        transfer_id = params.export.transfer_id
+        self._orders.exports.append(
+            ExportOrder(transfer_id, request.request_id, blocks, self.settings.lease_s)
+        )
+        source = SourceSpec(
+            transfer_id=transfer_id,
+            instance_id=self.settings.instance_id,
+            addresses=self.addresses,
+            block_ids=blocks,
+            num_tokens=num_tokens,
+            block_size=self.block_size,
+            layout=self.layout,
+            tokens_digest=tokens_digest(request.all_token_ids[:num_tokens]),
+        )
+        return True, params_to_json(TransferParams(source=source))
+
+    # --- every step ------------------------------------------------------------------------
+
+    def take_orders(self) -> StepOrders:
+        orders, self._orders = self._orders, StepOrders()
+        return orders

@@ -1,0 +1,75 @@
+"""Settings of the KV connector, carried in vLLM's ``kv_connector_extra_config["pdserve"]``.
+
+vLLM hands ``--kv-transfer-config`` to the EngineCore process and to every worker, so this
+one JSON object configures both sides of the connector. ``pdserve instance`` fills it in;
+a user running ``vllm serve`` directly can write it by hand (see docs/kv-connector.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+CONNECTOR_CLASS = "PdConnector"
+CONNECTOR_MODULE = "pdserve.kv.connector"
+EXTRA_CONFIG_KEY = "pdserve"
+
+
+class KVSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    instance_id: str = Field("standalone", description="name of this instance in the cluster")
+    host: str = Field("127.0.0.1", description="address the KV server of each worker binds")
+    advertise_host: str | None = Field(
+        None, description="address peers use to reach the KV servers (default: host)"
+    )
+    port: int = Field(
+        ..., ge=1, le=65535, description="KV server port of TP rank 0 (rank r uses port + r)"
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="seconds a finished prefill keeps its KV blocks for a pull"
+    )
+    transfer_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a stalled transfer may take before it is abandoned"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto: NCCL for CUDA caches, else gloo"
+    )
+    control_port: int | None = Field(
+        None, ge=1, le=65535, description="port of the engine control server (migration)"
+    )
+    scheduler: str | None = Field(
+        None, description="control-plane address (tcp://host:port) that receives load reports"
+    )
+    report_interval_s: float = Field(0.1, gt=0, description="seconds between load reports")
+
+    def address_of_rank(self, rank: int) -> str:
+        return f"tcp://{self.advertise_host or self.host}:{self.port + rank}"
+
+    def bind_address_of_rank(self, rank: int) -> str:
+        return f"tcp://{self.host}:{self.port + rank}"
+
+
+def kv_transfer_config(
+    settings: KVSettings, load_failure_policy: Literal["recompute", "fail"]
+) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` object that loads pdserve's connector into vLLM."""
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        # Every pdserve instance can both export (prefill, migration source) and import
+        # (decode, migration destination) KV.
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": load_failure_policy,
+        "kv_connector_extra_config": {EXTRA_CONFIG_KEY: settings.model_dump(exclude_none=True)},
+    }
+
+
+def from_extra_config(extra: dict[str, Any] | None) -> KVSettings:
+    if not extra or EXTRA_CONFIG_KEY not in extra:
+        raise ValueError(
+            f"{CONNECTOR_CLASS} needs kv_connector_extra_config.{EXTRA_CONFIG_KEY} "
+            "with at least a port; `pdserve instance` writes it for you"
+        )
+    return KVSettings.model_validate(extra[EXTRA_CONFIG_KEY])

@@ -1,0 +1,464 @@
+"""The worker half of the connector: serves exports and runs loads, off the model's thread.
+
+Every worker runs a KV server (a ``Messenger`` bound to ``port + tp_rank``). An *export* is a
+set of blocks the scheduler side asked to keep for a pull (a finished prefill, or a request
+that is moving away). A *load* is a pull of another instance's export into blocks that vLLM
+allocated here. Both finish exactly once, and the scheduler hears of it through
+``get_transfer_results``; that is what lets vLLM free (or start using) the blocks.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from pdserve.kv.layout import KVLayout
+from pdserve.kv.messages import (
+    Failed,
+    PairOpen,
+    PairOpened,
+    PullFinished,
+    PullRequest,
+    PullStarted,
+    Release,
+    Run,
+    StoreSet,
+)
+from pdserve.kv.settings import KVSettings
+from pdserve.kv.transport import Messenger, Pair, backend_for, kv_codec, post_transfer, wait_all
+from pdserve.logs import get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class ExportOrder:
+    """Scheduler → worker: keep these blocks of a finished request for a pull."""
+
+    transfer_id: str
+    req_id: str
+    block_ids: list[int]
+    lease_s: float
+
+
+@dataclass
+class LoadOrder:
+    """Scheduler → worker: pull ``runs`` of an export into local blocks.
+
+    No runs means nothing needs to be copied; the export is then just released.
+    """
+
+    req_id: str
+    transfer_id: str
+    # KV server of each TP rank of the exporter; worker r pulls from addresses[r].
+    addresses: list[str]
+    runs: list[Run]
+
+
+@dataclass
+class ReleaseOrder:
+    """Scheduler → worker: tell the exporting instance its blocks will not be pulled."""
+
+    transfer_id: str
+    addresses: list[str]
+
+
+@dataclass
+class TransferStats:
+    """Counters since the last report, carried to the scheduler side."""
+
+    loads_ok: int = 0
+    loads_failed: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    load_seconds: float = 0.0
+    pairs_opened: int = 0
+    pair_setup_seconds: float = 0.0
+    leases_expired: int = 0
+
+    def merge(self, other: TransferStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Export:
+    transfer_id: str
+    req_id: str
+    blocks: frozenset[int]
+    deadline: float
+    pulls_in_flight: int = 0
+    closing: bool = False
+    valid: bool = True
+
+
+class ExportRegistry:
+    """Exports waiting to be pulled; each one is reported finished exactly once."""
+
+    def __init__(self) -> None:
+        self._exports: dict[str, _Export] = {}
+        # Releases that arrived before their export was registered (transfer id → expiry).
+        self._tombstones: dict[str, float] = {}
+        self._changed = threading.Condition()
+        self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.expired_count = 0
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def add(self, order: ExportOrder) -> None:
+        with self._changed:
+            if self._tombstones.pop(order.transfer_id, None) is not None:
+                self.finished.put(order.req_id)
+                return
+            self._exports[order.transfer_id] = _Export(
+                transfer_id=order.transfer_id,
+                req_id=order.req_id,
+                blocks=frozenset(order.block_ids),
+                deadline=time.monotonic() + order.lease_s,
+            )
+            self._changed.notify_all()
+
+    def begin_pull(self, request: PullRequest) -> _Export | str:
+        """Claims an export for one pull; returns an error text if it cannot be pulled."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: request.transfer_id in self._exports
+                or request.transfer_id in self._tombstones,
+                timeout=request.wait_s,
+            )
+            export = self._exports.get(request.transfer_id)
+            if export is None:
+                return f"unknown or released transfer {request.transfer_id}"
+            if export.closing:
+                return f"transfer {request.transfer_id} is being released"
+            wanted = {run[0] + i for run in request.runs for i in range(run[2])}
+            if not wanted <= export.blocks:
+                return "pull asks for blocks outside the export"
+            export.pulls_in_flight += 1
+            if request.last:
+                export.closing = True
+            return export
+
+    def end_pull(self, export: _Export) -> None:
+        with self._changed:
+            export.pulls_in_flight -= 1
+            self._finish_if_idle(export)
+
+    def release(self, transfer_id: str, tombstone_s: float) -> None:
+        with self._changed:
+            export = self._exports.get(transfer_id)
+            if export is None:
+                self._tombstones[transfer_id] = time.monotonic() + tombstone_s
+                return
+            export.closing = True
+            self._finish_if_idle(export)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        with self._changed:
+            for export in list(self._exports.values()):
+                if export.deadline < now and export.pulls_in_flight == 0:
+                    logger.warning(
+                        "pdserve kv: lease of transfer %s expired unpulled; freeing %d blocks",
+                        export.transfer_id, len(export.blocks),
+                    )
+                    self.expired_count += 1
+                    export.closing = True
+                    self._finish_if_idle(export)
+            for transfer_id, expiry in list(self._tombstones.items()):
+                if expiry < now:
+                    del self._tombstones[transfer_id]
+
+    def _finish_if_idle(self, export: _Export) -> None:
+        if export.closing and export.pulls_in_flight == 0:
+            if self._exports.pop(export.transfer_id, None) is not None:
+                self.finished.put(export.req_id)
+
+
+@dataclass
+class LoadResult:
+    req_id: str
+    ok: bool
+    error: str = ""
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _PairTable:
+    by_id: dict[str, Pair] = field(default_factory=dict)
+    by_peer: dict[str, Pair] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class KVWorker:
+    """Owns the KV server of one worker and runs its transfers."""
+
+    def __init__(self, settings: KVSettings, layout: KVLayout, tp_rank: int, secret: bytes):
+        self.settings = settings
+        self.layout = layout
+        self.tp_rank = tp_rank
+        self.address = settings.address_of_rank(tp_rank)
+        self.backend = backend_for(layout.device, settings.backend)
+        self.exports = ExportRegistry()
+        self._pairs = _PairTable()
+        self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
+        self._stats = TransferStats()
+        self._stats_lock = threading.Lock()
+        # Serving and loading get their own threads, so that two instances pulling from each
+        # other at once can never starve one another.
+        self._serve_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-serve")
+        self._load_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-load")
+        self.messenger = Messenger(
+            kv_codec(secret),
+            settings.bind_address_of_rank(tp_rank),
+            on_request=self._on_request,
+            on_store_set=self._on_store_set,
+        )
+        logger.info(
+            "pdserve kv: worker %d serving %d planes (%d bytes/block, %s) at %s",
+            tp_rank, len(layout.planes), layout.bytes_per_block, self.backend, self.address,
+        )
+
+    # --- orders from the scheduler side (model thread) -------------------------------------
+
+    def add_export(self, order: ExportOrder) -> None:
+        self.exports.add(order)
+
+    def start_load(self, order: LoadOrder) -> None:
+        self._load_pool.submit(self._run_load, order)
+
+    def send_release(self, order: ReleaseOrder) -> None:
+        address = order.addresses[self.tp_rank]
+        self.messenger.send(address, Release(transfer_id=order.transfer_id))
+
+    def poll(self) -> tuple[set[str], set[str], set[str]]:
+        """(finished sending, finished receiving, failed receiving) since the last call."""
+        self.exports.expire()
+        sending = set()
+        while not self.exports.finished.empty():
+            sending.add(self.exports.finished.get_nowait())
+        recving, failed = set(), set()
+        while not self._results.empty():
+            result = self._results.get_nowait()
+            recving.add(result.req_id)
+            if not result.ok:
+                failed.add(result.req_id)
+        return sending, recving, failed
+
+    def take_stats(self) -> TransferStats:
+        with self._stats_lock:
+            stats, self._stats = self._stats, TransferStats()
+        stats.leases_expired, self.exports.expired_count = self.exports.expired_count, 0
+        return stats
+
+    def shutdown(self) -> None:
+        self.messenger.stop()
+        self._serve_pool.shutdown(wait=False, cancel_futures=True)
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
+        with self._pairs.lock:
+            pairs = list(self._pairs.by_id.values())
+        for pair in pairs:
+            pair.abort()
+
+    # --- the server half ------------------------------------------------------------------
+
+    def _on_request(self, identity: bytes, message: object) -> None:
+        if isinstance(message, PairOpen):
+            self._open_server_pair(identity, message)
+        elif isinstance(message, PullRequest):
+            self._serve_pool.submit(self._serve_pull, identity, message)
+        elif isinstance(message, Release):
+            self.exports.release(message.transfer_id, tombstone_s=2 * self.settings.lease_s)
+        else:
+            logger.warning("pdserve kv: unexpected request %s", type(message).__name__)
+
+    def _on_store_set(self, message: StoreSet) -> None:
+        pair = self._pairs.by_id.get(message.pair_id)
+        if pair is not None:
+            pair.store.receive(message)
+
+    def _open_server_pair(self, identity: bytes, message: PairOpen) -> None:
+        if message.layout != self.layout.fingerprint:
+            error = f"KV layouts differ ({message.layout} vs {self.layout.fingerprint})"
+            self.messenger.reply(identity, Failed(rid=message.rid, error=error))
+            return
+        pair = Pair(
+            message.pair_id,
+            rank=0,
+            backend=message.backend,
+            host=self.settings.advertise_host or self.settings.host,
+            timeout_s=self.settings.transfer_timeout_s,
+            mirror=lambda s: self.messenger.reply(identity, s),
+        )
+        with self._pairs.lock:
+            self._pairs.by_id[message.pair_id] = pair
+        self.messenger.reply(identity, PairOpened(rid=message.rid))
+        self._serve_pool.submit(self._establish, pair)
+
+    def _establish(self, pair: Pair) -> None:
+        try:
+            pair.establish()
+        except Exception as e:
+            logger.warning("pdserve kv: pair %s failed: %s", pair.pair_id, e)
+            self._forget_pair(pair)
+
+    def _serve_pull(self, identity: bytes, request: PullRequest) -> None:
+        pair = self._pairs.by_id.get(request.pair_id)
+        export = self.exports.begin_pull(request)
+        if isinstance(export, str) or pair is None:
+            error = export if isinstance(export, str) else f"unknown pair {request.pair_id}"
+            if not isinstance(export, str):
+                self.exports.end_pull(export)
+            self.messenger.reply(identity, Failed(rid=request.rid, error=error))
+            return
+        try:
+            pair.wait_ready(self.settings.transfer_timeout_s)
+            self.messenger.reply(identity, PullStarted(rid=request.rid))
+            tensors = list(self.layout.slices(request.runs, side=0))
+            works = post_transfer(pair, tensors, request.seq, send=True)
+            wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
+            # The blocks were pinned for the whole read; say whether they stayed valid.
+            self.messenger.reply(identity, PullFinished(rid=request.rid, valid=export.valid))
+            self._add_stats(TransferStats(bytes_sent=sum(t.nbytes for t in tensors)))
+        except Exception as e:
+            logger.warning("pdserve kv: sending %s failed: %s", request.transfer_id, e)
+            pair.abort()
+            self._forget_pair(pair)
+            self.messenger.reply(identity, Failed(rid=request.rid, error=str(e)))
+        finally:
+            self.exports.end_pull(export)
+
+    # --- the initiator half ---------------------------------------------------------------
+
+    def _pair_with(self, address: str, deadline: float) -> Pair:
+        with self._pairs.lock:
+            pair = self._pairs.by_peer.get(address)
+            if pair is not None and not pair.broken:
+                opener = False
+            else:
+                pair_id = f"{self.settings.instance_id}.{self.tp_rank}.{uuid.uuid4().hex[:12]}"
+                pair = Pair(
+                    pair_id,
+                    rank=1,
+                    backend=self.backend,
+                    host=self.settings.advertise_host or self.settings.host,
+                    timeout_s=self.settings.transfer_timeout_s,
+                    mirror=lambda s: self.messenger.send(address, s),
+                )
+                self._pairs.by_id[pair_id] = pair
+                self._pairs.by_peer[address] = pair
+                opener = True
+        if not opener:
+            pair.wait_ready(max(0.0, deadline - time.monotonic()))
+            return pair
+        try:
+            self._open_client_pair(pair, address, deadline)
+        except Exception as e:
+            pair.error = pair.error or str(e)
+            pair.broken = True
+            pair.ready.set()
+            self._forget_pair(pair)
+            raise
+        self._add_stats(TransferStats(pairs_opened=1, pair_setup_seconds=pair.setup_s))
+        return pair
+
+    def _open_client_pair(self, pair: Pair, address: str, deadline: float) -> None:
+        rid, box = self.messenger.new_request()
+        try:
+            self.messenger.send(
+                address,
+                PairOpen(rid=rid, pair_id=pair.pair_id, backend=pair.backend,
+                         layout=self.layout.fingerprint),
+            )
+            reply = box.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self.messenger.drop_peer(address)
+            raise TimeoutError(f"no answer from KV server {address}") from None
+        finally:
+            self.messenger.forget(rid)
+        if isinstance(reply, Failed):
+            raise RuntimeError(f"{address} refused the pair: {reply.error}")
+        pair.establish()
+
+    def _forget_pair(self, pair: Pair) -> None:
+        with self._pairs.lock:
+            self._pairs.by_id.pop(pair.pair_id, None)
+            for peer, known in list(self._pairs.by_peer.items()):
+                if known is pair:
+                    del self._pairs.by_peer[peer]
+
+    def _run_load(self, order: LoadOrder) -> None:
+        start = time.perf_counter()
+        deadline = time.monotonic() + self.settings.transfer_timeout_s
+        if not order.runs:
+            self.send_release(ReleaseOrder(order.transfer_id, order.addresses))
+            self._results.put(LoadResult(order.req_id, ok=True))
+            return
+        try:
+            nbytes = self._pull(order, deadline)
+        except Exception as e:
+            seconds = time.perf_counter() - start
+            logger.warning(
+                "pdserve kv: load of %s from %s failed after %.2f s: %s",
+                order.transfer_id, order.addresses[self.tp_rank], seconds, e,
+            )
+            self._add_stats(TransferStats(loads_failed=1))
+            self._results.put(LoadResult(order.req_id, ok=False, error=str(e), seconds=seconds))
+            return
+        seconds = time.perf_counter() - start
+        self._add_stats(TransferStats(loads_ok=1, bytes_received=nbytes, load_seconds=seconds))
+        self._results.put(LoadResult(order.req_id, ok=True, nbytes=nbytes, seconds=seconds))
+
+    def _pull(self, order: LoadOrder, deadline: float) -> int:
+        address = order.addresses[self.tp_rank]
+        pair = self._pair_with(address, deadline)
+        with pair.lock:
+            seq = pair.next_seq()
+            rid, box = self.messenger.new_request()
+            posted = False
+            try:
+                self.messenger.send(
+                    address,
+                    PullRequest(rid=rid, transfer_id=order.transfer_id, pair_id=pair.pair_id,
+                                seq=seq, runs=order.runs),
+                )
+                reply = _next_reply(box, deadline)
+                if isinstance(reply, Failed):
+                    raise RuntimeError(f"exporter refused the pull: {reply.error}")
+                tensors = list(self.layout.slices(order.runs, side=1))
+                works = post_transfer(pair, tensors, seq, send=False)
+                posted = True
+                wait_all(works, deadline)
+                reply = _next_reply(box, deadline)
+                if isinstance(reply, Failed):
+                    raise RuntimeError(f"exporter failed: {reply.error}")
+                if isinstance(reply, PullFinished) and not reply.valid:
+                    raise RuntimeError("the exported blocks changed during the read")
+                return sum(t.nbytes for t in tensors)
+            except BaseException:
+                if posted:
+                    # Receives may still be pending: close the connection before the
+                    # blocks go back to vLLM, so nothing can write into them later.
+                    pair.abort()
+                self._forget_pair(pair)
+                raise
+            finally:
+                self.messenger.forget(rid)
+
+    def _add_stats(self, stats: TransferStats) -> None:
+        with self._stats_lock:
+            self._stats.merge(stats)
+
+
+def _next_reply(box: queue.SimpleQueue[object], deadline: float) -> object:
+    try:
+        return box.get(timeout=max(0.0, deadline - time.monotonic()))
+    except queue.Empty:
+        raise TimeoutError("the exporting worker did not answer in time") from None
+

@@ -13,7 +13,6 @@ Enable it with ``pdserve instance`` or by hand::
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +21,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorTransferResults,
+    KVConnectorWorkerMetadata,
 )
 
 from pdserve.kv.layout import build_layout
 from pdserve.kv.scheduler_side import SchedulerSide, StepOrders
 from pdserve.kv.settings import KVSettings, from_extra_config
-from pdserve.kv.worker_side import KVWorker
-from pdserve.wire import cluster_secret
+from pdserve.kv.worker_side import KVWorker, TransferStats
 from pdserve.logs import get_logger
+from pdserve.wire import cluster_secret, is_loopback
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,10 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from pdserve.instance.reports import TransferCounters
 
 logger = get_logger(__name__)
 
@@ -49,11 +52,18 @@ class PdConnectorMetadata(KVConnectorMetadata):
     orders: StepOrders = field(default_factory=StepOrders)
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+@dataclass
+class PdWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker → scheduler, every step: transfer counters since the last step."""
+
+    stats: TransferStats = field(default_factory=TransferStats)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        merged = TransferStats()
+        merged.merge(self.stats)
+        if isinstance(other, PdWorkerMeta):
+            merged.merge(other.stats)
+        return PdWorkerMeta(merged)
 
 
 class PdConnector(KVConnectorBase_V1):
@@ -69,6 +79,7 @@ class PdConnector(KVConnectorBase_V1):
         )
         self.scheduler_side: SchedulerSide | None = None
         self.worker: KVWorker | None = None
+        self._transfer_totals = TransferStats()
         if role == KVConnectorRole.SCHEDULER:
             self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings)
 
@@ -98,6 +109,20 @@ class PdConnector(KVConnectorBase_V1):
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
         return (0,)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, PdWorkerMeta):
+            self._transfer_totals.merge(meta.stats)
+
+    @property
+    def transfer_counters(self) -> TransferCounters:
+        """Cumulative counters of all workers, for the load report."""
+        from dataclasses import asdict
+
+        from pdserve.instance.reports import TransferCounters
+
+        return TransferCounters(**asdict(self._transfer_totals))
 
     # --- worker role -----------------------------------------------------------------------
 
@@ -145,6 +170,12 @@ class PdConnector(KVConnectorBase_V1):
         return KVConnectorTransferResults(
             finished_sending=sending, finished_recving=recving, failed_recving=failed
         )
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        if self.worker is None:
+            return None
+        stats = self.worker.take_stats()
+        return PdWorkerMeta(stats) if stats != TransferStats() else None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         results = self.get_transfer_results(finished_req_ids)

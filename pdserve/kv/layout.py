@@ -88,7 +88,7 @@ def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
     if len(src) != len(dst):
         raise ValueError(f"{len(src)} source blocks but {len(dst)} destination blocks")
     runs: list[Run] = []
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=False):
         if runs:
             s0, d0, n = runs[-1]
             if s == s0 + n and d == d0 + n:

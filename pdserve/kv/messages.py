@@ -132,4 +132,30 @@ class Release(msgspec.Struct, tag=True, frozen=True):
     transfer_id: str
 
 
-KVMessage = PairOpen | PairOpened | StoreSet | PullRequest | PullStarted | PullFinished | Failed | Release
+class InjectFault(msgspec.Struct, tag=True, frozen=True):
+    """Test hook: delay the next ``count`` pulls served here by ``delay_s`` after they start.
+
+    Refused unless the instance runs with PDSERVE_FAULT_INJECTION=1.
+    """
+
+    rid: int
+    delay_s: float
+    count: int = 1
+
+
+class Ack(msgspec.Struct, tag=True, frozen=True):
+    rid: int
+
+
+KVMessage = (
+    PairOpen
+    | PairOpened
+    | StoreSet
+    | PullRequest
+    | PullStarted
+    | PullFinished
+    | Failed
+    | Release
+    | InjectFault
+    | Ack
+)

@@ -56,14 +56,16 @@ def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
     description: list[Any] = [tp_size, kv_cache_config.kv_cache_layout]
     for group in kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
-        description.append([
-            sorted(group.layer_names),
-            type(spec).__name__,
-            spec.block_size,
-            getattr(spec, "num_kv_heads", None),
-            getattr(spec, "head_size", None),
-            str(getattr(spec, "dtype", None)),
-        ])
+        description.append(
+            [
+                sorted(group.layer_names),
+                type(spec).__name__,
+                spec.block_size,
+                getattr(spec, "num_kv_heads", None),
+                getattr(spec, "head_size", None),
+                str(getattr(spec, "dtype", None)),
+            ]
+        )
     return hashlib.sha256(json.dumps(description, default=str).encode()).hexdigest()[:16]
 
 
@@ -121,7 +123,9 @@ class SchedulerSide:
         if reason is not None:
             logger.warning(
                 "pdserve kv: not loading %s from %s (%s); prefilling locally",
-                request.request_id, source.instance_id, reason,
+                request.request_id,
+                source.instance_id,
+                reason,
             )
             self._import_decided.add(request.request_id)
             self._orders.releases.append(ReleaseOrder(source.transfer_id, source.addresses))
@@ -144,7 +148,9 @@ class SchedulerSide:
         # The last token is recomputed here, so the blocks holding positions before it are
         # all that is needed (a block holding only the last position needs no data).
         end = min(cdiv(request.num_tokens - 1, self.block_size), len(local_blocks))
-        runs = block_runs(source.block_ids[first:end], local_blocks[first:end]) if end > first else []
+        runs = (
+            block_runs(source.block_ids[first:end], local_blocks[first:end]) if end > first else []
+        )
         self._orders.loads.append(
             LoadOrder(request.request_id, source.transfer_id, source.addresses, runs)
         )

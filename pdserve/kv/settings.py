@@ -33,6 +33,12 @@ class KVSettings(BaseModel):
     transfer_timeout_s: float = Field(
         10.0, gt=0, description="seconds a stalled transfer may take before it is abandoned"
     )
+    pair_setup_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="seconds two workers may take to form their process group "
+        "(once per pair of workers)",
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: NCCL for CUDA caches, else gloo"
     )

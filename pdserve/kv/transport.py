@@ -20,21 +20,22 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import zmq
 
 from pdserve.kv.messages import KVMessage, StoreSet
-from pdserve.wire import AuthError, Codec
 from pdserve.logs import get_logger
+from pdserve.wire import AuthError, Codec
 
 logger = get_logger(__name__)
 
@@ -57,7 +58,7 @@ class Messenger:
         self._codec = codec
         self._on_request = on_request
         self._on_store_set = on_store_set
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._router: zmq.Socket | None = None
         if bind_address:
             self._router = self._ctx.socket(zmq.ROUTER)
@@ -73,6 +74,7 @@ class Messenger:
         self._mailbox_lock = threading.Lock()
         self._rids = itertools.count(1)
         self._stopped = threading.Event()
+        self._debug = logger.isEnabledFor(logging.DEBUG)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -135,6 +137,8 @@ class Messenger:
                 kind, target, frames = self._outbox.get_nowait()
             except queue.Empty:
                 return
+            if self._debug and kind != "drop":
+                logger.debug("pdserve kv: -> %s %s", kind, target)
             try:
                 if kind == "dealer":
                     self._dealer(target).send_multipart(frames, flags=zmq.NOBLOCK)
@@ -148,6 +152,8 @@ class Messenger:
                 logger.warning("pdserve kv: could not send to %r: %s", target, e)
 
     def _deliver(self, message: Any, identity: bytes | None) -> None:
+        if self._debug:
+            logger.debug("pdserve kv: <- %s %s", type(message).__name__, identity)
         if isinstance(message, StoreSet):
             self._on_store_set(message)
             return
@@ -269,9 +275,9 @@ class PairStore(dist.Store):
             return self._data.pop(key, None) is not None
 
 
-def backend_for(device: torch.device, requested: str) -> str:
-    if requested != "auto":
-        return requested
+def backend_for(device: torch.device, requested: str) -> Literal["gloo", "nccl"]:
+    if requested in ("gloo", "nccl"):
+        return requested  # type: ignore[return-value]
     return "nccl" if device.type == "cuda" else "gloo"
 
 
@@ -282,7 +288,7 @@ class Pair:
         self,
         pair_id: str,
         rank: int,
-        backend: str,
+        backend: Literal["gloo", "nccl"],
         host: str,
         timeout_s: float,
         mirror: Callable[[StoreSet], None],
@@ -311,7 +317,7 @@ class Pair:
         try:
             timeout = timedelta(seconds=self._timeout_s)
             if self.backend == "gloo":
-                options = dist.ProcessGroupGloo._Options()
+                options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
                 options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._host)]
                 options._timeout = timeout
                 self.pg = dist.ProcessGroupGloo(self.store, self.rank, 2, options)
@@ -328,7 +334,10 @@ class Pair:
             self.ready.set()
         logger.info(
             "pdserve kv: pair %s (%s, rank %d) ready in %.1f ms",
-            self.pair_id, self.backend, self.rank, self.setup_s * 1e3,
+            self.pair_id,
+            self.backend,
+            self.rank,
+            self.setup_s * 1e3,
         )
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -379,4 +388,3 @@ def wait_all(works: list[Any], deadline: float) -> None:
 
 def kv_codec(secret: bytes) -> Codec[Any]:
     return Codec(KVMessage, secret)
-

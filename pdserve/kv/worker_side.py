@@ -9,16 +9,20 @@ allocated here. Both finish exactly once, and the scheduler hears of it through
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pdserve.kv.layout import KVLayout
 from pdserve.kv.messages import (
+    Ack,
     Failed,
+    InjectFault,
     PairOpen,
     PairOpened,
     PullFinished,
@@ -29,7 +33,14 @@ from pdserve.kv.messages import (
     StoreSet,
 )
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.transport import Messenger, Pair, backend_for, kv_codec, post_transfer, wait_all
+from pdserve.kv.transport import (
+    Messenger,
+    Pair,
+    backend_for,
+    kv_codec,
+    post_transfer,
+    wait_all,
+)
 from pdserve.logs import get_logger
 
 logger = get_logger(__name__)
@@ -85,6 +96,11 @@ class TransferStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+FINISHED_IDS_KEPT = 4096
+# A load may wait this many transfer timeouts for its turn on a busy pair.
+QUEUE_PATIENCE = 6
+
+
 @dataclass
 class _Export:
     transfer_id: str
@@ -103,6 +119,8 @@ class ExportRegistry:
         self._exports: dict[str, _Export] = {}
         # Releases that arrived before their export was registered (transfer id → expiry).
         self._tombstones: dict[str, float] = {}
+        # Recently finished transfers, so a late pull is refused at once instead of waiting.
+        self._finished_ids: OrderedDict[str, None] = OrderedDict()
         self._changed = threading.Condition()
         self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.expired_count = 0
@@ -127,8 +145,9 @@ class ExportRegistry:
         """Claims an export for one pull; returns an error text if it cannot be pulled."""
         with self._changed:
             self._changed.wait_for(
-                lambda: request.transfer_id in self._exports
-                or request.transfer_id in self._tombstones,
+                lambda: (
+                    request.transfer_id in self._exports or request.transfer_id in self._tombstones
+                ),
                 timeout=request.wait_s,
             )
             export = self._exports.get(request.transfer_id)
@@ -165,7 +184,8 @@ class ExportRegistry:
                 if export.deadline < now and export.pulls_in_flight == 0:
                     logger.warning(
                         "pdserve kv: lease of transfer %s expired unpulled; freeing %d blocks",
-                        export.transfer_id, len(export.blocks),
+                        export.transfer_id,
+                        len(export.blocks),
                     )
                     self.expired_count += 1
                     export.closing = True
@@ -175,9 +195,12 @@ class ExportRegistry:
                     del self._tombstones[transfer_id]
 
     def _finish_if_idle(self, export: _Export) -> None:
-        if export.closing and export.pulls_in_flight == 0:
-            if self._exports.pop(export.transfer_id, None) is not None:
-                self.finished.put(export.req_id)
+        idle = export.closing and export.pulls_in_flight == 0
+        if idle and self._exports.pop(export.transfer_id, None) is not None:
+            self.finished.put(export.req_id)
+            self._finished_ids[export.transfer_id] = None
+            while len(self._finished_ids) > FINISHED_IDS_KEPT:
+                self._finished_ids.popitem(last=False)
 
 
 @dataclass
@@ -210,10 +233,12 @@ class KVWorker:
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
         self._stats = TransferStats()
         self._stats_lock = threading.Lock()
+        self._faults_enabled = os.environ.get("PDSERVE_FAULT_INJECTION") == "1"
+        self._pull_delays: list[float] = []
         # Serving and loading get their own threads, so that two instances pulling from each
         # other at once can never starve one another.
-        self._serve_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-serve")
-        self._load_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-load")
+        self._serve_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-serve")
+        self._load_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-load")
         self.messenger = Messenger(
             kv_codec(secret),
             settings.bind_address_of_rank(tp_rank),
@@ -222,15 +247,23 @@ class KVWorker:
         )
         logger.info(
             "pdserve kv: worker %d serving %d planes (%d bytes/block, %s) at %s",
-            tp_rank, len(layout.planes), layout.bytes_per_block, self.backend, self.address,
+            tp_rank,
+            len(layout.planes),
+            layout.bytes_per_block,
+            self.backend,
+            self.address,
         )
 
     # --- orders from the scheduler side (model thread) -------------------------------------
 
     def add_export(self, order: ExportOrder) -> None:
+        logger.debug(
+            "pdserve kv: export %s (%d blocks) registered", order.transfer_id, len(order.block_ids)
+        )
         self.exports.add(order)
 
     def start_load(self, order: LoadOrder) -> None:
+        logger.debug("pdserve kv: load %s (%d runs) ordered", order.transfer_id, len(order.runs))
         self._load_pool.submit(self._run_load, order)
 
     def send_release(self, order: ReleaseOrder) -> None:
@@ -275,6 +308,18 @@ class KVWorker:
             self._serve_pool.submit(self._serve_pull, identity, message)
         elif isinstance(message, Release):
             self.exports.release(message.transfer_id, tombstone_s=2 * self.settings.lease_s)
+        elif isinstance(message, InjectFault):
+            if not self._faults_enabled:
+                error = "fault injection is disabled (PDSERVE_FAULT_INJECTION=1 enables it)"
+                self.messenger.reply(identity, Failed(rid=message.rid, error=error))
+                return
+            logger.warning(
+                "pdserve kv: injected fault: next %d pulls stall %.1f s",
+                message.count,
+                message.delay_s,
+            )
+            self._pull_delays.extend([message.delay_s] * message.count)
+            self.messenger.reply(identity, Ack(rid=message.rid))
         else:
             logger.warning("pdserve kv: unexpected request %s", type(message).__name__)
 
@@ -293,7 +338,7 @@ class KVWorker:
             rank=0,
             backend=message.backend,
             host=self.settings.advertise_host or self.settings.host,
-            timeout_s=self.settings.transfer_timeout_s,
+            timeout_s=self.settings.pair_setup_timeout_s,
             mirror=lambda s: self.messenger.reply(identity, s),
         )
         with self._pairs.lock:
@@ -318,14 +363,17 @@ class KVWorker:
             self.messenger.reply(identity, Failed(rid=request.rid, error=error))
             return
         try:
-            pair.wait_ready(self.settings.transfer_timeout_s)
+            pair.wait_ready(self.settings.pair_setup_timeout_s)
             self.messenger.reply(identity, PullStarted(rid=request.rid))
+            if self._pull_delays:
+                time.sleep(self._pull_delays.pop(0))
             tensors = list(self.layout.slices(request.runs, side=0))
             works = post_transfer(pair, tensors, request.seq, send=True)
             wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
             # The blocks were pinned for the whole read; say whether they stayed valid.
             self.messenger.reply(identity, PullFinished(rid=request.rid, valid=export.valid))
             self._add_stats(TransferStats(bytes_sent=sum(t.nbytes for t in tensors)))
+            logger.debug("pdserve kv: served %s (%d messages)", request.transfer_id, len(tensors))
         except Exception as e:
             logger.warning("pdserve kv: sending %s failed: %s", request.transfer_id, e)
             pair.abort()
@@ -348,7 +396,7 @@ class KVWorker:
                     rank=1,
                     backend=self.backend,
                     host=self.settings.advertise_host or self.settings.host,
-                    timeout_s=self.settings.transfer_timeout_s,
+                    timeout_s=self.settings.pair_setup_timeout_s,
                     mirror=lambda s: self.messenger.send(address, s),
                 )
                 self._pairs.by_id[pair_id] = pair
@@ -373,8 +421,12 @@ class KVWorker:
         try:
             self.messenger.send(
                 address,
-                PairOpen(rid=rid, pair_id=pair.pair_id, backend=pair.backend,
-                         layout=self.layout.fingerprint),
+                PairOpen(
+                    rid=rid,
+                    pair_id=pair.pair_id,
+                    backend=pair.backend,
+                    layout=self.layout.fingerprint,
+                ),
             )
             reply = box.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
@@ -394,62 +446,94 @@ class KVWorker:
                     del self._pairs.by_peer[peer]
 
     def _run_load(self, order: LoadOrder) -> None:
+        """Runs one load and reports it exactly once, whatever happens."""
         start = time.perf_counter()
-        deadline = time.monotonic() + self.settings.transfer_timeout_s
-        if not order.runs:
-            self.send_release(ReleaseOrder(order.transfer_id, order.addresses))
-            self._results.put(LoadResult(order.req_id, ok=True))
-            return
+        result = LoadResult(order.req_id, ok=False, error="load did not run")
         try:
-            nbytes = self._pull(order, deadline)
+            if not order.runs:
+                self.send_release(ReleaseOrder(order.transfer_id, order.addresses))
+                result = LoadResult(order.req_id, ok=True)
+            else:
+                nbytes = self._pull(order)
+                result = LoadResult(order.req_id, ok=True, nbytes=nbytes)
         except Exception as e:
-            seconds = time.perf_counter() - start
-            logger.warning(
-                "pdserve kv: load of %s from %s failed after %.2f s: %s",
-                order.transfer_id, order.addresses[self.tp_rank], seconds, e,
-            )
-            self._add_stats(TransferStats(loads_failed=1))
-            self._results.put(LoadResult(order.req_id, ok=False, error=str(e), seconds=seconds))
-            return
-        seconds = time.perf_counter() - start
-        self._add_stats(TransferStats(loads_ok=1, bytes_received=nbytes, load_seconds=seconds))
-        self._results.put(LoadResult(order.req_id, ok=True, nbytes=nbytes, seconds=seconds))
-
-    def _pull(self, order: LoadOrder, deadline: float) -> int:
-        address = order.addresses[self.tp_rank]
-        pair = self._pair_with(address, deadline)
-        with pair.lock:
-            seq = pair.next_seq()
-            rid, box = self.messenger.new_request()
-            posted = False
-            try:
-                self.messenger.send(
-                    address,
-                    PullRequest(rid=rid, transfer_id=order.transfer_id, pair_id=pair.pair_id,
-                                seq=seq, runs=order.runs),
+            result = LoadResult(order.req_id, ok=False, error=f"{type(e).__name__}: {e}")
+        finally:
+            result.seconds = time.perf_counter() - start
+            if result.ok:
+                self._add_stats(
+                    TransferStats(
+                        loads_ok=1, bytes_received=result.nbytes, load_seconds=result.seconds
+                    )
                 )
-                reply = _next_reply(box, deadline)
-                if isinstance(reply, Failed):
-                    raise RuntimeError(f"exporter refused the pull: {reply.error}")
-                tensors = list(self.layout.slices(order.runs, side=1))
-                works = post_transfer(pair, tensors, seq, send=False)
-                posted = True
-                wait_all(works, deadline)
-                reply = _next_reply(box, deadline)
-                if isinstance(reply, Failed):
-                    raise RuntimeError(f"exporter failed: {reply.error}")
-                if isinstance(reply, PullFinished) and not reply.valid:
-                    raise RuntimeError("the exported blocks changed during the read")
-                return sum(t.nbytes for t in tensors)
-            except BaseException:
-                if posted:
-                    # Receives may still be pending: close the connection before the
-                    # blocks go back to vLLM, so nothing can write into them later.
-                    pair.abort()
-                self._forget_pair(pair)
-                raise
-            finally:
-                self.messenger.forget(rid)
+                logger.debug(
+                    "pdserve kv: loaded %s (%d bytes) in %.1f ms",
+                    order.transfer_id,
+                    result.nbytes,
+                    result.seconds * 1e3,
+                )
+            else:
+                self._add_stats(TransferStats(loads_failed=1))
+                logger.warning(
+                    "pdserve kv: load of %s from %s failed after %.2f s: %s",
+                    order.transfer_id,
+                    order.addresses[self.tp_rank],
+                    result.seconds,
+                    result.error,
+                )
+            self._results.put(result)
+
+    def _pull(self, order: LoadOrder) -> int:
+        timeout = self.settings.transfer_timeout_s
+        address = order.addresses[self.tp_rank]
+        pair = self._pair_with(address, time.monotonic() + self.settings.pair_setup_timeout_s)
+        # Transfers on a pair run one at a time (NCCL needs both ends to agree on the order);
+        # waiting for the pair is queueing, not a stall, so it has its own, longer patience.
+        if not pair.lock.acquire(timeout=QUEUE_PATIENCE * timeout):
+            raise TimeoutError(f"pair with {address} busy for {QUEUE_PATIENCE * timeout:.0f} s")
+        try:
+            return self._pull_on(pair, order, address, time.monotonic() + timeout)
+        finally:
+            pair.lock.release()
+
+    def _pull_on(self, pair: Pair, order: LoadOrder, address: str, deadline: float) -> int:
+        seq = pair.next_seq()
+        rid, box = self.messenger.new_request()
+        posted = False
+        try:
+            self.messenger.send(
+                address,
+                PullRequest(
+                    rid=rid,
+                    transfer_id=order.transfer_id,
+                    pair_id=pair.pair_id,
+                    seq=seq,
+                    runs=order.runs,
+                    wait_s=min(1.0, deadline - time.monotonic()),
+                ),
+            )
+            reply = _next_reply(box, deadline)
+            if isinstance(reply, Failed):
+                raise RuntimeError(f"exporter refused the pull: {reply.error}")
+            tensors = list(self.layout.slices(order.runs, side=1))
+            works = post_transfer(pair, tensors, seq, send=False)
+            posted = True
+            wait_all(works, deadline)
+            reply = _next_reply(box, deadline)
+            if isinstance(reply, Failed):
+                raise RuntimeError(f"exporter failed: {reply.error}")
+            if isinstance(reply, PullFinished) and not reply.valid:
+                raise RuntimeError("the exported blocks changed during the read")
+            return sum(t.nbytes for t in tensors)
+        except BaseException:
+            if posted:
+                # Receives may still be pending: close the connection before the blocks go
+                # back to vLLM, so that nothing can write into them later.
+                pair.abort()
+            self._forget_pair(pair)
+            raise
+        finally:
+            self.messenger.forget(rid)
 
     def _add_stats(self, stats: TransferStats) -> None:
         with self._stats_lock:
@@ -461,4 +545,3 @@ def _next_reply(box: queue.SimpleQueue[object], deadline: float) -> object:
         return box.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
         raise TimeoutError("the exporting worker did not answer in time") from None
-

@@ -1,0 +1,118 @@
+"""Registers a running instance with the global scheduler, and deregisters it at exit.
+
+The agent waits until the instance's HTTP server answers, reads the served model and its
+context length from ``/v1/models``, then repeats ``Register`` every ``REGISTER_EVERY_S``
+seconds: a scheduler that restarted learns the instance again within that time.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from pdserve.instance.reports import ControlMessage, Deregister, Register
+from pdserve.logs import get_logger
+from pdserve.wire import Codec, cluster_secret, derived_key, is_loopback
+
+if TYPE_CHECKING:
+    from pdserve.instance.launch import InstanceSettings
+    from pdserve.kv.settings import KVSettings
+
+logger = get_logger(__name__)
+
+REGISTER_EVERY_S = 2.0
+
+
+def local_url(settings: InstanceSettings) -> str:
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def instance_api_key(secret: bytes) -> str:
+    """The key instances in a cluster require on /v1; only the gateway derives it."""
+    return derived_key(secret, "instance-http")
+
+
+class RegistrationAgent:
+    def __init__(self, settings: InstanceSettings, kv: KVSettings, pid: int, tp_size: int) -> None:
+        assert settings.scheduler is not None
+        self.settings = settings
+        self.kv = kv
+        self.pid = pid
+        self.tp_size = tp_size
+        self._secret = cluster_secret(loopback_only=is_loopback(settings.host))
+        self._codec: Codec[Any] = Codec(ControlMessage, self._secret)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 500)
+        self._socket.setsockopt(zmq.SNDHWM, 16)
+        self._socket.connect(settings.scheduler)
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdserve-registration", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _models(self) -> dict[str, Any] | None:
+        request = urllib.request.Request(
+            local_url(self.settings) + "/v1/models",
+            headers={"Authorization": f"Bearer {instance_api_key(self._secret)}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return json.load(response)
+        except OSError:
+            return None
+
+    def _registration(self) -> Register | None:
+        models = self._models()
+        if not models or not models.get("data"):
+            return None
+        card = models["data"][0]
+        return Register(
+            instance_id=self.kv.instance_id,
+            role=self.settings.role,
+            url=self.settings.url(),
+            host=socket.gethostname(),
+            pid=self.pid,
+            model=card["id"],
+            kv_addresses=[self.kv.address_of_rank(r) for r in range(self.tp_size)],
+            control_address=(
+                f"tcp://{self.kv.advertise_host or self.kv.host}:{self.kv.control_port}"
+                if self.kv.control_port
+                else None
+            ),
+            max_model_len=int(card.get("max_model_len") or 0),
+            started_at=time.time(),
+        )
+
+    def _send(self, message: Any) -> None:
+        with self._lock:
+            try:
+                self._socket.send_multipart(self._codec.encode(message), flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                logger.warning("pdserve: could not reach the scheduler: %s", e)
+
+    def _run(self) -> None:
+        registration = None
+        while registration is None and not self._stopped.wait(0.5):
+            registration = self._registration()
+        if registration is None:
+            return
+        logger.info(
+            "pdserve: registering %s with %s", registration.instance_id, self.settings.scheduler
+        )
+        while not self._stopped.is_set():
+            self._send(registration)
+            self._stopped.wait(REGISTER_EVERY_S)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._send(Deregister(instance_id=self.kv.instance_id))
+        self._socket.close(linger=500)

@@ -1,0 +1,199 @@
+"""Load reports from inside the engine: a thin ``Scheduler`` subclass (``--scheduler-cls``).
+
+Only vLLM's scheduler sees the exact state the global scheduler needs: the waiting queue and
+its prompt tokens, free blocks, step times, preemptions, and which managed requests run
+here. After every ``schedule()`` the subclass takes a snapshot on the engine thread (a few
+microseconds for a few hundred requests); a reporter thread sends the latest snapshot every
+``report_interval_s``, also while the engine idles, so reports double as heartbeats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import zmq
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from pdserve.instance.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.kv.messages import parse_params
+from pdserve.kv.settings import KVSettings, from_extra_config
+from pdserve.logs import get_logger
+from pdserve.wire import Codec, cluster_secret, is_loopback
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+logger = get_logger(__name__)
+
+_EMA = 0.2
+MAX_LISTED_REQUESTS = 512
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class LoadReporter:
+    """Builds snapshots on the engine thread; sends them from its own thread."""
+
+    def __init__(self, settings: KVSettings, block_size: int) -> None:
+        from pdserve.instance.reports import ControlMessage
+
+        assert settings.scheduler is not None
+        self.instance_id = settings.instance_id
+        self.block_size = block_size
+        self._interval = settings.report_interval_s
+        self._codec: Codec[Any] = Codec(
+            ControlMessage, cluster_secret(loopback_only=is_loopback(settings.host))
+        )
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.SNDHWM, 4)  # stale reports are worthless: drop, not queue
+        self._socket.connect(settings.scheduler)
+        self._latest: LoadReport | None = None
+        self._seq = 0
+        self._keys: dict[str, str | None] = {}
+        self._last_step_at: float | None = None
+        self._last_prefill_tokens = 0
+        self._step_ms = 0.0
+        self._prefill_rate = 0.0
+        self._preemptions = 0
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdserve-load-reporter", daemon=True)
+        self._thread.start()
+
+    def _key_of(self, request: Request) -> str | None:
+        if request.request_id not in self._keys:
+            params = parse_params(request.kv_transfer_params)
+            self._keys[request.request_id] = params.request_key if params else None
+        return self._keys[request.request_id]
+
+    def _time_step(self, busy: bool, prefill_tokens: int) -> None:
+        now = time.perf_counter()
+        if self._last_step_at is not None and busy:
+            dt = now - self._last_step_at
+            self._step_ms += _EMA * (dt * 1e3 - self._step_ms)
+            if self._last_prefill_tokens > 0 and dt > 0:
+                rate = self._last_prefill_tokens / dt
+                self._prefill_rate += _EMA * (rate - self._prefill_rate)
+        self._last_step_at = now if busy else None
+        self._last_prefill_tokens = prefill_tokens
+
+    def on_schedule(self, scheduler: Scheduler, output: SchedulerOutput) -> None:
+        """Step timing and preemptions, from what ``schedule()`` decided."""
+        running = scheduler.running
+        decode_steps = sum(1 for r in running if r.num_computed_tokens >= r.num_prompt_tokens)
+        prefill_tokens = max(0, output.total_num_scheduled_tokens - decode_steps)
+        self._time_step(output.total_num_scheduled_tokens > 0, prefill_tokens)
+        self._preemptions += len(output.preempted_req_ids or ())
+
+    def observe(self, scheduler: Scheduler, transfers: TransferCounters) -> None:
+        """Snapshots the scheduler after a step (blocks freed in the step are free here)."""
+        running = scheduler.running
+        waiting = [*scheduler.waiting, *scheduler.kv_holding_waiting]
+        listed = []
+        for request in running[:MAX_LISTED_REQUESTS]:
+            key = self._key_of(request)
+            if key is not None:
+                listed.append(
+                    RunningRequest(
+                        request_key=key,
+                        num_tokens=request.num_tokens,
+                        num_blocks=cdiv(request.num_tokens, self.block_size),
+                        num_output_tokens=request.num_output_tokens,
+                    )
+                )
+        live = {r.request_id for r in running} | {r.request_id for r in waiting}
+        for req_id in [k for k in self._keys if k not in live]:
+            del self._keys[req_id]
+        pool = scheduler.kv_cache_manager.block_pool
+        unfinished_prefill = sum(
+            max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in running
+        )
+        self._latest = LoadReport(
+            instance_id=self.instance_id,
+            seq=0,
+            num_running=len(running),
+            num_waiting=len(waiting),
+            num_loading=sum(1 for r in waiting if r.status == RequestStatus.WAITING_FOR_REMOTE_KVS),
+            free_blocks=pool.get_num_free_blocks(),
+            total_blocks=pool.num_gpu_blocks - 1,
+            block_size=self.block_size,
+            waiting_prompt_tokens=unfinished_prefill
+            + sum(r.num_tokens - r.num_computed_tokens for r in waiting),
+            waiting_blocks=sum(cdiv(r.num_tokens, self.block_size) for r in waiting),
+            step_ms=self._step_ms,
+            prefill_tokens_per_s=self._prefill_rate,
+            num_preemptions=self._preemptions,
+            running=listed,
+            transfers=transfers,
+        )
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            report = self._latest
+            if report is None:
+                continue
+            self._seq += 1
+            try:
+                frames = self._codec.encode(msgspec.structs.replace(report, seq=self._seq))
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # the scheduler is away; the next report will do
+            except Exception:
+                logger.exception("pdserve: sending a load report failed")
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=2)
+        self._socket.close(linger=0)
+
+
+class PdserveScheduler(Scheduler):
+    """vLLM's scheduler, plus a load report after every ``schedule()``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        transfer_config = self.vllm_config.kv_transfer_config
+        extra = transfer_config.kv_connector_extra_config if transfer_config else None
+        settings = from_extra_config(extra) if extra else None
+        self.reporter: LoadReporter | None = None
+        if settings is not None and settings.scheduler:
+            self.reporter = LoadReporter(settings, self.cache_config.block_size)
+            self.reporter.observe(self, TransferCounters())
+            logger.info(
+                "pdserve: instance %s reports load to %s every %.0f ms",
+                settings.instance_id,
+                settings.scheduler,
+                settings.report_interval_s * 1e3,
+            )
+
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        output = super().schedule(*args, **kwargs)
+        if self.reporter is not None:
+            self._guarded(self.reporter.on_schedule, self, output)
+        return output
+
+    def update_from_output(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = super().update_from_output(*args, **kwargs)
+        if self.reporter is not None:
+            counters = getattr(self.connector, "transfer_counters", None) or TransferCounters()
+            self._guarded(self.reporter.observe, self, counters)
+        return outputs
+
+    @staticmethod
+    def _guarded(function: Any, *args: Any) -> None:
+        try:
+            function(*args)
+        except Exception:  # a load report must never stop the engine
+            logger.exception("pdserve: load snapshot failed")
+
+    def shutdown(self) -> None:
+        if self.reporter is not None:
+            self.reporter.stop()
+        super().shutdown()

@@ -1,0 +1,82 @@
+"""What an instance tells the global scheduler: who it is, and how loaded it is.
+
+Instances push these over ZeroMQ (PUSH → the scheduler's PULL socket) in the authenticated
+envelope of ``pdserve.wire``. ``Register`` is repeated every few seconds, so a restarted
+scheduler learns the cluster again without any instance restarting; ``LoadReport`` comes from
+inside the engine at least every 100 ms and doubles as the heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Role = Literal["prefill", "decode", "both"]
+ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
+
+
+class Register(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+    role: Role
+    # Base URL of the instance's OpenAI API server, as the gateway should reach it.
+    url: str
+    host: str
+    pid: int
+    model: str
+    # KV server address per tensor-parallel rank, and the engine's control address.
+    kv_addresses: list[str]
+    control_address: str | None
+    max_model_len: int
+    started_at: float
+
+
+class Deregister(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+
+
+class RunningRequest(msgspec.Struct, array_like=True, frozen=True):
+    """A request the gateway manages (it carries a request key), as the engine sees it."""
+
+    request_key: str
+    num_tokens: int
+    num_blocks: int
+    num_output_tokens: int
+
+
+class TransferCounters(msgspec.Struct, frozen=True):
+    """Cumulative KV transfer counters of the instance's workers."""
+
+    loads_ok: int = 0
+    loads_failed: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    load_seconds: float = 0.0
+    pairs_opened: int = 0
+    pair_setup_seconds: float = 0.0
+    leases_expired: int = 0
+
+
+class LoadReport(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+    seq: int
+    num_running: int
+    num_waiting: int
+    # Waiting requests whose KV is being pulled from another instance.
+    num_loading: int
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    # Prompt tokens admitted but not computed yet (waiting requests and unfinished prefills).
+    waiting_prompt_tokens: int
+    # Blocks the waiting requests will need once admitted.
+    waiting_blocks: int
+    # Moving averages over busy engine steps.
+    step_ms: float
+    prefill_tokens_per_s: float
+    num_preemptions: int
+    running: list[RunningRequest] = []
+    transfers: TransferCounters = TransferCounters()
+
+
+ControlMessage = Register | Deregister | LoadReport

@@ -1,0 +1,153 @@
+"""Where a new request's prefill and decode run.
+
+``PdPolicy`` (the default) follows DistServe/Llumnix:
+
+- decode goes to the decode-capable instance with the most *freeness*: KV blocks left after
+  the queued demand (free − watermark − blocks wanted by waiting and just-sent requests),
+  per request;
+- prefill goes to the prefill instance with the least estimated wait (queued prompt tokens
+  divided by its measured prefill rate);
+- adaptively, a short prompt, or one that would wait long for a saturated prefill pool while
+  the decode instance has its own prefill capacity free, is prefilled on the decode instance;
+- a ``both`` instance chosen for decode serves the whole request.
+
+``RoundRobinPolicy`` and ``LeastRequestsPolicy`` are the baselines the benchmarks compare to.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestEstimate
+
+PolicyName = Literal["pd", "round-robin", "least-requests"]
+
+
+class DispatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: PolicyName = Field("pd", description="dispatch policy: pd, round-robin, least-requests")
+    short_prompt_tokens: int = Field(
+        64, ge=0, description="prompts up to this many tokens are prefilled on the decode instance"
+    )
+    prefill_saturation_s: float = Field(
+        2.0,
+        ge=0,
+        description="estimated prefill wait above which a decode instance with a "
+        "shorter queue prefills the request itself",
+    )
+    watermark: float = Field(
+        0.01, ge=0, lt=1, description="fraction of KV blocks kept free when judging decode capacity"
+    )
+    default_prefill_tokens_per_s: float = Field(
+        2000.0, gt=0, description="prefill rate assumed until an instance has measured its own"
+    )
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """``prefill`` None: the decode instance prefills the request itself."""
+
+    decode: str
+    prefill: str | None = None
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.prefill is not None
+
+
+class NoInstance(Exception):
+    """No healthy instance can serve a needed role (the gateway answers 503)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"no healthy instance can {role}")
+        self.role = role
+
+
+class DispatchPolicy(Protocol):
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
+
+
+def _decoders(snapshot: ClusterSnapshot) -> list[InstanceView]:
+    found = [i for i in snapshot.usable() if i.can_decode]
+    if not found:
+        raise NoInstance("decode")
+    return found
+
+
+def _prefillers(snapshot: ClusterSnapshot) -> list[InstanceView]:
+    return [i for i in snapshot.usable() if i.role == "prefill"]
+
+
+class PdPolicy:
+    def __init__(self, settings: DispatchSettings) -> None:
+        self.settings = settings
+
+    def prefill_wait_s(self, view: InstanceView) -> float:
+        rate = view.load.prefill_tokens_per_s if view.load else 0.0
+        if rate <= 0:
+            rate = self.settings.default_prefill_tokens_per_s
+        return view.queued_prompt_tokens() / rate
+
+    def choose_decode(self, candidates: Sequence[InstanceView]) -> InstanceView:
+        watermark = self.settings.watermark
+        return max(candidates, key=lambda i: (i.freeness(watermark), -i.num_requests))
+
+    def choose_prefill(self, candidates: Sequence[InstanceView]) -> InstanceView:
+        return min(candidates, key=lambda i: (self.prefill_wait_s(i), i.num_requests))
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        decode = self.choose_decode(_decoders(snapshot))
+        if decode.role == "both":
+            return Dispatch(decode=decode.instance_id)
+        prefillers = _prefillers(snapshot)
+        if not prefillers or request.prompt_tokens <= self.settings.short_prompt_tokens:
+            return Dispatch(decode=decode.instance_id)
+        prefill = self.choose_prefill(prefillers)
+        wait = self.prefill_wait_s(prefill)
+        if wait > self.settings.prefill_saturation_s and self.prefill_wait_s(decode) < wait:
+            return Dispatch(decode=decode.instance_id)
+        return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
+
+
+class RoundRobinPolicy:
+    """Takes turns, blind to load: the usual proxy in front of vLLM instances."""
+
+    def __init__(self) -> None:
+        self._turns = itertools.count()
+
+    def _next(self, candidates: Sequence[InstanceView]) -> InstanceView:
+        ordered = sorted(candidates, key=lambda i: i.instance_id)
+        return ordered[next(self._turns) % len(ordered)]
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        decode = self._next(_decoders(snapshot))
+        prefillers = _prefillers(snapshot)
+        if decode.role == "both" or not prefillers:
+            return Dispatch(decode=decode.instance_id)
+        return Dispatch(decode=decode.instance_id, prefill=self._next(prefillers).instance_id)
+
+
+class LeastRequestsPolicy:
+    """Fewest running + waiting requests: load-aware, but blind to memory and prompt sizes."""
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        decode = min(_decoders(snapshot), key=lambda i: (i.num_requests, i.instance_id))
+        prefillers = _prefillers(snapshot)
+        if decode.role == "both" or not prefillers:
+            return Dispatch(decode=decode.instance_id)
+        prefill = min(prefillers, key=lambda i: (i.num_requests, i.instance_id))
+        return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
+
+
+def make_policy(settings: DispatchSettings) -> DispatchPolicy:
+    if settings.policy == "round-robin":
+        return RoundRobinPolicy()
+    if settings.policy == "least-requests":
+        return LeastRequestsPolicy()
+    return PdPolicy(settings)

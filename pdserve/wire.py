@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import secrets
@@ -43,6 +44,13 @@ class AuthError(Exception):
 
 def new_secret() -> str:
     return secrets.token_urlsafe(32)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def cluster_secret(loopback_only: bool) -> bytes:

@@ -1,0 +1,376 @@
+"""The OpenAI-compatible HTTP front end of a pdserve cluster.
+
+Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``,
+``/admin/instances`` (and ``/admin/instances/{id}/drain|undrain``). Every error is in
+OpenAI's error format. Nothing a client sends reaches an instance unchecked, and a client that
+goes away is noticed: its upstream requests are closed, which makes vLLM abort them and free
+their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdserve.gateway.context import GatewayContext
+from pdserve.gateway.control_plane import ControlPlane
+from pdserve.gateway.errors import APIError
+from pdserve.gateway.kv_client import KVControlClient
+from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.openai_api import Kind, parse_request
+from pdserve.gateway.responses import SSE_DONE, Folder, sse
+from pdserve.gateway.session import STARTED, Cut, RequestSession
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.gateway.upstream import Upstream
+from pdserve.instance.agent import instance_api_key
+from pdserve.logs import get_logger
+from pdserve.scheduler.dispatch import DispatchSettings, make_policy
+
+logger = get_logger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health"})
+
+
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    if headers is None:
+        headers = []
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BearerAuth:
+    """Requires ``Authorization: Bearer KEY`` everywhere but ``/health``."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is None or scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if not hmac.compare_digest(given, self.expected):
+            error = APIError(401, "missing or wrong API key (Authorization: Bearer KEY)")
+            await _send_json(send, 401, error.body(), [(b"www-authenticate", b"Bearer")])
+            return
+        await self.app(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, declared or not."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        error = APIError(413, f"request body larger than {self.limit} bytes")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_json(send, 413, error.body())
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await _send_json(send, 413, error.body())
+
+
+async def _read_body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def _check_model(ctx: GatewayContext, model: str | None) -> None:
+    served = ctx.control.models()
+    if not served:
+        raise APIError(503, "no instance has joined the cluster yet", headers={"Retry-After": "2"})
+    if model and model not in served:
+        raise APIError(
+            404, f"The model `{model}` does not exist. Served: {', '.join(served)}.", param="model"
+        )
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _fold(session: RequestSession, chunks: AsyncIterator[dict[str, Any]]) -> Response:
+    folder = Folder(session)
+    async for chunk in chunks:
+        if "error" in chunk and "choices" not in chunk:
+            return JSONResponse(
+                {"error": chunk["error"]}, status_code=int(chunk["error"].get("code") or 500)
+            )
+        folder.add(chunk)
+    return JSONResponse(folder.response())
+
+
+async def _serve(kind: Kind, request: Request) -> Response:
+    ctx: GatewayContext = request.app.state.ctx
+    endpoint = "chat" if kind == "chat" else "completions"
+    parsed = parse_request(kind, await _read_body(request))
+    _check_model(ctx, parsed.model)
+    slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
+    await slot.__aenter__()
+    session = RequestSession(ctx, kind, parsed)
+    chunks = session.generate()
+    try:
+        first = await chunks.__anext__()
+        assert first is STARTED
+    except BaseException:
+        await chunks.aclose()
+        await slot.__aexit__(None, None, None)
+        raise
+    ctx.metrics.requests.labels(endpoint, "accepted").inc()
+
+    if session.client_stream:
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield sse(chunk)
+                yield SSE_DONE
+            finally:
+                await chunks.aclose()
+                await slot.__aexit__(None, None, None)
+                _observe_end(ctx, session)
+
+        return StreamingResponse(
+            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    folding = asyncio.ensure_future(_fold(session, chunks))
+    leaving = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({folding, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not folding.done():
+            folding.cancel()  # the client left: closing the generator aborts upstream work
+        await asyncio.gather(folding, leaving, return_exceptions=True)
+        await chunks.aclose()
+        await slot.__aexit__(None, None, None)
+        _observe_end(ctx, session)
+    if folding.cancelled():
+        return Response(status_code=499)
+    return folding.result()
+
+
+def _observe_end(ctx: GatewayContext, session: RequestSession) -> None:
+    if session.finish_reason is not None and session.last_token_at is not None:
+        ctx.metrics.e2e_seconds.observe(session.last_token_at - session.arrived)
+
+
+def instance_summary(ctx: GatewayContext) -> list[dict[str, Any]]:
+    now = time.monotonic()
+    rows = []
+    for instance_id, record in ctx.control.instances.items():
+        load = record.load
+        info = record.info
+        rows.append(
+            {
+                "id": instance_id,
+                "role": info.role,
+                "url": info.url,
+                "host": info.host,
+                "pid": info.pid,
+                "model": info.model,
+                "kv_addresses": info.kv_addresses,
+                "control_address": info.control_address,
+                "healthy": record.healthy,
+                "draining": record.draining,
+                "num_running": load.num_running if load else 0,
+                "num_waiting": load.num_waiting if load else 0,
+                "num_loading": load.num_loading if load else 0,
+                "kv_usage": round(1 - load.free_blocks / max(1, load.total_blocks), 4)
+                if load
+                else None,
+                "free_blocks": load.free_blocks if load else None,
+                "total_blocks": load.total_blocks if load else None,
+                "num_preemptions": load.num_preemptions if load else 0,
+                "step_ms": round(load.step_ms, 2) if load else None,
+                "last_report_age_s": round(now - record.last_report_at, 3)
+                if record.last_report_at
+                else None,
+                "gateway_requests": len(ctx.sessions.on(instance_id)),
+            }
+        )
+    return rows
+
+
+def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: bytes) -> FastAPI:
+    metrics = GatewayMetrics()
+    control = ControlPlane(settings, secret, make_policy(dispatch))
+    upstream = Upstream(
+        instance_api_key(secret),
+        settings.upstream_connect_timeout_s,
+        settings.upstream_stall_timeout_s,
+    )
+    kv = KVControlClient(secret)
+    ctx = GatewayContext(settings, control, upstream, kv, metrics)
+
+    def fail_over(instance_id: str) -> None:
+        for session in ctx.sessions.on(instance_id):
+            session.interrupt(Cut("failover"))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await upstream.start()
+        await control.start()
+        metrics.watch(control)
+        control.on_instance_down(fail_over)
+        try:
+            yield
+        finally:
+            await control.stop()
+            await upstream.close()
+            kv.close()
+
+    app = FastAPI(title="pdserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError) -> JSONResponse:
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return APIError(error.status_code, str(error.detail)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return APIError(400, str(error.errors()[:1])).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("pdserve: unexpected error on %s", request.url.path)
+        return APIError(500, "internal error in the gateway").response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _serve("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _serve("completion", request)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        served = ctx.control.models()
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "pdserve",
+                    "max_model_len": max_len,
+                }
+                for name, max_len in served.items()
+            ],
+        }
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        usable = [v for v in ctx.control.snapshot().usable() if v.can_decode]
+        status = 200 if usable else 503
+        return JSONResponse(
+            {
+                "status": "ok" if usable else "no instance can decode",
+                "instances": len(ctx.control.instances),
+            },
+            status_code=status,
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        metrics.inflight.set(ctx.admission.inflight)
+        metrics.queued.set(ctx.admission.queued)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/instances")
+    async def admin_instances() -> list[dict[str, Any]]:
+        return instance_summary(ctx)
+
+    @app.post("/admin/instances/{instance_id}/drain")
+    async def drain(instance_id: str) -> dict[str, Any]:
+        return await ctx_drain(ctx, instance_id, draining=True)
+
+    @app.post("/admin/instances/{instance_id}/undrain")
+    async def undrain(instance_id: str) -> dict[str, Any]:
+        return await ctx_drain(ctx, instance_id, draining=False)
+
+    # Added last = outermost: the size limit applies before anything reads the body.
+    app.add_middleware(BearerAuth, api_key=settings.api_key)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app
+
+
+async def ctx_drain(ctx: GatewayContext, instance_id: str, draining: bool) -> dict[str, Any]:
+    record = ctx.control.record(instance_id)
+    if record is None:
+        raise APIError(404, f"no instance {instance_id}", param="instance_id")
+    record.draining = draining
+    return {"id": instance_id, "draining": draining, "requests": len(ctx.sessions.on(instance_id))}

@@ -1,0 +1,244 @@
+"""The global scheduler's live side: instance registry, health, and dispatch bookkeeping.
+
+Instances push ``Register`` / ``LoadReport`` / ``Deregister`` messages to one PULL socket.
+An instance is healthy while its load reports keep coming (every 100 ms by default) and the
+gateway has not just seen it break; it is usable once it has reported at least once. The
+policies in ``pdserve.scheduler`` never see any of this machinery, only ``snapshot()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.instance.reports import ControlMessage, Deregister, LoadReport, Register
+from pdserve.logs import get_logger
+from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy
+from pdserve.scheduler.snapshot import (
+    ClusterSnapshot,
+    InstanceView,
+    Pending,
+    RequestEstimate,
+)
+from pdserve.wire import AuthError, Codec
+
+logger = get_logger(__name__)
+
+# A dispatch stops counting as pending once a report received this much later exists.
+PENDING_GRACE_S = 0.15
+PENDING_MAX_AGE_S = 2.0
+
+
+@dataclass
+class InstanceRecord:
+    info: Register
+    registered_at: float
+    load: LoadReport | None = None
+    last_report_at: float | None = None
+    draining: bool = False
+    suspect_until: float = 0.0
+    healthy: bool = False
+    pending: list[tuple[float, Pending]] = field(default_factory=list)
+
+    def pending_total(self, now: float) -> Pending:
+        self.pending = [(t, p) for t, p in self.pending if now - t < PENDING_MAX_AGE_S]
+        total = Pending()
+        for _, p in self.pending:
+            total = total + p
+        return total
+
+    def view(self, now: float) -> InstanceView:
+        return InstanceView(
+            instance_id=self.info.instance_id,
+            role=self.info.role,
+            healthy=self.healthy,
+            accepting=not self.draining,
+            load=self.load,
+            pending=self.pending_total(now),
+            max_model_len=self.info.max_model_len,
+        )
+
+
+InstanceListener = Callable[[str], Any]
+
+
+class ControlPlane:
+    def __init__(self, settings: GatewaySettings, secret: bytes, policy: DispatchPolicy) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.instances: dict[str, InstanceRecord] = {}
+        self._codec: Codec[Any] = Codec(ControlMessage, secret)
+        self._ctx = zmq.asyncio.Context.instance()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._down_listeners: list[InstanceListener] = []
+        self.refused_messages = 0
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.settings.control_host}:{self.settings.control_port}"
+
+    async def start(self) -> None:
+        self._socket = self._ctx.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(self.address)
+        self._tasks = [
+            asyncio.create_task(self._receive(), name="pdserve-control-receive"),
+            asyncio.create_task(self._watch(), name="pdserve-control-watch"),
+        ]
+        logger.info("pdserve: control plane listening on %s", self.address)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close(linger=0)
+
+    def on_instance_down(self, listener: InstanceListener) -> None:
+        """Called with an instance id when it stops being healthy (died, stalled, left)."""
+        self._down_listeners.append(listener)
+
+    # --- messages --------------------------------------------------------------------------
+
+    async def _receive(self) -> None:
+        assert self._socket is not None
+        while True:
+            frames = await self._socket.recv_multipart()
+            try:
+                message = self._codec.decode(frames)
+            except AuthError as e:
+                self.refused_messages += 1
+                if self.refused_messages <= 10 or self.refused_messages % 1000 == 0:
+                    logger.warning(
+                        "pdserve: refused a control message (%d so far): %s",
+                        self.refused_messages,
+                        e,
+                    )
+                continue
+            self.handle(message)
+
+    def handle(self, message: Any, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        if isinstance(message, Register):
+            self._register(message, now)
+        elif isinstance(message, LoadReport):
+            self._report(message, now)
+        elif isinstance(message, Deregister):
+            record = self.instances.pop(message.instance_id, None)
+            if record is not None:
+                logger.info("pdserve: instance %s left", message.instance_id)
+                self._notify_down(message.instance_id)
+
+    def _register(self, info: Register, now: float) -> None:
+        record = self.instances.get(info.instance_id)
+        if record is None or record.info.pid != info.pid or record.info.url != info.url:
+            if record is not None:
+                self._notify_down(info.instance_id)  # a restarted instance lost its requests
+            logger.info(
+                "pdserve: instance %s (%s) joined at %s", info.instance_id, info.role, info.url
+            )
+            draining = record.draining if record is not None else False
+            self.instances[info.instance_id] = InstanceRecord(info, now, draining=draining)
+        else:
+            record.info = info
+
+    def _report(self, report: LoadReport, now: float) -> None:
+        record = self.instances.get(report.instance_id)
+        if record is None:
+            return  # it registers again within seconds
+        if record.load is not None and report.seq <= record.load.seq and report.seq > 1:
+            return  # late or duplicate
+        record.load = report
+        record.last_report_at = now
+        record.pending = [(t, p) for t, p in record.pending if now - t < PENDING_GRACE_S]
+        self._update_health(record, now)
+
+    # --- health ----------------------------------------------------------------------------
+
+    def _update_health(self, record: InstanceRecord, now: float) -> None:
+        fresh = (
+            record.last_report_at is not None
+            and now - record.last_report_at <= self.settings.heartbeat_timeout_s
+        )
+        healthy = fresh and now >= record.suspect_until
+        if record.healthy and not healthy:
+            logger.warning(
+                "pdserve: instance %s is unhealthy (no load report for %.1f s)",
+                record.info.instance_id,
+                now - (record.last_report_at or record.registered_at),
+            )
+            record.healthy = False
+            self._notify_down(record.info.instance_id)
+        elif healthy and not record.healthy:
+            logger.info("pdserve: instance %s is healthy", record.info.instance_id)
+            record.healthy = True
+
+    def _notify_down(self, instance_id: str) -> None:
+        for listener in self._down_listeners:
+            try:
+                listener(instance_id)
+            except Exception:
+                logger.exception("pdserve: instance-down listener failed")
+
+    async def _watch(self) -> None:
+        interval = min(0.1, self.settings.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.check_health()
+
+    def check_health(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        for instance_id, record in list(self.instances.items()):
+            self._update_health(record, now)
+            last = record.last_report_at or record.registered_at
+            if not record.healthy and now - last > self.settings.forget_after_s:
+                logger.info("pdserve: forgetting instance %s", instance_id)
+                del self.instances[instance_id]
+
+    def mark_broken(self, instance_id: str) -> None:
+        """The gateway saw the instance fail: keep it out until it reports again later."""
+        record = self.instances.get(instance_id)
+        if record is not None:
+            record.suspect_until = time.monotonic() + self.settings.heartbeat_timeout_s
+            self._update_health(record, time.monotonic())
+
+    # --- what the rest of the gateway uses --------------------------------------------------
+
+    def snapshot(self) -> ClusterSnapshot:
+        now = time.monotonic()
+        return ClusterSnapshot(tuple(r.view(now) for r in self.instances.values()))
+
+    def dispatch(self, estimate: RequestEstimate) -> Dispatch:
+        """Asks the policy, then counts the request as pending where it goes."""
+        choice = self.policy.choose(self.snapshot(), estimate)
+        now = time.monotonic()
+        decode = self.instances[choice.decode]
+        blocks = estimate.prompt_blocks(decode.load.block_size if decode.load else 16)
+        if choice.prefill is not None:
+            prefill = self.instances[choice.prefill]
+            prefill.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+            decode.pending.append((now, Pending(1, 0, blocks)))
+        else:
+            decode.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+        return choice
+
+    def record(self, instance_id: str) -> InstanceRecord | None:
+        return self.instances.get(instance_id)
+
+    def url(self, instance_id: str) -> str:
+        record = self.instances.get(instance_id)
+        if record is None:
+            raise KeyError(instance_id)
+        return record.info.url
+
+    def models(self) -> dict[str, int]:
+        """Served model names and their context length."""
+        return {r.info.model: r.info.max_model_len for r in self.instances.values()}

@@ -1,0 +1,158 @@
+"""Prometheus metrics of the gateway: its own requests, plus the cluster as last reported."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from pdserve.gateway.control_plane import ControlPlane
+
+_LATENCY = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    1.5,
+    2,
+    3,
+    5,
+    7.5,
+    10,
+    15,
+    20,
+    30,
+    60,
+)
+
+
+class ClusterCollector(Collector):
+    """Per-instance load and KV transfer counters, read from the control plane at scrape."""
+
+    def __init__(self, control: Callable[[], ControlPlane | None]) -> None:
+        self._control = control
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        control = self._control()
+        if control is None:
+            return
+        labels = ["instance", "role"]
+        healthy = GaugeMetricFamily(
+            "pdserve_instance_healthy", "1 if the instance is in rotation", labels=labels
+        )
+        running = GaugeMetricFamily(
+            "pdserve_instance_running_requests", "running requests", labels=labels
+        )
+        waiting = GaugeMetricFamily(
+            "pdserve_instance_waiting_requests", "waiting requests", labels=labels
+        )
+        usage = GaugeMetricFamily(
+            "pdserve_instance_kv_usage", "fraction of KV blocks in use", labels=labels
+        )
+        loads = CounterMetricFamily(
+            "pdserve_kv_loads", "KV pulls by result", labels=[*labels, "result"]
+        )
+        received = CounterMetricFamily(
+            "pdserve_kv_received_bytes", "KV bytes pulled in", labels=labels
+        )
+        seconds = CounterMetricFamily(
+            "pdserve_kv_load_seconds", "time spent pulling KV", labels=labels
+        )
+        pairs = CounterMetricFamily(
+            "pdserve_kv_pairs_opened", "process groups formed", labels=labels
+        )
+        setup = CounterMetricFamily(
+            "pdserve_kv_pair_setup_seconds", "time forming process groups", labels=labels
+        )
+        expired = CounterMetricFamily(
+            "pdserve_kv_leases_expired", "exports freed unpulled", labels=labels
+        )
+        for instance_id, record in control.instances.items():
+            key = [instance_id, record.info.role]
+            healthy.add_metric(key, 1.0 if record.healthy else 0.0)
+            load = record.load
+            if load is None:
+                continue
+            running.add_metric(key, load.num_running)
+            waiting.add_metric(key, load.num_waiting)
+            total = max(1, load.total_blocks)
+            usage.add_metric(key, 1.0 - load.free_blocks / total)
+            t = load.transfers
+            loads.add_metric([*key, "ok"], t.loads_ok)
+            loads.add_metric([*key, "failed"], t.loads_failed)
+            received.add_metric(key, t.bytes_received)
+            seconds.add_metric(key, t.load_seconds)
+            pairs.add_metric(key, t.pairs_opened)
+            setup.add_metric(key, t.pair_setup_seconds)
+            expired.add_metric(key, t.leases_expired)
+        yield from (
+            healthy,
+            running,
+            waiting,
+            usage,
+            loads,
+            received,
+            seconds,
+            pairs,
+            setup,
+            expired,
+        )
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pdserve_requests",
+            "requests by endpoint and outcome",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "pdserve_time_to_first_token_seconds",
+            "arrival to first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.itl_seconds = Histogram(
+            "pdserve_inter_token_latency_seconds",
+            "gap between consecutive token chunks",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            "pdserve_e2e_request_latency_seconds",
+            "arrival to last token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.prefill_seconds = Histogram(
+            "pdserve_prefill_leg_seconds",
+            "prefill leg on a prefill instance",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.dispatches = Counter("pdserve_dispatches", "placements by mode", ["mode"], registry=r)
+        self.failovers = Counter(
+            "pdserve_failovers", "requests continued after an instance failed", registry=r
+        )
+        self.inflight = Gauge("pdserve_inflight_requests", "requests being served", registry=r)
+        self.queued = Gauge("pdserve_queued_requests", "requests waiting for a slot", registry=r)
+        self._control: ControlPlane | None = None
+        r.register(ClusterCollector(lambda: self._control))
+
+    def watch(self, control: ControlPlane) -> None:
+        self._control = control

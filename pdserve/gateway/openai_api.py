@@ -1,0 +1,145 @@
+"""The OpenAI request bodies the gateway accepts, checked before any instance sees them.
+
+Fields pdserve relies on are validated strictly (types, ranges, ``n == 1``); any other field
+is passed through to vLLM, which validates it in turn. ``kv_transfer_params`` is refused: it
+would let a client point an instance at arbitrary KV sources.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pdserve.gateway.errors import APIError
+
+Kind = Literal["chat", "completion"]
+ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
+# vLLM's default for /v1/completions; made explicit so a continuation knows the budget.
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+# Fields the gateway sets on every upstream request.
+GATEWAY_FIELDS = ("stream", "stream_options", "return_token_ids", "kv_transfer_params", "n")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = 1
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
+    min_tokens: int | None = Field(None, ge=0)
+    return_token_ids: bool = False
+
+    @field_validator("n")
+    @classmethod
+    def _single_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("pdserve serves n=1 only; send several requests instead")
+        return n
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 64:
+            raise ValueError("at most 64 stop strings")
+        return stop
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[Any] | None = None
+
+
+class ChatRequest(_Common):
+    messages: list[Message] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def budget(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if isinstance(prompt[0], str):
+                if len(prompt) != 1:
+                    raise ValueError("pdserve serves one prompt per request")
+            elif any(t < 0 for t in prompt):  # type: ignore[operator]
+                raise ValueError("token ids must be non-negative")
+        elif not prompt:
+            raise ValueError("prompt is empty")
+        return prompt
+
+    def budget(self) -> int:
+        return self.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+
+
+def _message_text(message: Message) -> str:
+    if isinstance(message.content, str):
+        return message.content
+    if isinstance(message.content, list):
+        return " ".join(
+            str(part.get("text", "")) for part in message.content if isinstance(part, dict)
+        )
+    return ""
+
+
+def estimate_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
+    """A routing estimate (about 4 characters per token), exact for token-id prompts."""
+    if isinstance(request, CompletionRequest):
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return len(prompt)
+        text = prompt if isinstance(prompt, str) else str(prompt[0])
+        return math.ceil(len(text) / 4) + 1
+    chars = sum(len(_message_text(m)) for m in request.messages)
+    return math.ceil(chars / 4) + 8 * len(request.messages)
+
+
+def _describe(error: ValidationError) -> tuple[str, str | None]:
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    message = first["msg"].removeprefix("Value error, ")
+    extra = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
+    return f"{param}: {message}{extra}" if param else message + extra, param
+
+
+def parse_request(kind: Kind, body: Any) -> ChatRequest | CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    if "kv_transfer_params" in body:
+        raise APIError(
+            400, "kv_transfer_params is reserved for pdserve", param="kv_transfer_params"
+        )
+    model: type[ChatRequest | CompletionRequest] = (
+        ChatRequest if kind == "chat" else CompletionRequest
+    )
+    try:
+        request = model.model_validate(body)
+    except ValidationError as e:
+        message, param = _describe(e)
+        raise APIError(400, message, param=param) from None
+    if request.stream_options is not None and not request.stream:
+        raise APIError(400, "stream_options needs stream=true", param="stream_options")
+    return request

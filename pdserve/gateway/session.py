@@ -1,0 +1,384 @@
+"""One client request, from placement to its last token, across as many instances as needed.
+
+A session runs *legs*. The first leg is either a whole request on one instance, or a
+disaggregated one: a prefill leg on a prefill instance (non-streaming, one token, exporting
+its KV) followed by a decode leg that pulls that KV. Every leg streams from the instance with
+token ids, so the gateway always knows the prompt's token ids and every token generated so
+far. That is what lets a request continue elsewhere without a restart:
+
+- *failover*: the instance broke, so the next leg re-prefills prompt + output on a survivor;
+- *migration*: the gateway cut the stream on purpose, and the next leg pulls the KV of
+  prompt + output from the instance it left (see ``pdserve.gateway.migration``).
+
+A continuation leg sends ``prompt + output`` as token ids (``/v1/completions``: as the prompt;
+chat: as ``kv_transfer_params.prompt_token_ids``, which vLLM uses instead of templating), with
+the remaining token budget, so the client's stream goes on in its own format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pdserve.gateway.errors import APIError
+from pdserve.gateway.openai_api import (
+    ENDPOINTS,
+    GATEWAY_FIELDS,
+    ChatRequest,
+    CompletionRequest,
+    Kind,
+    estimate_prompt_tokens,
+)
+from pdserve.gateway.upstream import (
+    UpstreamBroken,
+    UpstreamStream,
+    check_api_error_event,
+)
+from pdserve.kv.messages import (
+    PARAMS_KEY,
+    SourceSpec,
+    TransferParams,
+    params_to_json,
+    parse_params,
+)
+from pdserve.logs import get_logger
+from pdserve.scheduler.dispatch import NoInstance
+from pdserve.scheduler.snapshot import RequestEstimate
+
+if TYPE_CHECKING:
+    from pdserve.gateway.context import GatewayContext
+
+logger = get_logger(__name__)
+
+STARTED: dict[str, Any] = {}  # first item of every session: the request was accepted
+
+
+@dataclass
+class Cut:
+    """Why the current leg was cut, and how to go on."""
+
+    reason: Literal["failover", "migration", "client"]
+    target: str | None = None
+    source: SourceSpec | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class RequestSession:
+    def __init__(self, ctx: GatewayContext, kind: Kind, request: ChatRequest | CompletionRequest):
+        self.ctx = ctx
+        self.kind = kind
+        self.request = request
+        self.key = uuid.uuid4().hex
+        self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + self.key
+        self.created = int(time.time())
+        self.model = request.model or ctx.default_model()
+        self.client_stream = request.stream
+        options = request.stream_options
+        self.include_usage = bool(options and options.include_usage) or not request.stream
+        self.base_body = self._base_body(request)
+        self.budget = request.budget()
+        self.prompt_ids: list[int] | None = None
+        self.output_ids: list[int] = []
+        self.output_text = ""
+        self.finish_reason: str | None = None
+        self.instance_id: str | None = None
+        self.legs = 0
+        self.failovers = 0
+        self.arrived = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._stream: UpstreamStream | None = None
+        self._cut: Cut | None = None
+
+    # --- bodies ----------------------------------------------------------------------------
+
+    def _base_body(self, request: ChatRequest | CompletionRequest) -> dict[str, Any]:
+        body = request.model_dump(exclude_unset=True, exclude=set(GATEWAY_FIELDS))
+        body["model"] = self.model
+        if isinstance(request, CompletionRequest):
+            body["max_tokens"] = request.budget()
+            if isinstance(request.prompt, list) and isinstance(request.prompt[0], str):
+                body["prompt"] = request.prompt[0]
+        return body
+
+    def _prefill_body(self, transfer_id: str) -> dict[str, Any]:
+        body = {
+            k: v
+            for k, v in self.base_body.items()
+            if k
+            not in (
+                "max_completion_tokens",
+                "min_tokens",
+                "logprobs",
+                "top_logprobs",
+                "echo",
+                "stop",
+            )
+        }
+        body.update(max_tokens=1, stream=False, return_token_ids=True)
+        params = TransferParams(export={"transfer_id": transfer_id}, request_key=self.key)  # type: ignore[arg-type]
+        body["kv_transfer_params"] = params_to_json(params)
+        return body
+
+    def _leg_body(self, source: SourceSpec | None) -> dict[str, Any]:
+        body = copy.deepcopy(self.base_body)
+        body.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+        kv = params_to_json(TransferParams(source=source, request_key=self.key))
+        continuing = bool(self.output_ids)
+        if self.prompt_ids is not None and (continuing or source is not None):
+            ids = self.prompt_ids + self.output_ids
+            if self.kind == "chat":
+                kv["prompt_token_ids"] = ids
+            else:
+                body["prompt"] = ids
+        if continuing:
+            body.pop("echo", None)
+            generated = len(self.output_ids)
+            if self.budget is not None:
+                body["max_tokens"] = max(1, self.budget - generated)
+                body.pop("max_completion_tokens", None)
+            if body.get("min_tokens"):
+                body["min_tokens"] = max(0, body["min_tokens"] - generated)
+        body["kv_transfer_params"] = kv
+        return body
+
+    # --- the run ---------------------------------------------------------------------------
+
+    async def generate(self) -> AsyncGenerator[dict[str, Any], None]:
+        """Yields STARTED, then client-format chunks; raises APIError before STARTED."""
+        estimate = RequestEstimate(estimate_prompt_tokens(self.request), self.budget or 256)
+        try:
+            choice = self.ctx.control.dispatch(estimate)
+        except NoInstance as e:
+            raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
+        target, source = choice.decode, None
+        if choice.prefill is not None:
+            source = await self._prefill(choice.prefill)
+        started = False
+        try:
+            while True:
+                async for chunk in self._leg(target, source):
+                    if not started:
+                        started = True
+                        yield STARTED
+                    yield chunk
+                if self.finish_reason is not None:
+                    break
+                target, source = await self._next_leg()
+            if not started:
+                started = True
+                yield STARTED
+            if self.include_usage and self.client_stream:
+                yield self._usage_chunk()
+        except APIError as e:
+            if not started:
+                raise
+            yield {"error": e.body()["error"]}
+        except _Abandon as e:
+            error = APIError(503, f"request could not be completed: {e}")
+            if not started:
+                raise error from None
+            yield {"error": error.body()["error"]}
+        finally:
+            self.ctx.sessions.detach(self)
+
+    async def _prefill(self, prefill: str) -> SourceSpec | None:
+        """Runs the prefill leg; None if the decode instance should prefill after all."""
+        transfer_id = uuid.uuid4().hex
+        url = self.ctx.control.url(prefill) + ENDPOINTS[self.kind]
+        started = time.perf_counter()
+        try:
+            answer = await self.ctx.upstream.post_json(url, self._prefill_body(transfer_id))
+        except UpstreamBroken as e:
+            logger.warning("pdserve: prefill on %s failed (%s); prefilling on decode", prefill, e)
+            self.ctx.control.mark_broken(prefill)
+            return None
+        except asyncio.CancelledError:
+            # The client left mid-prefill: if the prefill finished meanwhile, free its KV.
+            self._release_unknown(prefill, transfer_id)
+            raise
+        self.ctx.metrics.prefill_seconds.observe(time.perf_counter() - started)
+        params = parse_params(answer.get("kv_transfer_params"))
+        if params is None or params.source is None:
+            logger.warning("pdserve: prefill on %s exported no KV; prefilling on decode", prefill)
+            return None
+        self.prompt_ids = _prompt_ids(answer)
+        return params.source
+
+    def _release_unknown(self, instance_id: str, transfer_id: str) -> None:
+        record = self.ctx.control.record(instance_id)
+        if record is not None:
+            self.ctx.kv.release(record.info.kv_addresses, transfer_id)
+
+    async def _leg(
+        self, target: str, source: SourceSpec | None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Streams one leg; ends quietly when the stream was cut (``self._cut`` says why)."""
+        self.legs += 1
+        self.instance_id = target
+        self._cut = None
+        url = self.ctx.control.url(target) + ENDPOINTS[self.kind]
+        body = self._leg_body(source)
+        self.ctx.sessions.attach(self, target)
+        released = source is None
+        try:
+            async with self.ctx.upstream.stream(url, body) as stream:
+                self._stream = stream
+                async for event in stream:
+                    error = check_api_error_event(event)
+                    if error is not None:
+                        raise self._explain(error, source)
+                    if not released:
+                        # The decode instance produced output: it holds the KV now.
+                        released = self._release(source)
+                    chunk = self._absorb(event)
+                    if chunk is not None:
+                        yield chunk
+        except UpstreamBroken as e:
+            if self.finish_reason is None and self._cut is None:
+                logger.warning("pdserve: %s broke during request %s: %s", target, self.key, e)
+                self.ctx.control.mark_broken(target)
+                self._cut = Cut("failover")
+        finally:
+            self._stream = None
+            if not released:
+                self._release(source)
+
+    def _release(self, source: SourceSpec | None) -> bool:
+        if source is not None:
+            self.ctx.kv.release(source.addresses, source.transfer_id)
+        return True
+
+    def _explain(self, error: APIError, source: SourceSpec | None) -> APIError:
+        if source is not None and not self.output_ids and error.status >= 500:
+            return APIError(
+                502,
+                f"the KV transfer from {source.instance_id} to {self.instance_id} failed and "
+                "the decode instance is set to fail such requests (--on-kv-failure fail)",
+            )
+        return error
+
+    async def _next_leg(self) -> tuple[str, SourceSpec | None]:
+        """Where the request goes on after its stream was cut."""
+        cut = self._cut or Cut("failover")
+        if cut.reason == "migration" and cut.target is not None:
+            return cut.target, cut.source
+        self.failovers += 1
+        if self.failovers > self.ctx.settings.max_failovers:
+            raise _Abandon(f"instance {self.instance_id} failed {self.failovers} times")
+        self.ctx.metrics.failovers.inc()
+        tokens = len(self.prompt_ids) if self.prompt_ids else estimate_prompt_tokens(self.request)
+        estimate = RequestEstimate(tokens + len(self.output_ids), self.budget or 256)
+        try:
+            choice = self.ctx.control.dispatch(estimate)
+        except NoInstance as e:
+            raise _Abandon(str(e)) from None
+        logger.info(
+            "pdserve: request %s continues on %s after %d tokens",
+            self.key,
+            choice.decode,
+            len(self.output_ids),
+        )
+        return choice.decode, None
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _absorb(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """Updates the session from one upstream event; returns the client's chunk, if any."""
+        if self.prompt_ids is None:
+            self.prompt_ids = _prompt_ids(event)
+        choices = event.get("choices") or []
+        if not choices:
+            return None  # the instance's usage chunk: the gateway reports its own
+        choice = choices[0]
+        token_ids = choice.get("token_ids") or []
+        if token_ids:
+            now = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = now
+                self.ctx.metrics.ttft_seconds.observe(now - self.arrived)
+            elif self.last_token_at is not None:
+                self.ctx.metrics.itl_seconds.observe(now - self.last_token_at)
+            self.last_token_at = now
+            self.output_ids.extend(token_ids)
+        text = _text_of(self.kind, choice)
+        self.output_text += text
+        if choice.get("finish_reason") is not None:
+            self.finish_reason = choice["finish_reason"]
+        if self.legs > 1 and not token_ids and not text and choice.get("finish_reason") is None:
+            return None  # a continuation's role chunk: the client has had one
+        return self._client_chunk(event, choice)
+
+    def _client_chunk(self, event: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
+        out_choice = dict(choice)
+        out_choice["index"] = 0
+        chunk: dict[str, Any] = {
+            "id": self.response_id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [out_choice],
+        }
+        if not self.request.return_token_ids:
+            out_choice.pop("token_ids", None)
+            out_choice.pop("prompt_token_ids", None)
+        elif self.kind == "chat" and event.get("prompt_token_ids") is not None and self.legs == 1:
+            chunk["prompt_token_ids"] = event["prompt_token_ids"]
+        return chunk
+
+    def _usage_chunk(self) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": self.usage(),
+        }
+
+    def usage(self) -> dict[str, int]:
+        prompt = len(self.prompt_ids) if self.prompt_ids is not None else 0
+        completion = len(self.output_ids)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    # --- control from outside --------------------------------------------------------------
+
+    def interrupt(self, cut: Cut) -> bool:
+        """Cuts the current leg (failover, migration); the session continues per ``cut``."""
+        if self._stream is None or self.finish_reason is not None or self._cut is not None:
+            return False
+        self._cut = cut
+        self._stream.abort()
+        return True
+
+
+class _Abandon(Exception):
+    """The request cannot go on anywhere."""
+
+
+def _prompt_ids(event: dict[str, Any]) -> list[int] | None:
+    ids = event.get("prompt_token_ids")
+    if ids is None:
+        choices = event.get("choices") or []
+        if choices:
+            ids = choices[0].get("prompt_token_ids")
+    return list(ids) if ids is not None else None
+
+
+def _text_of(kind: Kind, choice: dict[str, Any]) -> str:
+    if kind == "completion":
+        return choice.get("text") or ""
+    delta = choice.get("delta") or choice.get("message") or {}
+    return delta.get("content") or ""
+
+
+__all__ = ["PARAMS_KEY", "STARTED", "Cut", "RequestSession"]

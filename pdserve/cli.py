@@ -29,6 +29,95 @@ def _doctor(args: argparse.Namespace, extra: list[str]) -> int:
     return doctor.main(fix=args.fix)
 
 
+def _instance(args: argparse.Namespace, extra: list[str]) -> int:
+    from pdserve.instance.launch import InstanceSettings, main
+    from pdserve.settings import from_args
+
+    return main(from_args(InstanceSettings, args), extra)
+
+
+def _add_instance(sub: argparse._SubParsersAction) -> None:
+    from pdserve.instance.launch import InstanceSettings
+    from pdserve.settings import add_arguments
+
+    instance = sub.add_parser(
+        "instance",
+        help="run one vLLM instance with a role (prefill, decode, both) and join a cluster",
+        description="Runs vLLM's OpenAI API server with pdserve's KV connector and load "
+        "reports. Arguments pdserve does not know are passed to vLLM unchanged.",
+        usage="pdserve instance [--role ROLE] [--scheduler tcp://HOST:PORT] ... [vLLM args]",
+        allow_abbrev=False,
+    )
+    add_arguments(instance, InstanceSettings)
+    instance.set_defaults(handler=_instance, accepts_extra=True)
+
+
+def _gateway(args: argparse.Namespace, extra: list[str]) -> int:
+    from pdserve.gateway.run import serve
+    from pdserve.gateway.settings import GatewaySettings
+    from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.settings import from_args
+
+    return serve(from_args(GatewaySettings, args), from_args(DispatchSettings, args))
+
+
+def _add_gateway(sub: argparse._SubParsersAction) -> None:
+    from pdserve.gateway.settings import GatewaySettings
+    from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.settings import add_arguments
+
+    gateway = sub.add_parser(
+        "gateway",
+        help="run the OpenAI endpoint and the global scheduler; instances join it",
+        allow_abbrev=False,
+    )
+    add_arguments(gateway.add_argument_group("gateway"), GatewaySettings)
+    add_arguments(gateway.add_argument_group("dispatch policy"), DispatchSettings)
+    gateway.set_defaults(handler=_gateway)
+
+
+def _serve(args: argparse.Namespace, extra: list[str]) -> int:
+    from pdserve.cluster.launcher import ServeSettings, main
+    from pdserve.gateway.settings import GatewaySettings
+    from pdserve.instance.launch import InstanceSettings
+    from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.settings import from_args
+
+    return main(
+        from_args(ServeSettings, args),
+        from_args(GatewaySettings, args),
+        from_args(DispatchSettings, args),
+        from_args(InstanceSettings, args),
+        extra,
+    )
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    from pdserve.cluster.launcher import PER_INSTANCE_FIELDS, ServeSettings
+    from pdserve.gateway.settings import GatewaySettings
+    from pdserve.instance.launch import InstanceSettings
+    from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.settings import add_arguments
+
+    serve = sub.add_parser(
+        "serve",
+        help="run a prefill/decode cluster on this machine behind one OpenAI endpoint",
+        description="Starts the gateway and the instances, prints the endpoint when every "
+        "instance has joined, and stops everything on Ctrl-C. Arguments pdserve does not "
+        "know are passed to every vLLM instance.",
+        usage="pdserve serve [--prefill N] [--decode M] [--both K] [--model M] [--port P] "
+        "... [vLLM args]",
+        allow_abbrev=False,
+    )
+    add_arguments(serve.add_argument_group("cluster"), ServeSettings)
+    add_arguments(serve.add_argument_group("gateway"), GatewaySettings)
+    add_arguments(serve.add_argument_group("dispatch policy"), DispatchSettings)
+    add_arguments(
+        serve.add_argument_group("every instance"), InstanceSettings, exclude=PER_INSTANCE_FIELDS
+    )
+    serve.set_defaults(handler=_serve, accepts_extra=True)
+
+
 def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="the bundled default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -59,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_model, _add_doctor]
+_SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_serve,
+    _add_gateway,
+    _add_instance,
+    _add_model,
+    _add_doctor,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -118,7 +118,9 @@ def check_transformers_import() -> Finding:
     if importlib.util.find_spec("transformers") is None:
         return Finding("transformers import", False, "transformers is not installed")
     probe = "import transformers.models.llama.modeling_llama"
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", probe], check=False, capture_output=True, text=True
+    )
     if result.returncode == 0:
         return Finding("transformers import", True, "model modules import")
     last = (result.stderr.strip().splitlines() or ["?"])[-1]

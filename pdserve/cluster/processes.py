@@ -79,10 +79,8 @@ class ManagedProcess:
         """SIGTERM to the whole tree, SIGKILL after ``grace_s``; returns the exit code."""
         if self.alive():
             self.signal_group(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                pass
         # Grandchildren may outlive the leader; the group is killed in any case.
         self.signal_group(signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):

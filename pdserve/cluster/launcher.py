@@ -1,0 +1,291 @@
+"""``pdserve serve``: a whole xPyD cluster on this machine, behind one OpenAI endpoint.
+
+The launcher is only a supervisor. It starts ``pdserve gateway`` and one ``pdserve instance``
+per prefill/decode/both slot as child processes (exactly what one would run on several
+machines), gives each instance its own cores where there are enough, shows progress until
+every instance has joined, prints the endpoint, and stops everything on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve import bundled_model
+from pdserve.cluster.processes import (
+    ManagedProcess,
+    free_port,
+    pdserve_argv,
+    port_in_use,
+    wait_until,
+)
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.instance.launch import InstanceSettings
+from pdserve.instance.reports import Role
+from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.settings import to_argv
+from pdserve.wire import SECRET_ENV, new_secret
+
+# Instance flags the launcher decides per instance; all others are shared by every instance.
+PER_INSTANCE_FIELDS = frozenset(
+    {
+        "role",
+        "scheduler",
+        "instance_id",
+        "host",
+        "port",
+        "advertise_host",
+        "kv_port",
+        "control_port",
+        "cpu_cores",
+        "model",
+    }
+)
+
+
+class ServeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prefill: int = Field(1, ge=0, description="prefill instances")
+    decode: int = Field(1, ge=0, description="decode instances")
+    both: int = Field(0, ge=0, description="instances that prefill and decode (colocated)")
+    model: str | None = Field(
+        None, description="model path or name (default: the bundled SmolLM2-135M-Instruct)"
+    )
+    log_dir: str | None = Field(
+        None, description="where each process logs (default: a new folder under the cache)"
+    )
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for every instance")
+
+
+@dataclass
+class Slot:
+    role: Role
+    index: int
+    port: int
+    cores: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+def _cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def assign_cores(count: int, cores: list[int]) -> tuple[list[str], bool]:
+    """Splits the cores evenly between ``count`` instances; (bindings, shared?)."""
+    if count <= len(cores):
+        per = len(cores) // count
+        groups = [cores[i * per : (i + 1) * per] for i in range(count)]
+        return [",".join(map(str, g)) for g in groups], False
+    return [str(cores[i % len(cores)]) for i in range(count)], True
+
+
+def plan(serve: ServeSettings, gateway: GatewaySettings) -> tuple[list[Slot], list[str]]:
+    """The instances to start, and warnings; raises ValueError for impossible layouts."""
+    if serve.decode + serve.both == 0:
+        raise ValueError("no instance can decode: add --decode N or --both N")
+    roles: list[Role] = []
+    for role, count in (("prefill", serve.prefill), ("decode", serve.decode), ("both", serve.both)):
+        roles += [role] * count  # type: ignore[list-item]
+    bindings, shared = assign_cores(len(roles), _cores())
+    warnings = []
+    if shared:
+        warnings.append(
+            f"{len(roles)} instances share {len(_cores())} cores: expect lower throughput"
+        )
+    if port_in_use(gateway.host, gateway.port):
+        raise ValueError(f"port {gateway.port} on {gateway.host} is in use: choose --port")
+    if port_in_use(gateway.control_host, gateway.control_port):
+        raise ValueError(f"control port {gateway.control_port} is in use: choose --control-port")
+    counters: dict[str, int] = {}
+    slots = []
+    for role, cores in zip(roles, bindings, strict=False):
+        index = counters.get(role, 0)
+        counters[role] = index + 1
+        slots.append(Slot(role, index, free_port(gateway.host), cores))
+    return slots, warnings
+
+
+def _log(message: str) -> None:
+    print(f"[pdserve serve] {message}", flush=True)
+
+
+def _instances(gateway: GatewaySettings) -> list[dict[str, Any]]:
+    request = urllib.request.Request(f"http://{gateway.host}:{gateway.port}/admin/instances")
+    if gateway.api_key:
+        request.add_header("Authorization", f"Bearer {gateway.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return list(json.load(response))
+    except (OSError, ValueError):
+        return []
+
+
+class Cluster:
+    """The running processes of a local cluster."""
+
+    def __init__(
+        self,
+        serve: ServeSettings,
+        gateway: GatewaySettings,
+        dispatch: DispatchSettings,
+        instance: InstanceSettings,
+        vllm_args: list[str],
+    ) -> None:
+        self.serve = serve
+        self.gateway = gateway
+        self.dispatch = dispatch
+        self.instance = instance
+        self.vllm_args = vllm_args
+        self.processes: list[ManagedProcess] = []
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.log_dir = Path(serve.log_dir or bundled_model.cache_root() / "logs" / stamp)
+        self.env = dict(os.environ)
+        self.env.setdefault(SECRET_ENV, new_secret())
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.gateway.host}:{self.gateway.port}/v1"
+
+    def _start(self, name: str, argv: list[str]) -> ManagedProcess:
+        proc = ManagedProcess(name, argv, self.log_dir / f"{name}.log", env=self.env)
+        self.processes.append(proc)
+        return proc
+
+    def start(self, slots: list[Slot]) -> None:
+        gateway_argv = pdserve_argv("gateway", *to_argv(self.gateway), *to_argv(self.dispatch))
+        gateway = self._start("gateway", gateway_argv)
+        wait_until(
+            lambda: port_in_use(self.gateway.host, self.gateway.port),
+            60,
+            "the gateway to listen",
+            [gateway],
+            interval_s=0.2,
+        )
+        scheduler = f"tcp://{self.gateway.control_host}:{self.gateway.control_port}"
+        shared = to_argv(self.instance, exclude=PER_INSTANCE_FIELDS)
+        model = ["--model", self.serve.model] if self.serve.model else []
+        for slot in slots:
+            argv = pdserve_argv(
+                "instance",
+                "--role",
+                slot.role,
+                "--scheduler",
+                scheduler,
+                "--instance-id",
+                slot.name,
+                "--host",
+                self.gateway.host,
+                "--port",
+                str(slot.port),
+                *model,
+                *shared,
+                *(["--cpu-cores", slot.cores] if slot.cores is not None else []),
+                *self.vllm_args,
+            )
+            proc = self._start(slot.name, argv)
+            _log(
+                f"{slot.name}: starting on port {slot.port}, cores {slot.cores} "
+                f"(log {proc.log_path})"
+            )
+
+    def wait_ready(self, slots: list[Slot]) -> None:
+        started = time.monotonic()
+        expected = {s.name for s in slots}
+        announced: set[str] = set()
+
+        def ready() -> bool:
+            healthy = {row["id"] for row in _instances(self.gateway) if row.get("healthy")}
+            for name in sorted(healthy - announced):
+                _log(f"{name}: ready after {time.monotonic() - started:.0f} s")
+                announced.add(name)
+            return expected <= healthy
+
+        wait_until(ready, self.serve.start_timeout_s, "every instance to join", self.processes)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def watch(self) -> int:
+        """Blocks until a signal arrives or the gateway dies; reports instances that die."""
+        reported: set[str] = set()
+        gateway = self.processes[0]
+        while True:
+            time.sleep(1.0)
+            if not gateway.alive():
+                _log(f"the gateway exited ({gateway.proc.returncode}):\n{gateway.log_tail()}")
+                return 1
+            for proc in self.processes[1:]:
+                if not proc.alive() and proc.name not in reported:
+                    reported.add(proc.name)
+                    _log(
+                        f"{proc.name} exited ({proc.proc.returncode}); the cluster goes on "
+                        f"without it. Last lines of {proc.log_path}:\n{proc.log_tail(15)}"
+                    )
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop
+
+
+def main(
+    serve: ServeSettings,
+    gateway: GatewaySettings,
+    dispatch: DispatchSettings,
+    instance: InstanceSettings,
+    vllm_args: list[str],
+) -> int:
+    try:
+        slots, warnings = plan(serve, gateway)
+    except ValueError as e:
+        print(f"pdserve serve: {e}", file=sys.stderr)
+        return 2
+    for warning in warnings:
+        _log(f"warning: {warning}")
+    if serve.model is None:
+        bundled_model.prepare()
+    cluster = Cluster(serve, gateway, dispatch, instance, vllm_args)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    started = time.monotonic()
+    try:
+        _log(
+            f"starting {serve.prefill} prefill, {serve.decode} decode, {serve.both} both "
+            f"instances; logs in {cluster.log_dir}"
+        )
+        cluster.start(slots)
+        cluster.wait_ready(slots)
+        _log(f"ready in {time.monotonic() - started:.0f} s: OpenAI endpoint {cluster.endpoint}")
+        return cluster.watch()
+    except _Stop:
+        _log("stopping")
+        return 0
+    except (RuntimeError, TimeoutError) as e:
+        _log(f"failed: {e}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
+        _log("stopped")

@@ -1,0 +1,245 @@
+"""Running real vLLM instances and pdserve clusters in tests, and looking inside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from pdserve import bundled_model
+from pdserve.cluster.processes import ManagedProcess, free_port, http_ok, pdserve_argv, wait_until
+from pdserve.kv.messages import Ack, Failed, InjectFault, KVMessage
+from pdserve.wire import SECRET_ENV, Codec
+
+MODEL = bundled_model.MODEL_NAME
+START_TIMEOUT_S = 600.0
+
+
+def http_json(
+    url: str, body: Any | None = None, headers: dict[str, str] | None = None, timeout: float = 120
+) -> tuple[int, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except ValueError:
+            return e.code, raw.decode(errors="replace")
+
+
+def vllm_metric(base_url: str, name: str) -> float:
+    """One unlabelled-engine gauge from an instance's /metrics (e.g. vllm:kv_cache_usage_perc)."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = re.compile(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.eE+-]+)$", re.M)
+    values = [float(v) for v in pattern.findall(text)]
+    if not values:
+        raise AssertionError(f"{name} not found in {base_url}/metrics")
+    return sum(values)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass
+class PlainVLLM:
+    """A single vLLM instance with no pdserve code at all: the reference for outputs."""
+
+    url: str
+    process: ManagedProcess
+
+    @classmethod
+    def start(cls, log_dir: Path, cores: str = "1") -> PlainVLLM:
+        port = free_port()
+        model = bundled_model.prepare()
+        env = dict(
+            os.environ,
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_CPU_KVCACHE_SPACE="1",
+            VLLM_CPU_OMP_THREADS_BIND=cores,
+        )
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            MODEL,
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        process = ManagedProcess("plain-vllm", argv, log_dir / "plain-vllm.log", env=env)
+        return cls(f"http://127.0.0.1:{port}", process)
+
+    def wait(self) -> None:
+        wait_until(
+            lambda: http_ok(self.url + "/health"), START_TIMEOUT_S, "plain vLLM", [self.process]
+        )
+
+    def complete(self, prompt: Any, max_tokens: int = 16, **extra: Any) -> dict[str, Any]:
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "return_token_ids": True,
+            **extra,
+        }
+        status, answer = http_json(self.url + "/v1/completions", body)
+        assert status == 200, answer
+        return answer
+
+
+@dataclass
+class ServeCluster:
+    """``pdserve serve`` run as a user would, with a known secret for KV control messages."""
+
+    url: str
+    control_port: int
+    process: ManagedProcess
+    secret: str
+    log_dir: Path
+    expected: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, log_dir: Path, *args: str, expected: int, env: dict[str, str] | None = None
+    ) -> ServeCluster:
+        port, control_port = free_port(), free_port()
+        secret = "test-secret-" + os.urandom(8).hex()
+        full_env = dict(os.environ, **(env or {}))
+        full_env[SECRET_ENV] = secret
+        argv = pdserve_argv(
+            "serve",
+            "--port",
+            str(port),
+            "--control-port",
+            str(control_port),
+            "--log-dir",
+            str(log_dir),
+            *args,
+        )
+        process = ManagedProcess("pdserve-serve", argv, log_dir / "serve.log", env=full_env)
+        return cls(
+            f"http://127.0.0.1:{port}", control_port, process, secret, log_dir, expected, full_env
+        )
+
+    def instances(self) -> list[dict[str, Any]]:
+        status, rows = http_json(self.url + "/admin/instances", timeout=5)
+        return rows if status == 200 else []
+
+    def wait(self) -> None:
+        def ready() -> bool:
+            try:
+                rows = self.instances()
+            except OSError:
+                return False
+            return sum(1 for r in rows if r["healthy"]) >= self.expected
+
+        wait_until(ready, START_TIMEOUT_S, "the cluster", [self.process])
+
+    def instance(self, instance_id: str) -> dict[str, Any]:
+        for row in self.instances():
+            if row["id"] == instance_id:
+                return row
+        raise KeyError(instance_id)
+
+    def used_kv(self, instance_id: str) -> float:
+        """vLLM's own KV usage of an instance (prefix-cached free blocks count as free)."""
+        return vllm_metric(self.instance(instance_id)["url"], "vllm:kv_cache_usage_perc")
+
+    def all_kv_free(self) -> bool:
+        return all(
+            vllm_metric(r["url"], "vllm:kv_cache_usage_perc") == 0.0
+            for r in self.instances()
+            if r["healthy"]
+        )
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    def kv_address(self, instance_id: str) -> str:
+        return str(self.instance(instance_id)["kv_addresses"][0])
+
+    def inject_pull_delay(self, instance_id: str, delay_s: float, count: int = 1) -> None:
+        codec: Codec[Any] = Codec(KVMessage, self.secret.encode())
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.kv_address(instance_id))
+        try:
+            sock.send_multipart(codec.encode(InjectFault(rid=1, delay_s=delay_s, count=count)))
+            assert sock.poll(5000), "no answer to InjectFault"
+            reply = codec.decode(sock.recv_multipart())
+            assert isinstance(reply, Ack), reply
+            assert not isinstance(reply, Failed)
+        finally:
+            sock.close()
+
+
+def prompt_token_ids(length: int, seed: int = 0) -> list[int]:
+    """A natural-language prompt of exactly ``length`` tokens of the bundled model."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizer(AutoTokenizer)
+    words = TEXT.split()
+    start = (seed * 37) % len(words)
+    text = " ".join(words[start:] + words[:start])
+    ids = tokenizer(text)["input_ids"]
+    while len(ids) < length:
+        ids = ids + ids
+    return list(ids[:length])
+
+
+_TOKENIZER: Any = None
+
+
+def _tokenizer(auto: Any) -> Any:
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = auto.from_pretrained(str(bundled_model.model_dir()))
+    return _TOKENIZER
+
+
+TEXT = """
+The history of the city begins with a small settlement on the river bank, where fishermen
+traded with merchants who came down from the hills. Over the centuries the town grew around
+its market square, and stone bridges replaced the wooden crossings. In the eighteenth century
+a university was founded, attracting scholars from distant countries, and the printing houses
+along the main street produced books in many languages. Engineers later built canals, railways
+and a harbour that connected the region to the sea. Today visitors walk through narrow lanes
+lined with bakeries, bookshops and workshops, and the old observatory on the hill offers a view
+of the whole valley, from the vineyards in the south to the forests in the north. Every spring
+the city holds a festival of music and science, when laboratories open their doors and
+orchestras play in the courtyards of the old colleges. Students explain experiments about light,
+magnetism and the chemistry of bread, while children build small boats to race on the canal.
+"""

@@ -1,0 +1,121 @@
+"""Instance registry and health, fed with messages directly (no sockets)."""
+
+from __future__ import annotations
+
+from pdserve.gateway.control_plane import ControlPlane
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.instance.reports import Deregister, LoadReport, Register
+from pdserve.scheduler.dispatch import DispatchSettings, PdPolicy
+from pdserve.scheduler.snapshot import RequestEstimate
+
+
+def register(name: str, role: str = "decode", pid: int = 1) -> Register:
+    return Register(
+        instance_id=name,
+        role=role,
+        url=f"http://{name}",
+        host="h",
+        pid=pid,  # type: ignore[arg-type]
+        model="m",
+        kv_addresses=["tcp://x:1"],
+        control_address=None,
+        max_model_len=8192,
+        started_at=0.0,
+    )
+
+
+def report(name: str, seq: int, running: int = 0) -> LoadReport:
+    return LoadReport(
+        instance_id=name,
+        seq=seq,
+        num_running=running,
+        num_waiting=0,
+        num_loading=0,
+        free_blocks=100,
+        total_blocks=100,
+        block_size=16,
+        waiting_prompt_tokens=0,
+        waiting_blocks=0,
+        step_ms=0.0,
+        prefill_tokens_per_s=0.0,
+        num_preemptions=0,
+    )
+
+
+def plane(timeout: float = 1.0) -> ControlPlane:
+    settings = GatewaySettings(heartbeat_timeout_s=timeout, forget_after_s=10.0)
+    return ControlPlane(settings, b"k", PdPolicy(DispatchSettings()))
+
+
+def test_instance_is_usable_once_it_reports() -> None:
+    cp = plane()
+    cp.handle(register("d"), now=0.0)
+    assert not cp.snapshot().usable()
+    cp.handle(report("d", 1), now=0.1)
+    assert [v.instance_id for v in cp.snapshot().usable()] == ["d"]
+
+
+def test_silence_makes_unhealthy_and_notifies_once() -> None:
+    cp = plane(timeout=1.0)
+    down: list[str] = []
+    cp.on_instance_down(down.append)
+    cp.handle(register("d"), now=0.0)
+    cp.handle(report("d", 1), now=0.0)
+    cp.check_health(now=0.9)
+    assert cp.instances["d"].healthy
+    cp.check_health(now=1.2)
+    cp.check_health(now=1.3)
+    assert not cp.instances["d"].healthy and down == ["d"]
+    cp.handle(report("d", 2), now=1.4)
+    assert cp.instances["d"].healthy
+    cp.check_health(now=20.0)
+    assert "d" not in cp.instances, "long-silent instances are forgotten"
+
+
+def test_restarted_instance_counts_as_down_then_rejoins() -> None:
+    cp = plane()
+    down: list[str] = []
+    cp.on_instance_down(down.append)
+    cp.handle(register("d", pid=1), now=0.0)
+    cp.handle(register("d", pid=1), now=1.0)
+    assert down == []
+    cp.handle(register("d", pid=2), now=2.0)
+    assert down == ["d"] and cp.instances["d"].info.pid == 2
+
+
+def test_deregister_removes_and_notifies() -> None:
+    cp = plane()
+    down: list[str] = []
+    cp.on_instance_down(down.append)
+    cp.handle(register("d"), now=0.0)
+    cp.handle(Deregister(instance_id="d"), now=0.5)
+    assert "d" not in cp.instances and down == ["d"]
+
+
+def test_out_of_order_reports_are_ignored() -> None:
+    cp = plane()
+    cp.handle(register("d"), now=0.0)
+    cp.handle(report("d", 5, running=5), now=0.0)
+    cp.handle(report("d", 4, running=4), now=0.0)
+    assert cp.instances["d"].load.num_running == 5
+
+
+def test_dispatch_counts_pending_until_reports_catch_up() -> None:
+    cp = plane()
+    for name, role in (("p", "prefill"), ("d", "decode")):
+        cp.handle(register(name, role), now=0.0)
+        cp.handle(report(name, 1), now=0.0)
+    choice = cp.dispatch(RequestEstimate(prompt_tokens=500, max_tokens=10))
+    assert choice.prefill == "p"
+    assert cp.instances["p"].pending_total(now=cp.instances["p"].pending[0][0]).prompt_tokens == 500
+    later = cp.instances["p"].pending[0][0] + 1.0
+    cp.handle(report("p", 2), now=later)
+    assert cp.instances["p"].pending_total(now=later).requests == 0
+
+
+def test_mark_broken_takes_an_instance_out_until_it_reports_again() -> None:
+    cp = plane(timeout=0.5)
+    cp.handle(register("d"), now=0.0)
+    cp.handle(report("d", 1))
+    cp.mark_broken("d")
+    assert not cp.instances["d"].healthy

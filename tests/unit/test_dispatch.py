@@ -1,0 +1,178 @@
+"""Placement policies over synthetic cluster snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.instance.reports import LoadReport
+from pdserve.scheduler.dispatch import (
+    DispatchSettings,
+    LeastRequestsPolicy,
+    NoInstance,
+    PdPolicy,
+    RoundRobinPolicy,
+    make_policy,
+)
+from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, Pending, RequestEstimate
+
+
+def load(
+    name: str,
+    *,
+    running: int = 0,
+    waiting: int = 0,
+    free: int = 1000,
+    total: int = 1000,
+    queued_tokens: int = 0,
+    waiting_blocks: int = 0,
+    rate: float = 0.0,
+) -> LoadReport:
+    return LoadReport(
+        instance_id=name,
+        seq=1,
+        num_running=running,
+        num_waiting=waiting,
+        num_loading=0,
+        free_blocks=free,
+        total_blocks=total,
+        block_size=16,
+        waiting_prompt_tokens=queued_tokens,
+        waiting_blocks=waiting_blocks,
+        step_ms=50.0,
+        prefill_tokens_per_s=rate,
+        num_preemptions=0,
+    )
+
+
+def view(name: str, role: str, **kwargs: object) -> InstanceView:
+    healthy = bool(kwargs.pop("healthy", True))
+    accepting = bool(kwargs.pop("accepting", True))
+    pending = kwargs.pop("pending", Pending())
+    return InstanceView(
+        name,
+        role,
+        healthy=healthy,
+        accepting=accepting,  # type: ignore[arg-type]
+        load=load(name, **kwargs),
+        pending=pending,
+    )  # type: ignore[arg-type]
+
+
+LONG = RequestEstimate(prompt_tokens=1000, max_tokens=100)
+SHORT = RequestEstimate(prompt_tokens=10, max_tokens=100)
+
+
+def test_decode_goes_where_most_memory_per_request_is_left() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p", "prefill"),
+            view("d1", "decode", running=10, free=500),
+            view("d2", "decode", running=2, free=300),
+        )
+    )
+    assert PdPolicy(DispatchSettings()).choose(snap, LONG).decode == "d2"
+
+
+def test_queued_demand_counts_against_free_blocks() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p", "prefill"),
+            view("d1", "decode", running=1, free=800, waiting=2, waiting_blocks=700),
+            view("d2", "decode", running=1, free=400),
+        )
+    )
+    assert PdPolicy(DispatchSettings()).choose(snap, LONG).decode == "d2"
+
+
+def test_prefill_goes_to_the_shortest_estimated_wait() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p1", "prefill", queued_tokens=4000, rate=2000.0),
+            view("p2", "prefill", queued_tokens=3000, rate=500.0),
+            view("d", "decode"),
+        )
+    )
+    choice = PdPolicy(DispatchSettings()).choose(snap, LONG)
+    assert choice.prefill == "p1" and choice.disaggregated
+
+
+def test_short_prompts_are_prefilled_on_the_decode_instance() -> None:
+    snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode")))
+    policy = PdPolicy(DispatchSettings(short_prompt_tokens=64))
+    assert policy.choose(snap, SHORT).prefill is None
+    assert policy.choose(snap, LONG).prefill == "p"
+
+
+def test_saturated_prefill_pool_spills_onto_an_idle_decoder() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p", "prefill", queued_tokens=20000, rate=1000.0),
+            view("d", "decode"),
+        )
+    )
+    assert PdPolicy(DispatchSettings(prefill_saturation_s=2.0)).choose(snap, LONG).prefill is None
+    relaxed = PdPolicy(DispatchSettings(prefill_saturation_s=60.0))
+    assert relaxed.choose(snap, LONG).prefill == "p"
+
+
+def test_both_instances_serve_whole_requests() -> None:
+    snap = ClusterSnapshot((view("p", "prefill"), view("b", "both")))
+    assert PdPolicy(DispatchSettings()).choose(snap, LONG).prefill is None
+
+
+def test_unhealthy_draining_and_silent_instances_are_skipped() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p", "prefill", healthy=False),
+            view("d1", "decode", accepting=False),
+            view("d2", "decode", running=50),
+            InstanceView("d3", "decode"),  # registered, never reported
+        )
+    )
+    choice = PdPolicy(DispatchSettings()).choose(snap, LONG)
+    assert choice.decode == "d2" and choice.prefill is None
+
+
+def test_no_decoder_raises() -> None:
+    snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode", healthy=False)))
+    for policy in (PdPolicy(DispatchSettings()), RoundRobinPolicy(), LeastRequestsPolicy()):
+        with pytest.raises(NoInstance, match="decode"):
+            policy.choose(snap, LONG)
+
+
+def test_pending_dispatches_spread_a_burst() -> None:
+    busy = Pending(requests=5, prompt_tokens=5000, blocks=400)
+    snap = ClusterSnapshot(
+        (
+            view("p1", "prefill", pending=busy),
+            view("p2", "prefill", queued_tokens=100),
+            view("d1", "decode", pending=busy),
+            view("d2", "decode", running=1),
+        )
+    )
+    choice = PdPolicy(DispatchSettings()).choose(snap, LONG)
+    assert (choice.prefill, choice.decode) == ("p2", "d2")
+
+
+def test_round_robin_takes_turns_blindly() -> None:
+    snap = ClusterSnapshot((view("a", "both", running=100), view("b", "both")))
+    policy = RoundRobinPolicy()
+    assert [policy.choose(snap, LONG).decode for _ in range(4)] == ["a", "b", "a", "b"]
+
+
+def test_least_requests() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p1", "prefill", running=3),
+            view("p2", "prefill", running=1),
+            view("d1", "decode", running=2),
+            view("d2", "decode", running=4),
+        )
+    )
+    choice = LeastRequestsPolicy().choose(snap, LONG)
+    assert (choice.prefill, choice.decode) == ("p2", "d1")
+
+
+def test_make_policy() -> None:
+    assert isinstance(make_policy(DispatchSettings(policy="round-robin")), RoundRobinPolicy)
+    assert isinstance(make_policy(DispatchSettings()), PdPolicy)

@@ -1,0 +1,47 @@
+"""Layouts ``pdserve serve`` accepts, refuses, and how it shares cores."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from pdserve.cluster import launcher
+from pdserve.cluster.launcher import ServeSettings, assign_cores, plan
+from pdserve.cluster.processes import free_port
+from pdserve.gateway.settings import GatewaySettings
+
+
+def gateway() -> GatewaySettings:
+    return GatewaySettings(port=free_port(), control_port=free_port())
+
+
+def test_own_cores_when_there_are_enough() -> None:
+    assert assign_cores(2, [0, 1]) == (["0", "1"], False)
+    assert assign_cores(2, [0, 1, 2, 3]) == (["0,1", "2,3"], False)
+
+
+def test_shared_cores_when_there_are_not() -> None:
+    assert assign_cores(3, [0, 1]) == (["0", "1", "0"], True)
+
+
+def test_plan_names_instances_by_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "_cores", lambda: [0, 1])
+    slots, warnings = plan(ServeSettings(prefill=1, decode=2), gateway())
+    assert [s.name for s in slots] == ["prefill-0", "decode-0", "decode-1"]
+    assert len({s.port for s in slots}) == 3
+    assert warnings and "share" in warnings[0]
+
+
+def test_plan_refuses_a_cluster_that_cannot_decode() -> None:
+    with pytest.raises(ValueError, match="decode"):
+        plan(ServeSettings(prefill=2, decode=0), gateway())
+
+
+def test_plan_refuses_a_port_in_use() -> None:
+    settings = gateway()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", settings.port))
+        busy.listen()
+        with pytest.raises(ValueError, match="in use"):
+            plan(ServeSettings(), settings)

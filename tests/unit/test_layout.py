@@ -1,0 +1,63 @@
+"""Blocks as runs, and the order and fingerprint both ends of a transfer agree on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.kv.layout import block_runs, build_layout, tokens_digest
+
+
+def test_runs_merge_blocks_consecutive_on_both_sides() -> None:
+    assert block_runs([4, 5, 6, 9, 10], [1, 2, 3, 4, 5]) == [(4, 1, 3), (9, 4, 2)]
+    assert block_runs([1, 2, 3], [7, 9, 10]) == [(1, 7, 1), (2, 9, 2)]
+    assert block_runs([], []) == []
+
+
+def test_runs_need_equal_lengths() -> None:
+    with pytest.raises(ValueError):
+        block_runs([1, 2], [1])
+
+
+def test_layout_orders_layers_numerically_and_skips_aliases() -> None:
+    base = torch.zeros(12, 11, 2, 4, 8)  # one buffer, eleven layers. views
+    caches = {f"model.layers.{i}.attn": base[:, i] for i in (10, 2, 0)}
+    caches["model.layers.2.alias"] = caches["model.layers.2.attn"]
+    layout = build_layout(caches, num_blocks=12)
+    assert len(layout.planes) == 3
+    assert layout.planes[0].data_ptr() == caches["model.layers.0.attn"].data_ptr()
+    assert layout.planes[2].data_ptr() == caches["model.layers.10.attn"].data_ptr()
+
+
+def test_layout_of_two_plane_caches() -> None:
+    caches = {"l0": torch.zeros(2, 6, 16, 2, 8), "l1": torch.zeros(2, 6, 16, 2, 8)}
+    layout = build_layout(caches, num_blocks=6)
+    assert len(layout.planes) == 4
+    assert layout.bytes_per_block == 4 * 16 * 2 * 8 * 4
+
+
+def test_slices_are_contiguous_views_into_the_cache() -> None:
+    cache = torch.arange(6 * 2 * 4, dtype=torch.float32).reshape(6, 2, 4)
+    layout = build_layout({"l0": cache}, num_blocks=6)
+    (first, second) = list(layout.slices([(1, 0, 2), (4, 2, 1)], side=0))
+    assert first.is_contiguous() and first.data_ptr() == cache[1].data_ptr()
+    assert torch.equal(second, cache[4:5])
+    (dest,) = list(layout.slices([(1, 3, 2)], side=1))
+    assert dest.data_ptr() == cache[3].data_ptr()
+
+
+def test_fingerprint_changes_with_shape_or_dtype() -> None:
+    a = build_layout({"l0": torch.zeros(4, 2, 8)}, 4).fingerprint
+    assert a == build_layout({"l0": torch.ones(4, 2, 8)}, 4).fingerprint
+    assert a != build_layout({"l0": torch.zeros(4, 2, 16)}, 4).fingerprint
+    assert a != build_layout({"l0": torch.zeros(4, 2, 8, dtype=torch.float16)}, 4).fingerprint
+
+
+def test_missing_block_dimension_is_an_error() -> None:
+    with pytest.raises(ValueError, match="block dimension"):
+        build_layout({"l0": torch.zeros(3, 4)}, num_blocks=5)
+
+
+def test_tokens_digest_is_order_sensitive() -> None:
+    assert tokens_digest([1, 2, 3]) == tokens_digest([1, 2, 3])
+    assert tokens_digest([1, 2, 3]) != tokens_digest([3, 2, 1])

@@ -1,0 +1,86 @@
+"""What the gateway accepts, and the clear errors for what it does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.gateway.errors import APIError
+from pdserve.gateway.openai_api import (
+    ChatRequest,
+    CompletionRequest,
+    estimate_prompt_tokens,
+    parse_request,
+)
+
+
+def error_of(kind: str, body: object) -> APIError:
+    with pytest.raises(APIError) as info:
+        parse_request(kind, body)  # type: ignore[arg-type]
+    return info.value
+
+
+def test_valid_requests_keep_unknown_fields() -> None:
+    request = parse_request(
+        "chat",
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 2},
+    )
+    assert isinstance(request, ChatRequest)
+    assert request.model_dump(exclude_unset=True)["top_logprobs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "param"),
+    [
+        ("chat", [], None),
+        ("chat", {"messages": []}, "messages"),
+        ("chat", {"messages": [{"content": "no role"}]}, "messages.0.role"),
+        ("completion", {"prompt": ""}, "prompt"),
+        ("completion", {"prompt": ["a", "b"]}, "prompt"),
+        ("completion", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ("completion", {"prompt": "x", "top_p": 0}, "top_p"),
+        ("completion", {"prompt": "x", "n": 2}, "n"),
+        (
+            "completion",
+            {"prompt": "x", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        (
+            "completion",
+            {"prompt": "x", "kv_transfer_params": {"pdserve": {}}},
+            "kv_transfer_params",
+        ),
+        ("completion", {"prompt": "x", "stop": ["s"] * 100}, "stop"),
+    ],
+)
+def test_bad_requests_are_400_with_the_parameter(
+    kind: str, body: object, param: str | None
+) -> None:
+    error = error_of(kind, body)
+    assert error.status == 400
+    assert error.param == param
+    assert error.body()["error"]["code"] == 400
+
+
+def test_single_string_prompt_list_is_accepted() -> None:
+    request = parse_request("completion", {"prompt": ["only one"]})
+    assert isinstance(request, CompletionRequest)
+
+
+def test_estimates() -> None:
+    assert estimate_prompt_tokens(CompletionRequest(prompt=[1, 2, 3])) == 3
+    assert 20 <= estimate_prompt_tokens(CompletionRequest(prompt="x" * 100)) <= 30
+    chat = ChatRequest(messages=[{"role": "user", "content": "y" * 400}])  # type: ignore[list-item]
+    assert 100 <= estimate_prompt_tokens(chat) <= 120
+
+
+def test_budgets() -> None:
+    assert CompletionRequest(prompt="x").budget() == 16
+    assert ChatRequest(messages=[{"role": "user", "content": "x"}]).budget() is None  # type: ignore[list-item]
+    assert (
+        ChatRequest(
+            messages=[{"role": "user", "content": "x"}],  # type: ignore[list-item]
+            max_completion_tokens=5,
+            max_tokens=9,
+        ).budget()
+        == 5
+    )

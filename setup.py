@@ -17,7 +17,12 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["pdserve", "pdserve.*", "benchmark", "benchmark.*"]),
+    packages=[
+        *find_packages(include=["pdserve", "pdserve.*", "benchmark", "benchmark.*"]),
+        "pdserve.patches",
+    ],
+    # The top-level patches/ folder (changes to vLLM, see its __init__) is pdserve.patches.
+    package_dir={"pdserve.patches": "patches"},
     package_data={"pdserve": ["py.typed"]},
     install_requires=[
         # What the gateway and the scheduler need; vLLM brings the same packages on an instance.
@@ -49,5 +54,6 @@ setup(
     },
     entry_points={
         "console_scripts": ["pdserve=pdserve.cli:main"],
+        "vllm.general_plugins": ["pdserve=pdserve.instance.plugin:load_plugin"],
     },
 )

@@ -94,6 +94,8 @@ def is_cpu_build() -> bool:
 def prepare_environment(settings: InstanceSettings, cpu: bool) -> None:
     """Environment of vLLM's processes; must be set before the engine is spawned."""
     if cpu:
+        # See patches/mq_busy_loop.py: spinning queues steal the CPU the workers compute on.
+        os.environ.setdefault("PDSERVE_VLLM_PATCHES", "mq_busy_loop")
         os.environ["VLLM_TARGET_DEVICE"] = "cpu"
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
         if settings.cpu_cores is not None:

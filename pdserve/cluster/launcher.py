@@ -87,12 +87,17 @@ def _cores() -> list[int]:
 
 
 def assign_cores(count: int, cores: list[int]) -> tuple[list[str], bool]:
-    """Splits the cores evenly between ``count`` instances; (bindings, shared?)."""
+    """Splits the cores evenly between ``count`` instances; (bindings, shared?).
+
+    With fewer cores than instances nothing is pinned ("nobind"): two busy vLLM workers
+    pinned to one core were seen to starve each other for tens of seconds (Linux 6.18),
+    while unpinned workers are balanced by the kernel.
+    """
     if count <= len(cores):
         per = len(cores) // count
         groups = [cores[i * per : (i + 1) * per] for i in range(count)]
         return [",".join(map(str, g)) for g in groups], False
-    return [str(cores[i % len(cores)]) for i in range(count)], True
+    return ["nobind"] * count, True
 
 
 def plan(serve: ServeSettings, gateway: GatewaySettings) -> tuple[list[Slot], list[str]]:

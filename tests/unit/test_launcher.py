@@ -22,7 +22,7 @@ def test_own_cores_when_there_are_enough() -> None:
 
 
 def test_shared_cores_when_there_are_not() -> None:
-    assert assign_cores(3, [0, 1]) == (["0", "1", "0"], True)
+    assert assign_cores(3, [0, 1]) == (["nobind", "nobind", "nobind"], True)
 
 
 def test_plan_names_instances_by_role(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ class InstanceRecord:
     draining: bool = False
     suspect_until: float = 0.0
     healthy: bool = False
+    given_up: bool = False
     pending: list[tuple[float, Pending]] = field(default_factory=list)
 
     def pending_total(self, now: float) -> Pending:
@@ -164,22 +165,38 @@ class ControlPlane:
     # --- health ----------------------------------------------------------------------------
 
     def _update_health(self, record: InstanceRecord, now: float) -> None:
-        fresh = (
-            record.last_report_at is not None
-            and now - record.last_report_at <= self.settings.heartbeat_timeout_s
-        )
+        """Healthy: receives new work. Given up: its in-flight requests move elsewhere.
+
+        A short silence (an overloaded host can starve a reporter for a second) only stops
+        new work; giving up on in-flight requests needs a longer silence, or proof of death
+        (a broken connection, a restart, a deregistration).
+        """
+        silence = now - (record.last_report_at or record.registered_at)
+        fresh = record.last_report_at is not None and silence <= self.settings.heartbeat_timeout_s
         healthy = fresh and now >= record.suspect_until
         if record.healthy and not healthy:
             logger.warning(
-                "pdserve: instance %s is unhealthy (no load report for %.1f s)",
+                "pdserve: instance %s is out of rotation (no load report for %.1f s)",
                 record.info.instance_id,
-                now - (record.last_report_at or record.registered_at),
+                silence,
             )
-            record.healthy = False
-            self._notify_down(record.info.instance_id)
         elif healthy and not record.healthy:
             logger.info("pdserve: instance %s is healthy", record.info.instance_id)
-            record.healthy = True
+            record.given_up = False
+        record.healthy = healthy
+        if (
+            not healthy
+            and not record.given_up
+            and record.last_report_at is not None
+            and silence > self.settings.dead_after_s
+        ):
+            logger.warning(
+                "pdserve: giving up on instance %s after %.1f s of silence",
+                record.info.instance_id,
+                silence,
+            )
+            record.given_up = True
+            self._notify_down(record.info.instance_id)
 
     def _notify_down(self, instance_id: str) -> None:
         for listener in self._down_listeners:
@@ -204,7 +221,11 @@ class ControlPlane:
                 del self.instances[instance_id]
 
     def mark_broken(self, instance_id: str) -> None:
-        """The gateway saw the instance fail: keep it out until it reports again later."""
+        """The gateway saw a connection to the instance break: no new work for a while.
+
+        Requests whose own connection broke fail over by themselves; the others stay until
+        the instance is given up (silence) or comes back.
+        """
         record = self.instances.get(instance_id)
         if record is not None:
             record.suspect_until = time.monotonic() + self.settings.heartbeat_timeout_s

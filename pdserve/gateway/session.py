@@ -157,6 +157,13 @@ class RequestSession:
         except NoInstance as e:
             raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
         target, source = choice.decode, None
+        self.ctx.metrics.dispatches.labels("disaggregated" if choice.prefill else "local").inc()
+        logger.debug(
+            "pdserve: request %s: prefill on %s, decode on %s",
+            self.key,
+            choice.prefill or choice.decode,
+            choice.decode,
+        )
         if choice.prefill is not None:
             source = await self._prefill(choice.prefill)
         started = False
@@ -202,7 +209,11 @@ class RequestSession:
             # The client left mid-prefill: if the prefill finished meanwhile, free its KV.
             self._release_unknown(prefill, transfer_id)
             raise
-        self.ctx.metrics.prefill_seconds.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        self.ctx.metrics.prefill_seconds.observe(elapsed)
+        logger.debug(
+            "pdserve: request %s: prefill leg on %s took %.2f s", self.key, prefill, elapsed
+        )
         params = parse_params(answer.get("kv_transfer_params"))
         if params is None or params.source is None:
             logger.warning("pdserve: prefill on %s exported no KV; prefilling on decode", prefill)
@@ -302,6 +313,12 @@ class RequestSession:
             if self.first_token_at is None:
                 self.first_token_at = now
                 self.ctx.metrics.ttft_seconds.observe(now - self.arrived)
+                logger.debug(
+                    "pdserve: request %s: first token from %s after %.2f s",
+                    self.key,
+                    self.instance_id,
+                    now - self.arrived,
+                )
             elif self.last_token_at is not None:
                 self.ctx.metrics.itl_seconds.observe(now - self.last_token_at)
             self.last_token_at = now

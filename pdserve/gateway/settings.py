@@ -20,6 +20,12 @@ class GatewaySettings(BaseModel):
     heartbeat_timeout_s: float = Field(
         1.0, gt=0, description="an instance silent this long is taken out of rotation"
     )
+    dead_after_s: float = Field(
+        5.0,
+        gt=0,
+        description="an instance silent this long is given up: its requests "
+        "continue elsewhere (a broken connection is noticed at once)",
+    )
     forget_after_s: float = Field(
         60.0, gt=0, description="an unhealthy instance silent this long is removed from the list"
     )

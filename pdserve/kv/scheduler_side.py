@@ -154,6 +154,12 @@ class SchedulerSide:
         self._orders.loads.append(
             LoadOrder(request.request_id, source.transfer_id, source.addresses, runs)
         )
+        logger.debug(
+            "pdserve kv: request %s loads %s (%d blocks)",
+            request.request_id,
+            source.transfer_id,
+            end - first,
+        )
 
     # --- producer --------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def report(name: str, seq: int, running: int = 0) -> LoadReport:
 
 
 def plane(timeout: float = 1.0) -> ControlPlane:
-    settings = GatewaySettings(heartbeat_timeout_s=timeout, forget_after_s=10.0)
+    settings = GatewaySettings(heartbeat_timeout_s=timeout, dead_after_s=3.0, forget_after_s=10.0)
     return ControlPlane(settings, b"k", PdPolicy(DispatchSettings()))
 
 
@@ -55,7 +55,7 @@ def test_instance_is_usable_once_it_reports() -> None:
     assert [v.instance_id for v in cp.snapshot().usable()] == ["d"]
 
 
-def test_silence_makes_unhealthy_and_notifies_once() -> None:
+def test_short_silence_stops_new_work_long_silence_gives_up_once() -> None:
     cp = plane(timeout=1.0)
     down: list[str] = []
     cp.on_instance_down(down.append)
@@ -64,9 +64,13 @@ def test_silence_makes_unhealthy_and_notifies_once() -> None:
     cp.check_health(now=0.9)
     assert cp.instances["d"].healthy
     cp.check_health(now=1.2)
-    cp.check_health(now=1.3)
-    assert not cp.instances["d"].healthy and down == ["d"]
+    assert not cp.instances["d"].healthy and down == [], "a hiccup is not a death"
     cp.handle(report("d", 2), now=1.4)
+    assert cp.instances["d"].healthy
+    cp.check_health(now=4.5)
+    cp.check_health(now=4.6)
+    assert not cp.instances["d"].healthy and down == ["d"]
+    cp.handle(report("d", 3), now=5.0)
     assert cp.instances["d"].healthy
     cp.check_health(now=20.0)
     assert "d" not in cp.instances, "long-silent instances are forgotten"

@@ -118,6 +118,38 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=_serve, accepts_extra=True)
 
 
+def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
+    from benchmark.run import format_table, run, settings_from_args
+    from pdserve import bundled_model
+
+    settings = settings_from_args(args)
+    bundled = settings.model in (None, bundled_model.MODEL_NAME)
+    # Exact prompt lengths for the bundled model without asking for its path.
+    if (
+        settings.tokenizer is None
+        and bundled
+        and bundled_model.verify(bundled_model.model_dir()) is None
+    ):
+        settings = settings.model_copy(update={"tokenizer": str(bundled_model.model_dir())})
+    result = run(settings)
+    print(format_table(result))
+    return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from benchmark.run import add_run_arguments
+
+    bench = sub.add_parser("bench", help="benchmarks: load any OpenAI endpoint, compare setups")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    run = bench_sub.add_parser(
+        "run",
+        help="load an OpenAI-compatible endpoint; TTFT/TPOT/ITL/goodput, JSON and plots",
+        allow_abbrev=False,
+    )
+    add_run_arguments(run)
+    run.set_defaults(handler=_bench_run)
+
+
 def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="the bundled default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -152,6 +184,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
     _add_gateway,
     _add_instance,
+    _add_bench,
     _add_model,
     _add_doctor,
 ]

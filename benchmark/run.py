@@ -1,0 +1,220 @@
+"""One benchmark run: a workload sent to one endpoint at one or several loads (a sweep).
+
+For each load point (a request rate, or a concurrency for the closed loop) the same requests
+are sent, the per-request records and their summary are written to
+``<output_dir>/<label>-<arrival>-<load>.json``, and at the end the latency CDFs and the
+sweep figure are drawn and a summary table is printed. Runs of several systems (``--label``)
+can be compared afterwards with ``python -m benchmark.plots DIR1 DIR2 --output-dir DIR``.
+
+    python -m benchmark.run --url http://127.0.0.1:8000 --workload chat \
+        --tokenizer MODEL_DIR --rate 1 2 4 8 --num-requests 200 \
+        --slo-ttft-ms 500 --slo-tpot-ms 100 --output-dir results/pdserve
+
+The flags are generated from ``RunSettings`` (``pdserve.settings``), so the CLI, the
+defaults and the JSON record of the settings cannot disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import aiohttp
+from pydantic import Field, ValidationError
+
+from benchmark.arrivals import ArrivalKind, make_schedule
+from benchmark.client import ClientSettings, Target, drive, resolve_target
+from benchmark.metrics import PointResult, Summary, summarize
+from benchmark.plots import plot_results
+from benchmark.workloads import BenchRequest, WorkloadSettings, build_workload
+from pdserve.settings import add_arguments, from_args
+
+# Fields with several values; pdserve.settings handles scalar fields only.
+LIST_FIELDS = ("rate", "concurrency")
+
+
+class RunSettings(WorkloadSettings, ClientSettings):
+    """Everything a run depends on; recorded in every result file."""
+
+    arrival: ArrivalKind = Field(
+        "poisson",
+        description="poisson or gamma (open loop, --rate), closed (fixed --concurrency)",
+    )
+    rate: list[float] = Field(
+        [1.0],
+        description="requests per second (open loop); several values make a sweep; "
+        "inf sends every request at once",
+    )
+    concurrency: list[int] = Field(
+        [8], description="clients of the closed loop; several values make a sweep"
+    )
+    burstiness: float = Field(
+        1.0, gt=0, description="gamma shape: 1 = Poisson, <1 burstier, >1 more regular"
+    )
+    time_limit_s: float = Field(
+        600.0,
+        gt=0,
+        description="wall-clock limit of each load point; in-flight requests "
+        "are then cancelled and count as failed",
+    )
+    slo_ttft_ms: float | None = Field(None, gt=0, description="TTFT SLO for goodput (ms)")
+    slo_tpot_ms: float | None = Field(None, gt=0, description="TPOT SLO for goodput (ms)")
+    output_dir: str = Field("bench-results", description="where JSON results and PNGs go")
+    label: str = Field("pdserve", description="name of the system under test, in files/plots")
+    progress: bool = Field(True, description="progress bar on stderr")
+    plots: bool = Field(True, description="draw the PNG figures")
+
+
+def load_points(settings: RunSettings) -> list[float]:
+    """The sweep: rates for the open loop, concurrencies for the closed loop."""
+    if settings.arrival == "closed":
+        return [float(c) for c in settings.concurrency]
+    return list(settings.rate)
+
+
+def result_path(settings: RunSettings, load: float) -> Path:
+    label = re.sub(r"[^A-Za-z0-9._-]", "_", settings.label)
+    return Path(settings.output_dir) / f"{label}-{settings.arrival}-{load:g}.json"
+
+
+async def run_point(
+    settings: RunSettings, target: Target, requests: Sequence[BenchRequest], load: float
+) -> PointResult:
+    """Sends the requests at one load and summarizes what came back."""
+    schedule = make_schedule(
+        settings.arrival, load, len(requests), settings.burstiness, settings.seed
+    )
+    what = "concurrency" if settings.arrival == "closed" else "rate"
+    outcome = await drive(
+        target, requests, schedule, settings.time_limit_s, settings.progress, f"{what} {load:g}"
+    )
+    summary = summarize(
+        outcome.records, outcome.duration_s, settings.slo_ttft_ms, settings.slo_tpot_ms
+    )
+    return PointResult(
+        label=settings.label,
+        arrival=settings.arrival,
+        load=load,
+        model=target.model,
+        timed_out=outcome.timed_out,
+        settings=settings.model_dump(mode="json"),
+        summary=summary,
+        records=outcome.records,
+    )
+
+
+def write_result(result: PointResult, path: Path) -> Path:
+    """JSON (``Infinity`` for an infinite rate, which Python's json reads back)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.model_dump(mode="json"), indent=1))
+    return path
+
+
+async def run_async(settings: RunSettings) -> dict[str, Any]:
+    """``run`` for callers that already have an event loop."""
+    requests = build_workload(settings)
+    target = await resolve_target(settings)
+    results: list[PointResult] = []
+    files: list[str] = []
+    for load in load_points(settings):
+        results.append(await run_point(settings, target, requests, load))
+        files.append(str(write_result(results[-1], result_path(settings, load))))
+    plots = plot_results(results, Path(settings.output_dir)) if settings.plots else []
+    return {
+        "settings": settings.model_dump(mode="json"),
+        "model": target.model,
+        "points": [
+            {
+                "load": r.load,
+                "file": f,
+                "timed_out": r.timed_out,
+                "summary": r.summary.model_dump(mode="json"),
+            }
+            for r, f in zip(results, files, strict=True)
+        ],
+        "plots": [str(p) for p in plots],
+    }
+
+
+def run(settings: RunSettings) -> dict[str, Any]:
+    """Runs every load point; returns (JSON-ready) settings, model, summaries and file paths."""
+    return asyncio.run(run_async(settings))
+
+
+def _cell(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A fixed-width table, one line per load point."""
+    load = "conc" if result["settings"]["arrival"] == "closed" else "rate"
+    head = (
+        f"{load:>6} {'done':>9} {'req/s':>7} {'tok/s':>8} {'TTFT':>8} {'P50':>8} {'P99':>8}"
+        f" {'TPOT':>7} {'P99':>7} {'ITL P99':>8} {'E2E P50':>9} {'goodput':>8} {'SLO%':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    for point in result["points"]:
+        s = Summary.model_validate(point["summary"])
+        attainment = None if s.slo_attainment is None else 100 * s.slo_attainment
+        lines.append(
+            f"{point['load']:>6g} {f'{s.completed}/{s.requests_sent}':>9}"
+            f" {s.request_throughput:>7.2f} {s.output_throughput:>8.1f}"
+            f" {_cell(s.ttft_ms.mean):>8} {_cell(s.ttft_ms.p50):>8} {_cell(s.ttft_ms.p99):>8}"
+            f" {_cell(s.tpot_ms.mean):>7} {_cell(s.tpot_ms.p99):>7} {_cell(s.itl_ms.p99):>8}"
+            f" {_cell(s.e2e_ms.p50):>9} {_cell(s.goodput, 2):>8} {_cell(attainment):>6}"
+            + ("  (time limit)" if point["timed_out"] else "")
+        )
+    return "\n".join([*lines, "latencies in ms; TTFT/TPOT without P are means"])
+
+
+def add_run_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Flags of every ``RunSettings`` field, e.g. for mounting as ``pdserve bench run``."""
+    add_arguments(parser, RunSettings, exclude=LIST_FIELDS)
+    for name in LIST_FIELDS:
+        field = RunSettings.model_fields[name]
+        (item,) = get_args(field.annotation)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            nargs="+",
+            type=item,
+            default=argparse.SUPPRESS,
+            metavar="X" if item is float else "N",
+            help=f"{field.description} (default: {' '.join(map(str, field.default))})",
+        )
+
+
+def settings_from_args(namespace: argparse.Namespace) -> RunSettings:
+    return from_args(RunSettings, namespace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmark; exit status 1 when some load point completed no request."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.run",
+        description="Load an OpenAI-compatible endpoint and measure TTFT, TPOT, ITL, goodput.",
+    )
+    add_run_arguments(parser)
+    try:
+        settings = settings_from_args(parser.parse_args(argv))
+    except ValidationError as error:
+        parser.error(str(error))
+    try:
+        result = run(settings)
+    except (aiohttp.ClientError, OSError, RuntimeError, ValueError) as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    for path in [p["file"] for p in result["points"]] + result["plots"]:
+        print(path)
+    return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

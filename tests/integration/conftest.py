@@ -2,7 +2,7 @@
 
 ``reference``: one plain vLLM instance (no pdserve code) whose greedy outputs are the truth.
 ``cluster``: ``pdserve serve`` with 1 prefill + 2 decode instances that disaggregates every
-request (``--short-prompt-tokens 0``), with fault injection enabled for failure tests.
+request (no short-prompt or saturation shortcut), with fault injection enabled for failure tests.
 """
 
 from __future__ import annotations
@@ -16,17 +16,9 @@ import pytest
 from tests.integration.helpers import PlainVLLM, ServeCluster
 
 CLUSTER_ARGS = (
-    "--prefill",
-    "1",
-    "--decode",
-    "2",
-    "--short-prompt-tokens",
-    "0",
-    "--kv-cache-gib",
-    "1",
-    "--kv-transfer-timeout-s",
-    "8",
-)
+    "--prefill 1 --decode 2 --short-prompt-tokens 0 --prefill-saturation-s 100000 "
+    "--kv-cache-gib 1 --kv-transfer-timeout-s 8"
+).split()
 
 
 @pytest.fixture(scope="session")

@@ -58,6 +58,9 @@ class InstanceSettings(BaseModel):
     kv_transfer_timeout_s: float = Field(
         10.0, gt=0, description="seconds before a stalled KV transfer is abandoned"
     )
+    kv_staging: Literal["never", "auto", "always"] = Field(
+        "never", description="gather KV blocks into few large messages (see KVSettings.staging)"
+    )
     on_kv_failure: Literal["recompute", "fail"] = Field(
         "recompute", description="when a KV pull fails: prefill locally, or fail the request"
     )
@@ -110,6 +113,7 @@ def kv_settings_for(settings: InstanceSettings) -> KVSettings:
         port=settings.kv_port or free_port(),
         lease_s=settings.kv_lease_s,
         transfer_timeout_s=settings.kv_transfer_timeout_s,
+        staging=settings.kv_staging,
         control_port=settings.control_port or free_port(),
         scheduler=settings.scheduler,
         report_interval_s=settings.report_interval_s,

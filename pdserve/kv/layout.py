@@ -47,6 +47,73 @@ class KVLayout:
                 start, count = run[side], run[2]
                 yield plane[start : start + count]
 
+    # --- staged transfers: few large messages for small or scattered payloads --------------
+
+    def prefer_staged(self, runs: Sequence[Run]) -> bool:
+        """Direct transfers send one message per plane and run; this says whether those
+        would be small (where a transport with a high per-message cost gains by gathering)."""
+        blocks = sum(run[2] for run in runs)
+        messages = len(self.planes) * len(runs)
+        return blocks * self.bytes_per_block / max(1, messages) < STAGE_WHEN_MESSAGES_BELOW
+
+    def stage_groups(self, num_blocks: int) -> list[range]:
+        """Consecutive planes per staged message, each message at most STAGE_MESSAGE_BYTES."""
+        groups: list[range] = []
+        start, size = 0, 0
+        for index, plane in enumerate(self.planes):
+            plane_bytes = num_blocks * plane[0].nbytes
+            if index > start and size + plane_bytes > STAGE_MESSAGE_BYTES:
+                groups.append(range(start, index))
+                start, size = index, 0
+            size += plane_bytes
+        groups.append(range(start, len(self.planes)))
+        return groups
+
+    def _rows(self, index: int) -> torch.Tensor:
+        """Plane ``index`` as raw bytes, one row per block."""
+        plane = self.planes[index]
+        return plane.reshape(plane.shape[0], -1).view(torch.uint8)
+
+    def gather(self, group: range, blocks: torch.Tensor) -> torch.Tensor:
+        """Copies the given blocks of a group of planes into one new contiguous buffer."""
+        buffer = self.staging_buffer(group, len(blocks))
+        offset = 0
+        for index in group:
+            rows = self._rows(index)
+            size = len(blocks) * rows.shape[1]
+            torch.index_select(
+                rows, 0, blocks, out=buffer[offset : offset + size].view(len(blocks), -1)
+            )
+            offset += size
+        return buffer
+
+    def staging_buffer(self, group: range, num_blocks: int) -> torch.Tensor:
+        return torch.empty(
+            sum(num_blocks * self.planes[i][0].nbytes for i in group),
+            dtype=torch.uint8,
+            device=self.device,
+        )
+
+    def scatter(self, group: range, blocks: torch.Tensor, buffer: torch.Tensor) -> None:
+        """Copies a received buffer (see ``gather``) into the given blocks."""
+        offset = 0
+        for index in group:
+            rows = self._rows(index)
+            size = len(blocks) * rows.shape[1]
+            rows.index_copy_(0, blocks, buffer[offset : offset + size].view(len(blocks), -1))
+            offset += size
+
+
+# A staged message carries at most this much. With staging "auto", direct messages smaller
+# than the threshold on average make a transfer staged.
+STAGE_MESSAGE_BYTES = 64 * 2**20
+STAGE_WHEN_MESSAGES_BELOW = 512 * 2**10
+
+
+def run_blocks(runs: Sequence[Run], side: int) -> list[int]:
+    """The block ids a list of runs covers, on the source (0) or destination (1) side."""
+    return [run[side] + i for run in runs for i in range(run[2])]
+
 
 def _planes_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
     if tensor.shape[0] == num_blocks:

@@ -106,6 +106,8 @@ class PullRequest(msgspec.Struct, tag=True, frozen=True):
     wait_s: float = 5.0
     # The export is finished (its blocks freed) once this pull is done.
     last: bool = True
+    # Gather the blocks into few large messages (see KVLayout.prefer_staged).
+    staged: bool = False
 
 
 class PullStarted(msgspec.Struct, tag=True, frozen=True):

@@ -39,6 +39,12 @@ class KVSettings(BaseModel):
         description="seconds two workers may take to form their process group "
         "(once per pair of workers)",
     )
+    staging: Literal["never", "auto", "always"] = Field(
+        "never",
+        description="gather blocks into few large messages: never (zero-copy, one message "
+        "per layer and run of blocks; fastest with gloo, see benchmark/kv_transfer.py), auto "
+        "(when messages would average under 512 KiB), always",
+    )
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: NCCL for CUDA caches, else gloo"
     )

@@ -18,7 +18,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pdserve.kv.layout import KVLayout
+import torch
+
+from pdserve.kv.layout import KVLayout, run_blocks
 from pdserve.kv.messages import (
     Ack,
     Failed,
@@ -228,6 +230,7 @@ class KVWorker:
         self.tp_rank = tp_rank
         self.address = settings.address_of_rank(tp_rank)
         self.backend = backend_for(layout.device, settings.backend)
+        self.staging = settings.staging
         self.exports = ExportRegistry()
         self._pairs = _PairTable()
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
@@ -367,7 +370,7 @@ class KVWorker:
             self.messenger.reply(identity, PullStarted(rid=request.rid))
             if self._pull_delays:
                 time.sleep(self._pull_delays.pop(0))
-            tensors = list(self.layout.slices(request.runs, side=0))
+            tensors = self._outgoing(request)
             works = post_transfer(pair, tensors, request.seq, send=True)
             wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
             # The blocks were pinned for the whole read; say whether they stayed valid.
@@ -498,6 +501,9 @@ class KVWorker:
 
     def _pull_on(self, pair: Pair, order: LoadOrder, address: str, deadline: float) -> int:
         seq = pair.next_seq()
+        staged = self.staging == "always" or (
+            self.staging == "auto" and self.layout.prefer_staged(order.runs)
+        )
         rid, box = self.messenger.new_request()
         posted = False
         try:
@@ -510,21 +516,20 @@ class KVWorker:
                     seq=seq,
                     runs=order.runs,
                     wait_s=min(1.0, deadline - time.monotonic()),
+                    staged=staged,
                 ),
             )
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
                 raise RuntimeError(f"exporter refused the pull: {reply.error}")
-            tensors = list(self.layout.slices(order.runs, side=1))
-            works = post_transfer(pair, tensors, seq, send=False)
-            posted = True
-            wait_all(works, deadline)
+            posted = True  # from here on receives may be pending: a failure aborts the pair
+            nbytes = self._receive(pair, order, seq, staged, deadline)
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
                 raise RuntimeError(f"exporter failed: {reply.error}")
             if isinstance(reply, PullFinished) and not reply.valid:
                 raise RuntimeError("the exported blocks changed during the read")
-            return sum(t.nbytes for t in tensors)
+            return nbytes
         except BaseException:
             if posted:
                 # Receives may still be pending: close the connection before the blocks go
@@ -534,6 +539,37 @@ class KVWorker:
             raise
         finally:
             self.messenger.forget(rid)
+
+    def _outgoing(self, request: PullRequest) -> list[torch.Tensor]:
+        """What the server sends: cache slices as they are, or staged copies of them."""
+        if not request.staged:
+            return list(self.layout.slices(request.runs, side=0))
+        blocks = self._index(run_blocks(request.runs, side=0))
+        return [self.layout.gather(g, blocks) for g in self.layout.stage_groups(len(blocks))]
+
+    def _receive(
+        self, pair: Pair, order: LoadOrder, seq: int, staged: bool, deadline: float
+    ) -> int:
+        """Posts the receives and waits for them; returns the bytes received.
+
+        Direct receives land in the KV blocks themselves. Staged ones land in buffers that
+        are copied into the blocks as each arrives, while later ones are still in flight.
+        """
+        if not staged:
+            tensors = list(self.layout.slices(order.runs, side=1))
+            wait_all(post_transfer(pair, tensors, seq, send=False), deadline)
+            return sum(t.nbytes for t in tensors)
+        blocks = self._index(run_blocks(order.runs, side=1))
+        groups = self.layout.stage_groups(len(blocks))
+        buffers = [self.layout.staging_buffer(g, len(blocks)) for g in groups]
+        works = post_transfer(pair, buffers, seq, send=False)
+        for work, group, buffer in zip(works, groups, buffers, strict=True):
+            wait_all([work], deadline)
+            self.layout.scatter(group, blocks, buffer)
+        return sum(b.nbytes for b in buffers)
+
+    def _index(self, blocks: list[int]) -> torch.Tensor:
+        return torch.tensor(blocks, dtype=torch.long, device=self.layout.device)
 
     def _add_stats(self, stats: TransferStats) -> None:
         with self._stats_lock:

@@ -61,3 +61,33 @@ def test_missing_block_dimension_is_an_error() -> None:
 def test_tokens_digest_is_order_sensitive() -> None:
     assert tokens_digest([1, 2, 3]) == tokens_digest([1, 2, 3])
     assert tokens_digest([1, 2, 3]) != tokens_digest([3, 2, 1])
+
+
+def test_staged_gather_and_scatter_round_trip() -> None:
+    from pdserve.kv.layout import run_blocks
+
+    src = {f"l{i}": torch.randn(10, 2, 4, 8) for i in range(3)}
+    dst = {f"l{i}": torch.zeros(10, 2, 4, 8) for i in range(3)}
+    source, target = build_layout(src, 10), build_layout(dst, 10)
+    runs = [(1, 7, 2), (5, 0, 1)]
+    assert source.prefer_staged(runs), "tiny messages are staged"
+    blocks_in = torch.tensor(run_blocks(runs, 0))
+    blocks_out = torch.tensor(run_blocks(runs, 1))
+    for group in source.stage_groups(3):
+        target.scatter(group, blocks_out, source.gather(group, blocks_in))
+    for name in src:
+        assert torch.equal(dst[name][7:9], src[name][1:3])
+        assert torch.equal(dst[name][0], src[name][5])
+        assert torch.all(dst[name][3] == 0)
+
+
+def test_stage_groups_cap_message_size(monkeypatch) -> None:
+    import pdserve.kv.layout as layout_module
+
+    # A block of a plane is 64 float32 = 256 bytes; messages may carry 512 bytes.
+    monkeypatch.setattr(layout_module, "STAGE_MESSAGE_BYTES", 512)
+    layout = build_layout({f"l{i}": torch.zeros(4, 64) for i in range(5)}, 4)
+    assert [list(g) for g in layout.stage_groups(2)] == [[0], [1], [2], [3], [4]]
+    assert [list(g) for g in layout.stage_groups(1)] == [[0, 1], [2, 3], [4]]
+    # A plane larger than the cap still travels, alone.
+    assert [list(g) for g in layout.stage_groups(3)] == [[0], [1], [2], [3], [4]]

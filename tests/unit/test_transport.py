@@ -243,3 +243,22 @@ def test_results_queue_is_drained_once() -> None:
         assert worker.poll()[1] == set()
     finally:
         worker.shutdown()
+
+
+def test_staged_pull_copies_the_same_bytes(exporter: Any) -> None:
+    port, commands, _ = exporter
+    worker, caches = importer()
+    worker.staging = "always"
+    try:
+        commands.put(("export", "ts", "req-p", [2, 4, 6], 30))
+        runs = [(2, 20, 1), (4, 21, 1), (6, 9, 1)]
+        worker.start_load(LoadOrder("req-d", "ts", [f"tcp://127.0.0.1:{port}"], runs))
+        done, failed = wait_result(worker)
+        assert done == {"req-d"} and not failed
+        for layer in range(LAYERS):
+            cache = caches[f"layers.{layer}"]
+            for src, dst in [(2, 20), (4, 21), (6, 9)]:
+                assert torch.all(cache[dst] == src + 1000 * layer)
+            assert torch.all(cache[10] == 0)
+    finally:
+        worker.shutdown()

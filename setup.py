@@ -44,6 +44,8 @@ setup(
         "bench": ["matplotlib>=3.8", "vllm-router>=0.1,<0.2"],
         "test": [
             "pytest>=8",
+            # The benchmark's unit tests draw its plots.
+            "matplotlib>=3.8",
             "pytest-timeout>=2.3",
             "openai>=1.30",
             "hypothesis>=6.100",

@@ -10,11 +10,14 @@ from setuptools import find_packages, setup
 
 VLLM_VERSION = "0.32.0"
 
+with open("README.md", encoding="utf-8") as readme:
+    LONG_DESCRIPTION = readme.read()
+
 setup(
     name="pdserve",
     version="0.1.0",
     description="Prefill/decode disaggregated serving for vLLM, with live migration",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=[

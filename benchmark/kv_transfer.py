@@ -109,10 +109,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         transfer_id = uuid.uuid4().hex
         commands.put(("export", (transfer_id, src)))
         assert replies.get(timeout=60) == "ok"
-        from pdserve.kv.layout import block_runs
-
         start = time.perf_counter()
-        worker.start_load(LoadOrder(transfer_id, transfer_id, [address], block_runs(src, dst)))
+        worker.start_load(LoadOrder(transfer_id, transfer_id, [address], 0, dst))
         while True:
             _, done, failed = worker.poll()
             if done:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.attention.backend import AttentionMetadata
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
@@ -81,7 +81,8 @@ class PdConnector(KVConnectorBase_V1):
         self.worker: KVWorker | None = None
         self._transfer_totals = TransferStats()
         if role == KVConnectorRole.SCHEDULER:
-            self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings)
+            secret = cluster_secret(loopback_only=is_loopback(self.settings.host))
+            self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings, secret)
 
     # --- scheduler role --------------------------------------------------------------------
 
@@ -100,7 +101,14 @@ class PdConnector(KVConnectorBase_V1):
         self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return PdConnectorMetadata(orders=self._sched().take_orders())
+        return PdConnectorMetadata(orders=self._sched().build_orders(scheduler_output))
+
+    def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
+        super().bind_kv_cache_manager(kv_cache_manager)
+        self._sched().bind(kv_cache_manager)
+
+    def on_new_request(self, request: Request) -> None:
+        self._sched().on_new_request(request)
 
     def request_finished(
         self, request: Request, block_ids: list[int]
@@ -140,6 +148,8 @@ class PdConnector(KVConnectorBase_V1):
         orders = connector_metadata.orders
         for export in orders.exports:
             self.worker.add_export(export)
+        for update in orders.updates:
+            self.worker.update_export(update)
         for load in orders.loads:
             self.worker.start_load(load)
         for release in orders.releases:
@@ -182,6 +192,8 @@ class PdConnector(KVConnectorBase_V1):
         return results.finished_sending or None, results.finished_recving or None
 
     def shutdown(self) -> None:
+        if self.scheduler_side is not None:
+            self.scheduler_side.shutdown()
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None

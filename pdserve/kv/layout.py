@@ -163,9 +163,3 @@ def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
                 continue
         runs.append((s, d, 1))
     return runs
-
-
-def tokens_digest(token_ids: Sequence[int]) -> str:
-    """A short digest of token ids, so an importer can check it has the same prefix."""
-    data = json.dumps(list(token_ids), separators=(",", ":")).encode()
-    return hashlib.sha256(data).hexdigest()[:24]

@@ -14,6 +14,9 @@ This module imports no torch, so the gateway can use it.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -26,19 +29,25 @@ Run = tuple[int, int, int]
 
 
 class SourceSpec(msgspec.Struct, frozen=True):
-    """Where a request's KV lives, as announced by the instance holding it."""
+    """Where a request's KV lives: an export on another instance.
+
+    Blocks are named by their position in the exported request (0, 1, ...); the exporter
+    resolves positions to its physical blocks, which may still be growing (a live export of
+    a request that is decoding, see ``Pin``).
+    """
 
     transfer_id: str
     instance_id: str
     # KV server address of each tensor-parallel rank, "tcp://host:port".
     addresses: list[str]
-    block_ids: list[int]
-    # Tokens whose KV is in the blocks (a prefix of the request's tokens).
+    # Tokens whose KV the export holds (a prefix of the request's tokens).
     num_tokens: int
     block_size: int
     layout: str
     # SHA-256 prefix of the token ids covered, checked by the importer.
     tokens_digest: str
+    # Keep the export after this pull (a migration's pre-copy stage).
+    keep: bool = False
 
 
 class ExportSpec(msgspec.Struct, frozen=True):
@@ -54,6 +63,12 @@ class TransferParams(msgspec.Struct, frozen=True, omit_defaults=True):
     source: SourceSpec | None = None
     # The gateway's id of the client request, used to find it again (e.g. for migration).
     request_key: str | None = None
+
+
+def tokens_digest(token_ids: Sequence[int]) -> str:
+    """A short digest of token ids, so an importer can check it has the same prefix."""
+    data = json.dumps(list(token_ids), separators=(",", ":")).encode()
+    return hashlib.sha256(data).hexdigest()[:24]
 
 
 def parse_params(kv_transfer_params: Any) -> TransferParams | None:
@@ -101,19 +116,24 @@ class PullRequest(msgspec.Struct, tag=True, frozen=True):
     transfer_id: str
     pair_id: str
     seq: int
-    runs: list[Run]
+    # Blocks first, first + 1, ... of the export go to these blocks of the initiator.
+    first: int
+    dst: list[int]
     # Wait this long for the export to be registered (it may still be on its way).
     wait_s: float = 5.0
     # The export is finished (its blocks freed) once this pull is done.
     last: bool = True
-    # Gather the blocks into few large messages (see KVLayout.prefer_staged).
-    staged: bool = False
+    # The initiator's transfer mode: never, auto or always gather blocks into few messages.
+    staging: Literal["never", "auto", "always"] = "never"
 
 
 class PullStarted(msgspec.Struct, tag=True, frozen=True):
-    """The server is about to send; the initiator posts its receives."""
+    """The server is about to send these physical blocks; the initiator posts its receives."""
 
     rid: int
+    src: list[int]
+    # Whether the blocks come gathered into few messages (the server decides, see staging).
+    staged: bool = False
 
 
 class PullFinished(msgspec.Struct, tag=True, frozen=True):
@@ -149,6 +169,38 @@ class Ack(msgspec.Struct, tag=True, frozen=True):
     rid: int
 
 
+# --- engine control (gateway -> the scheduler side of an instance), for migration -----------
+
+
+class Pin(msgspec.Struct, tag=True, frozen=True):
+    """Export a running request's KV while it keeps decoding (a *live* export).
+
+    Its blocks can then be pulled as they fill; when the request ends (the gateway cuts its
+    stream to move it), its blocks are kept for a last pull instead of being freed.
+    """
+
+    rid: int
+    request_key: str
+    transfer_id: str
+
+
+class Pinned(msgspec.Struct, tag=True, frozen=True):
+    rid: int
+    num_computed_tokens: int
+    block_size: int
+    bytes_per_block: int
+    layout: str
+    addresses: list[str]
+    instance_id: str
+
+
+class Unpin(msgspec.Struct, tag=True, frozen=True):
+    """The migration was abandoned before the cut: stop exporting (nothing is freed)."""
+
+    rid: int
+    transfer_id: str
+
+
 KVMessage = (
     PairOpen
     | PairOpened
@@ -160,4 +212,7 @@ KVMessage = (
     | Release
     | InjectFault
     | Ack
+    | Pin
+    | Pinned
+    | Unpin
 )

@@ -17,18 +17,33 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pdserve.kv.layout import block_runs, tokens_digest
-from pdserve.kv.messages import SourceSpec, TransferParams, params_to_json, parse_params
+from pdserve.kv.messages import (
+    Ack,
+    Failed,
+    KVMessage,
+    Pin,
+    Pinned,
+    SourceSpec,
+    TransferParams,
+    Unpin,
+    params_to_json,
+    parse_params,
+    tokens_digest,
+)
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.worker_side import ExportOrder, LoadOrder, ReleaseOrder
+from pdserve.kv.transport import Messenger
+from pdserve.kv.worker_side import ExportOrder, ExportUpdate, LoadOrder, ReleaseOrder
 from pdserve.logs import get_logger
+from pdserve.wire import Codec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
@@ -44,11 +59,20 @@ class StepOrders:
     """What the workers must do this step (the connector metadata's payload)."""
 
     exports: list[ExportOrder] = field(default_factory=list)
+    updates: list[ExportUpdate] = field(default_factory=list)
     loads: list[LoadOrder] = field(default_factory=list)
     releases: list[ReleaseOrder] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.exports or self.loads or self.releases)
+        return bool(self.exports or self.updates or self.loads or self.releases)
+
+
+@dataclass
+class LiveExport:
+    """A running request pinned for migration, and how many of its blocks the worker knows."""
+
+    transfer_id: str
+    known_blocks: int
 
 
 def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
@@ -71,7 +95,11 @@ def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
 
 class SchedulerSide:
     def __init__(
-        self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, settings: KVSettings
+        self,
+        vllm_config: VllmConfig,
+        kv_cache_config: KVCacheConfig,
+        settings: KVSettings,
+        secret: bytes,
     ) -> None:
         groups = kv_cache_config.kv_cache_groups
         if len(groups) != 1:
@@ -91,6 +119,25 @@ class SchedulerSide:
         # Requests whose import was decided (loading, loaded, or refused): asked again after a
         # failed load under the "recompute" policy, they are then prefilled locally.
         self._import_decided: set[str] = set()
+        self._kv_cache_manager: KVCacheManager | None = None
+        self._by_key: dict[str, Request] = {}
+        self._live: dict[str, LiveExport] = {}
+        self.bytes_per_block = sum(
+            getattr(g.kv_cache_spec, "page_size_bytes", 0) * len(g.layer_names) for g in groups
+        )
+        self._control_inbox: queue.SimpleQueue[tuple[bytes, Any]] = queue.SimpleQueue()
+        self._control: Messenger | None = None
+        if settings.control_port:
+            self._control = Messenger(
+                Codec(KVMessage, secret),
+                f"tcp://{settings.host}:{settings.control_port}",
+                on_request=self._receive_control,
+                on_store_set=lambda message: None,
+                name="pdserve-engine-control",
+            )
+
+    def bind(self, kv_cache_manager: KVCacheManager) -> None:
+        self._kv_cache_manager = kv_cache_manager
 
     # --- consumer --------------------------------------------------------------------------
 
@@ -103,8 +150,6 @@ class SchedulerSide:
             return f"source has {len(source.addresses)} TP ranks, this instance {self.tp_size}"
         if not request.num_tokens - 1 <= source.num_tokens <= request.num_tokens:
             return f"source covers {source.num_tokens} of {request.num_tokens} tokens"
-        if len(source.block_ids) < cdiv(source.num_tokens, self.block_size):
-            return "source lists too few blocks"
         covered = request.all_token_ids[: source.num_tokens]
         if tokens_digest(covered) != source.tokens_digest:
             return "source computed other tokens than this request's prompt"
@@ -148,11 +193,16 @@ class SchedulerSide:
         # The last token is recomputed here, so the blocks holding positions before it are
         # all that is needed (a block holding only the last position needs no data).
         end = min(cdiv(request.num_tokens - 1, self.block_size), len(local_blocks))
-        runs = (
-            block_runs(source.block_ids[first:end], local_blocks[first:end]) if end > first else []
-        )
+        dst = list(local_blocks[first:end]) if end > first else []
         self._orders.loads.append(
-            LoadOrder(request.request_id, source.transfer_id, source.addresses, runs)
+            LoadOrder(
+                request.request_id,
+                source.transfer_id,
+                source.addresses,
+                first,
+                dst,
+                last=not source.keep,
+            )
         )
         logger.debug(
             "pdserve kv: request %s loads %s (%d blocks)",
@@ -168,8 +218,18 @@ class SchedulerSide:
     ) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        self._local_hits.pop(request.request_id, None)
-        self._import_decided.discard(request.request_id)
+        req_id = request.request_id
+        self._local_hits.pop(req_id, None)
+        self._import_decided.discard(req_id)
+        self._forget_key(request)
+        live = self._live.pop(req_id, None)
+        if live is not None:
+            # A pinned request ended (the gateway cut it to move it, or it finished): its
+            # blocks stay for the last pull, and the export takes them over.
+            self._orders.updates.append(
+                ExportUpdate(live.transfer_id, req_id, block_ids=list(block_ids), owns=True)
+            )
+            return True, None
         params = parse_params(request.kv_transfer_params)
         if params is None or params.export is None:
             return False, None
@@ -182,14 +242,11 @@ class SchedulerSide:
         if not finished_normally or not blocks:
             return False, None
         transfer_id = params.export.transfer_id
-        self._orders.exports.append(
-            ExportOrder(transfer_id, request.request_id, blocks, self.settings.lease_s)
-        )
+        self._orders.exports.append(ExportOrder(transfer_id, req_id, blocks, self.settings.lease_s))
         source = SourceSpec(
             transfer_id=transfer_id,
             instance_id=self.settings.instance_id,
             addresses=self.addresses,
-            block_ids=blocks,
             num_tokens=num_tokens,
             block_size=self.block_size,
             layout=self.layout,
@@ -197,8 +254,99 @@ class SchedulerSide:
         )
         return True, params_to_json(TransferParams(source=source))
 
+    # --- migration: live exports of running requests ----------------------------------------
+
+    def on_new_request(self, request: Request) -> None:
+        params = parse_params(request.kv_transfer_params)
+        if params is not None and params.request_key:
+            self._by_key[params.request_key] = request
+
+    def _forget_key(self, request: Request) -> None:
+        params = parse_params(request.kv_transfer_params)
+        if params is not None and params.request_key:
+            known = self._by_key.get(params.request_key)
+            if known is request:
+                del self._by_key[params.request_key]
+
+    def _receive_control(self, identity: bytes, message: Any) -> None:
+        """Called on the control server's thread: hand the command to the engine thread."""
+        self._control_inbox.put((identity, message))
+
+    def _handle_control(self) -> None:
+        """Runs on the engine thread, where the scheduler's state may be read safely."""
+        while not self._control_inbox.empty():
+            identity, message = self._control_inbox.get_nowait()
+            reply: Any
+            if isinstance(message, Pin):
+                reply = self._pin(message)
+            elif isinstance(message, Unpin):
+                reply = self._unpin(message)
+            else:
+                reply = Failed(rid=getattr(message, "rid", 0), error="unexpected command")
+            assert self._control is not None
+            self._control.reply(identity, reply)
+
+    def _pin(self, message: Pin) -> Any:
+        from vllm.v1.request import RequestStatus
+
+        request = self._by_key.get(message.request_key)
+        if request is None:
+            return Failed(rid=message.rid, error="no such request here")
+        if request.status != RequestStatus.RUNNING:
+            return Failed(rid=message.rid, error=f"request is {request.status.name.lower()}")
+        if request.request_id in self._live:
+            return Failed(rid=message.rid, error="request is already pinned")
+        assert self._kv_cache_manager is not None
+        blocks = list(self._kv_cache_manager.get_block_ids(request.request_id)[0])
+        self._live[request.request_id] = LiveExport(message.transfer_id, len(blocks))
+        self._orders.exports.append(
+            ExportOrder(
+                message.transfer_id, request.request_id, blocks, self.settings.lease_s, owns=False
+            )
+        )
+        return Pinned(
+            rid=message.rid,
+            num_computed_tokens=request.num_computed_tokens,
+            block_size=self.block_size,
+            bytes_per_block=self.bytes_per_block,
+            layout=self.layout,
+            addresses=self.addresses,
+            instance_id=self.settings.instance_id,
+        )
+
+    def _unpin(self, message: Unpin) -> Any:
+        for req_id, live in list(self._live.items()):
+            if live.transfer_id == message.transfer_id:
+                del self._live[req_id]
+                self._orders.updates.append(ExportUpdate(live.transfer_id, req_id, void=True))
+                return Ack(rid=message.rid)
+        return Failed(rid=message.rid, error="not pinned (the request has ended)")
+
+    def _track_live(self, scheduler_output: SchedulerOutput) -> None:
+        for req_id in scheduler_output.preempted_req_ids or ():
+            live = self._live.pop(req_id, None)
+            if live is not None:
+                # vLLM freed the blocks: reads in flight are invalid, the migration is off.
+                logger.warning("pdserve kv: pinned request %s was preempted", req_id)
+                self._orders.updates.append(ExportUpdate(live.transfer_id, req_id, void=True))
+        assert self._kv_cache_manager is not None or not self._live
+        for req_id, live in self._live.items():
+            blocks = self._kv_cache_manager.get_block_ids(req_id)[0]  # type: ignore[union-attr]
+            if len(blocks) != live.known_blocks:
+                live.known_blocks = len(blocks)
+                self._orders.updates.append(
+                    ExportUpdate(live.transfer_id, req_id, block_ids=list(blocks))
+                )
+
     # --- every step ------------------------------------------------------------------------
 
-    def take_orders(self) -> StepOrders:
+    def build_orders(self, scheduler_output: SchedulerOutput) -> StepOrders:
+        self._handle_control()
+        if self._live:
+            self._track_live(scheduler_output)
         orders, self._orders = self._orders, StepOrders()
         return orders
+
+    def shutdown(self) -> None:
+        if self._control is not None:
+            self._control.stop()

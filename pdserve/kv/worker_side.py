@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdserve.kv.layout import KVLayout, run_blocks
+from pdserve.kv.layout import KVLayout, block_runs, run_blocks
 from pdserve.kv.messages import (
     Ack,
     Failed,
@@ -50,26 +50,49 @@ logger = get_logger(__name__)
 
 @dataclass
 class ExportOrder:
-    """Scheduler → worker: keep these blocks of a finished request for a pull."""
+    """Scheduler → worker: keep these blocks of a request for pulls.
+
+    ``owns``: the request has ended and vLLM keeps its blocks for this export (a finished
+    prefill). A *live* export (``owns=False``) is a request that is still decoding: its blocks
+    can be read as they fill, but only vLLM may free them, until an ``ExportUpdate`` hands
+    them over when the request ends.
+    """
 
     transfer_id: str
     req_id: str
     block_ids: list[int]
     lease_s: float
+    owns: bool = True
+
+
+@dataclass
+class ExportUpdate:
+    """Scheduler → worker: a live export grew, took over its blocks, or became void."""
+
+    transfer_id: str
+    req_id: str
+    block_ids: list[int] | None = None
+    # The request ended and its blocks are kept for this export from now on.
+    owns: bool = False
+    # Stop exporting without freeing anything (unpinned, or preempted: blocks invalid).
+    void: bool = False
 
 
 @dataclass
 class LoadOrder:
-    """Scheduler → worker: pull ``runs`` of an export into local blocks.
+    """Scheduler → worker: pull blocks first, first + 1, ... of an export into ``dst``.
 
-    No runs means nothing needs to be copied; the export is then just released.
+    No destination blocks means nothing needs copying; a last pull then releases the export.
     """
 
     req_id: str
     transfer_id: str
     # KV server of each TP rank of the exporter; worker r pulls from addresses[r].
     addresses: list[str]
-    runs: list[Run]
+    first: int
+    dst: list[int]
+    # After this pull the exporter may free the blocks (False: a migration pre-copy).
+    last: bool = True
 
 
 @dataclass
@@ -107,15 +130,23 @@ QUEUE_PATIENCE = 6
 class _Export:
     transfer_id: str
     req_id: str
-    blocks: frozenset[int]
-    deadline: float
+    blocks: list[int]
+    lease_s: float
+    owns: bool
+    deadline: float | None = None
     pulls_in_flight: int = 0
     closing: bool = False
     valid: bool = True
+    void: bool = False
 
 
 class ExportRegistry:
-    """Exports waiting to be pulled; each one is reported finished exactly once."""
+    """Exports waiting to be pulled.
+
+    Invariant: a request is reported finished (so that vLLM frees its blocks) exactly once,
+    and only if its export owns the blocks; a live export is never reported, since its
+    request still runs and vLLM owns its blocks.
+    """
 
     def __init__(self) -> None:
         self._exports: dict[str, _Export] = {}
@@ -132,20 +163,46 @@ class ExportRegistry:
 
     def add(self, order: ExportOrder) -> None:
         with self._changed:
-            if self._tombstones.pop(order.transfer_id, None) is not None:
-                self.finished.put(order.req_id)
-                return
-            self._exports[order.transfer_id] = _Export(
-                transfer_id=order.transfer_id,
-                req_id=order.req_id,
-                blocks=frozenset(order.block_ids),
-                deadline=time.monotonic() + order.lease_s,
+            export = _Export(
+                order.transfer_id,
+                order.req_id,
+                list(order.block_ids),
+                order.lease_s,
+                owns=order.owns,
             )
+            self._exports[order.transfer_id] = export
+            if order.owns:
+                export.deadline = time.monotonic() + order.lease_s
+            if self._tombstones.pop(order.transfer_id, None) is not None:
+                export.closing = True
+                self._finish_if_idle(export)
             self._changed.notify_all()
 
-    def begin_pull(self, request: PullRequest) -> _Export | str:
-        """Claims an export for one pull; returns an error text if it cannot be pulled."""
+    def update(self, update: ExportUpdate) -> None:
         with self._changed:
+            export = self._exports.get(update.transfer_id)
+            if export is None:
+                if update.owns:
+                    # Nothing left to pull for: free the blocks vLLM just handed over.
+                    self.finished.put(update.req_id)
+                return
+            if update.block_ids is not None:
+                export.blocks = list(update.block_ids)
+            if update.void:
+                export.valid = False
+                export.void = True
+                export.closing = True
+            elif update.owns:
+                export.owns = True
+                export.deadline = time.monotonic() + export.lease_s
+            self._finish_if_idle(export)
+            self._changed.notify_all()
+
+    def begin_pull(self, request: PullRequest) -> tuple[_Export, list[int]] | str:
+        """Claims an export for one pull and resolves the blocks; else an error text."""
+        with self._changed:
+            if request.transfer_id in self._finished_ids:
+                return f"transfer {request.transfer_id} was already pulled, released or expired"
             self._changed.wait_for(
                 lambda: (
                     request.transfer_id in self._exports or request.transfer_id in self._tombstones
@@ -157,13 +214,13 @@ class ExportRegistry:
                 return f"unknown or released transfer {request.transfer_id}"
             if export.closing:
                 return f"transfer {request.transfer_id} is being released"
-            wanted = {run[0] + i for run in request.runs for i in range(run[2])}
-            if not wanted <= export.blocks:
-                return "pull asks for blocks outside the export"
+            end = request.first + len(request.dst)
+            if request.first < 0 or end > len(export.blocks):
+                return f"pull asks for blocks {request.first}..{end} of {len(export.blocks)}"
             export.pulls_in_flight += 1
             if request.last:
                 export.closing = True
-            return export
+            return export, export.blocks[request.first : end]
 
     def end_pull(self, export: _Export) -> None:
         with self._changed:
@@ -183,7 +240,8 @@ class ExportRegistry:
         now = time.monotonic()
         with self._changed:
             for export in list(self._exports.values()):
-                if export.deadline < now and export.pulls_in_flight == 0:
+                expired = export.deadline is not None and export.deadline < now
+                if expired and export.pulls_in_flight == 0:
                     logger.warning(
                         "pdserve kv: lease of transfer %s expired unpulled; freeing %d blocks",
                         export.transfer_id,
@@ -197,12 +255,17 @@ class ExportRegistry:
                     del self._tombstones[transfer_id]
 
     def _finish_if_idle(self, export: _Export) -> None:
-        idle = export.closing and export.pulls_in_flight == 0
-        if idle and self._exports.pop(export.transfer_id, None) is not None:
+        if not export.closing or export.pulls_in_flight:
+            return
+        if not (export.owns or export.void):
+            return  # pulled or released while live: finished once vLLM hands the blocks over
+        if self._exports.pop(export.transfer_id, None) is None:
+            return
+        if export.owns:
             self.finished.put(export.req_id)
-            self._finished_ids[export.transfer_id] = None
-            while len(self._finished_ids) > FINISHED_IDS_KEPT:
-                self._finished_ids.popitem(last=False)
+        self._finished_ids[export.transfer_id] = None
+        while len(self._finished_ids) > FINISHED_IDS_KEPT:
+            self._finished_ids.popitem(last=False)
 
 
 @dataclass
@@ -265,8 +328,11 @@ class KVWorker:
         )
         self.exports.add(order)
 
+    def update_export(self, update: ExportUpdate) -> None:
+        self.exports.update(update)
+
     def start_load(self, order: LoadOrder) -> None:
-        logger.debug("pdserve kv: load %s (%d runs) ordered", order.transfer_id, len(order.runs))
+        logger.debug("pdserve kv: load %s (%d blocks) ordered", order.transfer_id, len(order.dst))
         self._load_pool.submit(self._run_load, order)
 
     def send_release(self, order: ReleaseOrder) -> None:
@@ -358,19 +424,24 @@ class KVWorker:
 
     def _serve_pull(self, identity: bytes, request: PullRequest) -> None:
         pair = self._pairs.by_id.get(request.pair_id)
-        export = self.exports.begin_pull(request)
-        if isinstance(export, str) or pair is None:
-            error = export if isinstance(export, str) else f"unknown pair {request.pair_id}"
-            if not isinstance(export, str):
-                self.exports.end_pull(export)
+        claimed = self.exports.begin_pull(request)
+        if isinstance(claimed, str) or pair is None:
+            error = claimed if isinstance(claimed, str) else f"unknown pair {request.pair_id}"
+            if not isinstance(claimed, str):
+                self.exports.end_pull(claimed[0])
             self.messenger.reply(identity, Failed(rid=request.rid, error=error))
             return
+        export, src = claimed
+        runs = block_runs(src, request.dst)
+        staged = request.staging == "always" or (
+            request.staging == "auto" and self.layout.prefer_staged(runs)
+        )
         try:
             pair.wait_ready(self.settings.pair_setup_timeout_s)
-            self.messenger.reply(identity, PullStarted(rid=request.rid))
+            self.messenger.reply(identity, PullStarted(rid=request.rid, src=src, staged=staged))
             if self._pull_delays:
                 time.sleep(self._pull_delays.pop(0))
-            tensors = self._outgoing(request)
+            tensors = self._outgoing(runs, staged)
             works = post_transfer(pair, tensors, request.seq, send=True)
             wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
             # The blocks were pinned for the whole read; say whether they stayed valid.
@@ -453,8 +524,9 @@ class KVWorker:
         start = time.perf_counter()
         result = LoadResult(order.req_id, ok=False, error="load did not run")
         try:
-            if not order.runs:
-                self.send_release(ReleaseOrder(order.transfer_id, order.addresses))
+            if not order.dst:
+                if order.last:
+                    self.send_release(ReleaseOrder(order.transfer_id, order.addresses))
                 result = LoadResult(order.req_id, ok=True)
             else:
                 nbytes = self._pull(order)
@@ -501,9 +573,6 @@ class KVWorker:
 
     def _pull_on(self, pair: Pair, order: LoadOrder, address: str, deadline: float) -> int:
         seq = pair.next_seq()
-        staged = self.staging == "always" or (
-            self.staging == "auto" and self.layout.prefer_staged(order.runs)
-        )
         rid, box = self.messenger.new_request()
         posted = False
         try:
@@ -514,16 +583,20 @@ class KVWorker:
                     transfer_id=order.transfer_id,
                     pair_id=pair.pair_id,
                     seq=seq,
-                    runs=order.runs,
+                    first=order.first,
+                    dst=order.dst,
                     wait_s=min(1.0, deadline - time.monotonic()),
-                    staged=staged,
+                    last=order.last,
+                    staging=self.staging,
                 ),
             )
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
                 raise RuntimeError(f"exporter refused the pull: {reply.error}")
+            assert isinstance(reply, PullStarted)
+            runs = block_runs(reply.src, order.dst)
             posted = True  # from here on receives may be pending: a failure aborts the pair
-            nbytes = self._receive(pair, order, seq, staged, deadline)
+            nbytes = self._receive(pair, runs, seq, reply.staged, deadline)
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
                 raise RuntimeError(f"exporter failed: {reply.error}")
@@ -540,26 +613,24 @@ class KVWorker:
         finally:
             self.messenger.forget(rid)
 
-    def _outgoing(self, request: PullRequest) -> list[torch.Tensor]:
+    def _outgoing(self, runs: list[Run], staged: bool) -> list[torch.Tensor]:
         """What the server sends: cache slices as they are, or staged copies of them."""
-        if not request.staged:
-            return list(self.layout.slices(request.runs, side=0))
-        blocks = self._index(run_blocks(request.runs, side=0))
+        if not staged:
+            return list(self.layout.slices(runs, side=0))
+        blocks = self._index(run_blocks(runs, side=0))
         return [self.layout.gather(g, blocks) for g in self.layout.stage_groups(len(blocks))]
 
-    def _receive(
-        self, pair: Pair, order: LoadOrder, seq: int, staged: bool, deadline: float
-    ) -> int:
+    def _receive(self, pair: Pair, runs: list[Run], seq: int, staged: bool, deadline: float) -> int:
         """Posts the receives and waits for them; returns the bytes received.
 
         Direct receives land in the KV blocks themselves. Staged ones land in buffers that
         are copied into the blocks as each arrives, while later ones are still in flight.
         """
         if not staged:
-            tensors = list(self.layout.slices(order.runs, side=1))
+            tensors = list(self.layout.slices(runs, side=1))
             wait_all(post_transfer(pair, tensors, seq, send=False), deadline)
             return sum(t.nbytes for t in tensors)
-        blocks = self._index(run_blocks(order.runs, side=1))
+        blocks = self._index(run_blocks(runs, side=1))
         groups = self.layout.stage_groups(len(blocks))
         buffers = [self.layout.staging_buffer(g, len(blocks)) for g in groups]
         works = post_transfer(pair, buffers, seq, send=False)

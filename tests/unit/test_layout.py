@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kv.layout import block_runs, build_layout, tokens_digest
+from pdserve.kv.layout import block_runs, build_layout
+from pdserve.kv.messages import tokens_digest
 
 
 def test_runs_merge_blocks_consecutive_on_both_sides() -> None:

@@ -20,6 +20,11 @@ from pdserve.kv.layout import build_layout
 from pdserve.kv.settings import KVSettings
 from pdserve.kv.worker_side import ExportOrder, KVWorker, LoadOrder, LoadResult
 
+
+def load(req_id: str, transfer_id: str, address: str, first: int, dst: list[int]) -> LoadOrder:
+    return LoadOrder(req_id, transfer_id, [address], first, dst)
+
+
 SECRET = b"transport-test"
 BLOCKS = 32
 SHAPE = (BLOCKS, 2, 16, 8)  # blocks, heads, block size, 2 * head size
@@ -112,8 +117,8 @@ def test_pull_copies_runs_exactly(exporter: Any) -> None:
     try:
         commands.put(("export", "t1", "req-p", [4, 5, 6, 20], 30))
         address = f"tcp://127.0.0.1:{port}"
-        runs = [(4, 10, 3), (20, 0, 1)]
-        worker.start_load(LoadOrder("req-d", "t1", [address], runs))
+        # Export positions 0..3 are blocks 4, 5, 6, 20; they go to blocks 10, 11, 12, 0.
+        worker.start_load(load("req-d", "t1", address, 0, [10, 11, 12, 0]))
         done, failed = wait_result(worker)
         assert done == {"req-d"} and not failed
         for layer in range(LAYERS):
@@ -138,7 +143,7 @@ def test_many_transfers_reuse_one_pair(exporter: Any) -> None:
         for i in range(6):
             commands.put(("export", f"t{i}", f"p{i}", [i], 30))
         for i in range(6):
-            worker.start_load(LoadOrder(f"d{i}", f"t{i}", [address], [(i, 31 - i, 1)]))
+            worker.start_load(load(f"d{i}", f"t{i}", address, 0, [31 - i]))
         done: set[str] = set()
         deadline = time.monotonic() + 20
         while len(done) < 6 and time.monotonic() < deadline:
@@ -162,7 +167,7 @@ def test_stalled_pull_times_out_and_never_writes_late(exporter: Any) -> None:
         commands.put(("delay", 3.0))
         time.sleep(0.2)
         started = time.monotonic()
-        worker.start_load(LoadOrder("req-d", "slow", [f"tcp://127.0.0.1:{port}"], [(7, 9, 1)]))
+        worker.start_load(load("req-d", "slow", f"tcp://127.0.0.1:{port}", 0, [9]))
         done, failed = wait_result(worker)
         assert done == failed == {"req-d"}
         assert time.monotonic() - started < 2.5
@@ -172,7 +177,7 @@ def test_stalled_pull_times_out_and_never_writes_late(exporter: Any) -> None:
         assert torch.all(caches["layers.0"][9] == 0), "a late send reached freed blocks"
         # A new pair is formed for the next transfer.
         commands.put(("export", "after", "req-q", [8], 30))
-        worker.start_load(LoadOrder("req-e", "after", [f"tcp://127.0.0.1:{port}"], [(8, 9, 1)]))
+        worker.start_load(load("req-e", "after", f"tcp://127.0.0.1:{port}", 0, [9]))
         done, failed = wait_result(worker)
         assert done == {"req-e"} and not failed
         assert torch.all(caches["layers.2"][9] == 8 + 2000)
@@ -184,7 +189,7 @@ def test_unknown_transfer_fails_fast(exporter: Any) -> None:
     port, _, _ = exporter
     worker, _ = importer()
     try:
-        worker.start_load(LoadOrder("req-d", "missing", [f"tcp://127.0.0.1:{port}"], [(1, 1, 1)]))
+        worker.start_load(load("req-d", "missing", f"tcp://127.0.0.1:{port}", 0, [1]))
         _, failed = wait_result(worker, 15)
         assert failed == {"req-d"}
     finally:
@@ -195,7 +200,7 @@ def test_unreachable_exporter_fails_within_the_timeout() -> None:
     worker, _ = importer(timeout_s=1.0)
     try:
         started = time.monotonic()
-        worker.start_load(LoadOrder("req-d", "t", [f"tcp://127.0.0.1:{free_port()}"], [(1, 1, 1)]))
+        worker.start_load(load("req-d", "t", f"tcp://127.0.0.1:{free_port()}", 0, [1]))
         _, failed = wait_result(worker)
         assert failed == {"req-d"}
         assert time.monotonic() - started < 3
@@ -208,7 +213,7 @@ def test_empty_load_releases_the_export(exporter: Any) -> None:
     worker, _ = importer()
     try:
         commands.put(("export", "t", "req-p", [1], 30))
-        worker.start_load(LoadOrder("req-d", "t", [f"tcp://127.0.0.1:{port}"], []))
+        worker.start_load(load("req-d", "t", f"tcp://127.0.0.1:{port}", 0, []))
         done, failed = wait_result(worker)
         assert done == {"req-d"} and not failed
         commands.put(("finished", 1.0))
@@ -225,7 +230,7 @@ def test_a_stranger_without_the_secret_is_ignored(exporter: Any) -> None:
     )
     try:
         commands.put(("export", "t", "req-p", [3], 30))
-        stranger.start_load(LoadOrder("x", "t", [f"tcp://127.0.0.1:{port}"], [(3, 3, 1)]))
+        stranger.start_load(load("x", "t", f"tcp://127.0.0.1:{port}", 0, [3]))
         _, failed = wait_result(stranger)
         assert failed == {"x"}
         assert torch.all(caches["layers.0"][3] == 0)
@@ -251,8 +256,7 @@ def test_staged_pull_copies_the_same_bytes(exporter: Any) -> None:
     worker.staging = "always"
     try:
         commands.put(("export", "ts", "req-p", [2, 4, 6], 30))
-        runs = [(2, 20, 1), (4, 21, 1), (6, 9, 1)]
-        worker.start_load(LoadOrder("req-d", "ts", [f"tcp://127.0.0.1:{port}"], runs))
+        worker.start_load(load("req-d", "ts", f"tcp://127.0.0.1:{port}", 0, [20, 21, 9]))
         done, failed = wait_result(worker)
         assert done == {"req-d"} and not failed
         for layer in range(LAYERS):

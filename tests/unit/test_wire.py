@@ -17,7 +17,7 @@ def codec() -> wire.Codec:
 
 
 def test_round_trip(codec: wire.Codec) -> None:
-    message = PullRequest(rid=3, transfer_id="t", pair_id="p", seq=1, runs=[(1, 2, 3)])
+    message = PullRequest(rid=3, transfer_id="t", pair_id="p", seq=1, first=2, dst=[7, 8])
     assert codec.decode(codec.encode(message)) == message
 
 

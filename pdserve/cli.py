@@ -56,14 +56,20 @@ def _gateway(args: argparse.Namespace, extra: list[str]) -> int:
     from pdserve.gateway.run import serve
     from pdserve.gateway.settings import GatewaySettings
     from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import from_args
 
-    return serve(from_args(GatewaySettings, args), from_args(DispatchSettings, args))
+    return serve(
+        from_args(GatewaySettings, args),
+        from_args(DispatchSettings, args),
+        from_args(ReschedulingSettings, args),
+    )
 
 
 def _add_gateway(sub: argparse._SubParsersAction) -> None:
     from pdserve.gateway.settings import GatewaySettings
     from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import add_arguments
 
     gateway = sub.add_parser(
@@ -73,6 +79,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
     )
     add_arguments(gateway.add_argument_group("gateway"), GatewaySettings)
     add_arguments(gateway.add_argument_group("dispatch policy"), DispatchSettings)
+    add_arguments(gateway.add_argument_group("rescheduling (live migration)"), ReschedulingSettings)
     gateway.set_defaults(handler=_gateway)
 
 
@@ -81,12 +88,14 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     from pdserve.gateway.settings import GatewaySettings
     from pdserve.instance.launch import InstanceSettings
     from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import from_args
 
     return main(
         from_args(ServeSettings, args),
         from_args(GatewaySettings, args),
         from_args(DispatchSettings, args),
+        from_args(ReschedulingSettings, args),
         from_args(InstanceSettings, args),
         extra,
     )
@@ -97,6 +106,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     from pdserve.gateway.settings import GatewaySettings
     from pdserve.instance.launch import InstanceSettings
     from pdserve.scheduler.dispatch import DispatchSettings
+    from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import add_arguments
 
     serve = sub.add_parser(
@@ -112,6 +122,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_arguments(serve.add_argument_group("cluster"), ServeSettings)
     add_arguments(serve.add_argument_group("gateway"), GatewaySettings)
     add_arguments(serve.add_argument_group("dispatch policy"), DispatchSettings)
+    add_arguments(serve.add_argument_group("rescheduling (live migration)"), ReschedulingSettings)
     add_arguments(
         serve.add_argument_group("every instance"), InstanceSettings, exclude=PER_INSTANCE_FIELDS
     )

@@ -32,6 +32,7 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.instance.launch import InstanceSettings
 from pdserve.instance.reports import Role
 from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.settings import to_argv
 from pdserve.wire import SECRET_ENV, new_secret
 
@@ -148,13 +149,13 @@ class Cluster:
         self,
         serve: ServeSettings,
         gateway: GatewaySettings,
-        dispatch: DispatchSettings,
+        policies: list[BaseModel],
         instance: InstanceSettings,
         vllm_args: list[str],
     ) -> None:
         self.serve = serve
         self.gateway = gateway
-        self.dispatch = dispatch
+        self.policies = policies
         self.instance = instance
         self.vllm_args = vllm_args
         self.processes: list[ManagedProcess] = []
@@ -173,7 +174,8 @@ class Cluster:
         return proc
 
     def start(self, slots: list[Slot]) -> None:
-        gateway_argv = pdserve_argv("gateway", *to_argv(self.gateway), *to_argv(self.dispatch))
+        policy_argv = [flag for model in self.policies for flag in to_argv(model)]
+        gateway_argv = pdserve_argv("gateway", *to_argv(self.gateway), *policy_argv)
         gateway = self._start("gateway", gateway_argv)
         wait_until(
             lambda: port_in_use(self.gateway.host, self.gateway.port),
@@ -258,6 +260,7 @@ def main(
     serve: ServeSettings,
     gateway: GatewaySettings,
     dispatch: DispatchSettings,
+    rescheduling: ReschedulingSettings,
     instance: InstanceSettings,
     vllm_args: list[str],
 ) -> int:
@@ -270,7 +273,7 @@ def main(
         _log(f"warning: {warning}")
     if serve.model is None:
         bundled_model.prepare()
-    cluster = Cluster(serve, gateway, dispatch, instance, vllm_args)
+    cluster = Cluster(serve, gateway, [dispatch, rescheduling], instance, vllm_args)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     started = time.monotonic()

@@ -28,6 +28,7 @@ from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.migration import Migrator
 from pdserve.gateway.openai_api import Kind, parse_request
 from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession
@@ -36,6 +37,7 @@ from pdserve.gateway.upstream import Upstream
 from pdserve.instance.agent import instance_api_key
 from pdserve.logs import get_logger
 from pdserve.scheduler.dispatch import DispatchSettings, make_policy
+from pdserve.scheduler.rescheduling import ReschedulingSettings
 
 logger = get_logger(__name__)
 
@@ -259,7 +261,12 @@ def instance_summary(ctx: GatewayContext) -> list[dict[str, Any]]:
     return rows
 
 
-def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: bytes) -> FastAPI:
+def create_app(
+    settings: GatewaySettings,
+    dispatch: DispatchSettings,
+    secret: bytes,
+    rescheduling: ReschedulingSettings | None = None,
+) -> FastAPI:
     metrics = GatewayMetrics()
     control = ControlPlane(settings, secret, make_policy(dispatch))
     upstream = Upstream(
@@ -269,6 +276,8 @@ def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: by
     )
     kv = KVControlClient(secret)
     ctx = GatewayContext(settings, control, upstream, kv, metrics)
+    migrator = Migrator(ctx, rescheduling or ReschedulingSettings())
+    ctx.migrator = migrator
 
     def fail_over(instance_id: str) -> None:
         for session in ctx.sessions.on(instance_id):
@@ -280,9 +289,11 @@ def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: by
         await control.start()
         metrics.watch(control)
         control.on_instance_down(fail_over)
+        migrator.start_loop()
         try:
             yield
         finally:
+            await migrator.stop()
             await control.stop()
             await upstream.close()
             kv.close()
@@ -356,11 +367,48 @@ def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: by
 
     @app.post("/admin/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict[str, Any]:
-        return await ctx_drain(ctx, instance_id, draining=True)
+        """No new work for the instance, and its running requests move away live."""
+        record = _record(ctx, instance_id)
+        record.draining = True
+        moving = migrator.drain(instance_id)
+        return {"id": instance_id, "draining": True, "moving": moving}
 
     @app.post("/admin/instances/{instance_id}/undrain")
     async def undrain(instance_id: str) -> dict[str, Any]:
-        return await ctx_drain(ctx, instance_id, draining=False)
+        _record(ctx, instance_id).draining = False
+        return {"id": instance_id, "draining": False}
+
+    @app.post("/admin/migrate")
+    async def migrate(request: Request) -> dict[str, Any]:
+        """Moves one request (``{"request_key": ..., "target": ...}``) and reports how it went."""
+        body = await _read_body(request)
+        if not isinstance(body, dict) or not {"request_key", "target"} <= body.keys():
+            raise APIError(400, 'body must be {"request_key": ..., "target": ...}')
+        session = ctx.sessions.find(str(body["request_key"]))
+        if session is None:
+            raise APIError(404, "no such request in flight", param="request_key")
+        _record(ctx, str(body["target"]))
+        result = await migrator.migrate(session, str(body["target"]))
+        return result.as_json()
+
+    @app.get("/admin/migrations")
+    async def migrations() -> dict[str, Any]:
+        return {
+            "in_flight": sorted(migrator.moving),
+            "recent": [r.as_json() for r in migrator.recent],
+        }
+
+    @app.get("/admin/requests")
+    async def requests_in_flight() -> list[dict[str, Any]]:
+        return [
+            {
+                "request_key": s.key,
+                "instance": where,
+                "output_tokens": len(s.output_ids),
+                "prompt_tokens": len(s.prompt_ids or ()),
+            }
+            for s, where in ctx.sessions.where.items()
+        ]
 
     # Added last = outermost: the size limit applies before anything reads the body.
     app.add_middleware(BearerAuth, api_key=settings.api_key)
@@ -368,9 +416,8 @@ def create_app(settings: GatewaySettings, dispatch: DispatchSettings, secret: by
     return app
 
 
-async def ctx_drain(ctx: GatewayContext, instance_id: str, draining: bool) -> dict[str, Any]:
+def _record(ctx: GatewayContext, instance_id: str) -> Any:
     record = ctx.control.record(instance_id)
     if record is None:
         raise APIError(404, f"no instance {instance_id}", param="instance_id")
-    record.draining = draining
-    return {"id": instance_id, "draining": draining, "requests": len(ctx.sessions.on(instance_id))}
+    return record

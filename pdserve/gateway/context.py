@@ -16,6 +16,7 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
 
 if TYPE_CHECKING:
+    from pdserve.gateway.migration import Migrator
     from pdserve.gateway.session import RequestSession
 
 
@@ -94,6 +95,7 @@ class GatewayContext:
         self.metrics = metrics
         self.sessions = SessionRegistry()
         self.admission = Admission(settings.max_inflight, settings.max_queued)
+        self.migrator: Migrator | None = None
 
     def default_model(self) -> str:
         models = self.control.models()

@@ -149,6 +149,29 @@ class GatewayMetrics:
         self.failovers = Counter(
             "pdserve_failovers", "requests continued after an instance failed", registry=r
         )
+        self.migrations = Counter(
+            "pdserve_migrations",
+            "live migrations by result (started, completed, aborted)",
+            ["result"],
+            registry=r,
+        )
+        self.migration_downtime_seconds = Histogram(
+            "pdserve_migration_downtime_seconds",
+            "gap in the token stream at a migration's cut",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.migration_seconds = Histogram(
+            "pdserve_migration_seconds",
+            "a migration from pin to the first token on the target",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.migration_bytes = Counter(
+            "pdserve_migration_bytes",
+            "KV bytes moved by migrations (pre-copies and tails)",
+            registry=r,
+        )
         self.inflight = Gauge("pdserve_inflight_requests", "requests being served", registry=r)
         self.queued = Gauge("pdserve_queued_requests", "requests waiting for a slot", registry=r)
         self._control: ControlPlane | None = None

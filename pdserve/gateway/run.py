@@ -8,19 +8,22 @@ from pdserve.gateway.app import create_app
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.logs import get_logger
 from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.wire import cluster_secret, is_loopback
 
 logger = get_logger(__name__)
 
 
-def serve(settings: GatewaySettings, dispatch: DispatchSettings) -> int:
+def serve(
+    settings: GatewaySettings, dispatch: DispatchSettings, rescheduling: ReschedulingSettings
+) -> int:
     loopback = is_loopback(settings.host) and is_loopback(settings.control_host)
     try:
         secret = cluster_secret(loopback_only=loopback)
     except RuntimeError as e:
         print(f"pdserve gateway: {e}")
         return 2
-    app = create_app(settings, dispatch, secret)
+    app = create_app(settings, dispatch, secret, rescheduling)
     logger.info(
         "pdserve: gateway on http://%s:%d (policy %s), instances join at tcp://%s:%d",
         settings.host,

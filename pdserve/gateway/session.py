@@ -41,10 +41,12 @@ from pdserve.gateway.upstream import (
 )
 from pdserve.kv.messages import (
     PARAMS_KEY,
+    Pinned,
     SourceSpec,
     TransferParams,
     params_to_json,
     parse_params,
+    tokens_digest,
 )
 from pdserve.logs import get_logger
 from pdserve.scheduler.dispatch import NoInstance
@@ -60,12 +62,26 @@ STARTED: dict[str, Any] = {}  # first item of every session: the request was acc
 
 @dataclass
 class Cut:
-    """Why the current leg was cut, and how to go on."""
+    """Why the current leg was cut, and how to go on.
 
-    reason: Literal["failover", "migration", "client"]
+    A migration names its target and, if the request had KV worth moving, the live export
+    on the instance it leaves (``Pinned``); ``done`` is set once the target has produced its
+    first token (``downtime_s`` is then the stream's gap) or the move failed (``error``).
+    """
+
+    reason: Literal["failover", "migration"]
     target: str | None = None
-    source: SourceSpec | None = None
+    export: Pinned | None = None
+    transfer_id: str | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    downtime_s: float | None = None
+    error: str | None = None
+    last_token_at: float | None = None
+
+    def finish(self, error: str | None = None) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
 
 
 class RequestSession:
@@ -94,6 +110,7 @@ class RequestSession:
         self.last_token_at: float | None = None
         self._stream: UpstreamStream | None = None
         self._cut: Cut | None = None
+        self._migration: Cut | None = None
 
     # --- bodies ----------------------------------------------------------------------------
 
@@ -177,6 +194,9 @@ class RequestSession:
                 if self.finish_reason is not None:
                     break
                 target, source = await self._next_leg()
+                catch_up = await self._catch_up(target)
+                if catch_up is not None:
+                    yield catch_up
             if not started:
                 started = True
                 yield STARTED
@@ -193,6 +213,8 @@ class RequestSession:
             yield {"error": error.body()["error"]}
         finally:
             self.ctx.sessions.detach(self)
+            if self._migration is not None:
+                self._migration.finish("the request ended before its new instance answered")
 
     async def _prefill(self, prefill: str) -> SourceSpec | None:
         """Runs the prefill leg; None if the decode instance should prefill after all."""
@@ -278,7 +300,9 @@ class RequestSession:
         """Where the request goes on after its stream was cut."""
         cut = self._cut or Cut("failover")
         if cut.reason == "migration" and cut.target is not None:
-            return cut.target, cut.source
+            self._migration = cut
+            cut.last_token_at = self.last_token_at
+            return cut.target, self._migration_source(cut)
         self.failovers += 1
         if self.failovers > self.ctx.settings.max_failovers:
             raise _Abandon(f"instance {self.instance_id} failed {self.failovers} times")
@@ -296,6 +320,50 @@ class RequestSession:
             len(self.output_ids),
         )
         return choice.decode, None
+
+    def _migration_source(self, cut: Cut) -> SourceSpec | None:
+        """The KV the target pulls: positions with KV on the instance left (all but the last)."""
+        if cut.export is None or cut.transfer_id is None or self.prompt_ids is None:
+            return None
+        tokens = self.prompt_ids + self.output_ids
+        covered = len(tokens) - 1
+        return SourceSpec(
+            transfer_id=cut.transfer_id,
+            instance_id=cut.export.instance_id,
+            addresses=cut.export.addresses,
+            num_tokens=covered,
+            block_size=cut.export.block_size,
+            layout=cut.export.layout,
+            tokens_digest=tokens_digest(tokens[:covered]),
+        )
+
+    async def _catch_up(self, target: str) -> dict[str, Any] | None:
+        """Text the instance left held back (stop-string lookahead), emitted before going on.
+
+        With stop strings vLLM delays text until it is sure no stop string starts in it; the
+        token ids arrive at once. A continuation treats those tokens as prompt and never
+        prints them, so the gateway detokenizes the output and sends what is missing.
+        """
+        if not self.request.stop or not self.output_ids:
+            return None
+        url = self.ctx.control.url(target) + "/detokenize"
+        try:
+            answer = await self.ctx.upstream.post_json(
+                url, {"model": self.model, "tokens": self.output_ids}
+            )
+        except (APIError, UpstreamBroken):
+            return None
+        text = str(answer.get("prompt", ""))
+        if not text.startswith(self.output_text) or len(text) == len(self.output_text):
+            return None
+        missing = text[len(self.output_text) :]
+        self.output_text = text
+        choice: dict[str, Any] = {"index": 0, "finish_reason": None, "logprobs": None}
+        if self.kind == "chat":
+            choice["delta"] = {"content": missing}
+        else:
+            choice["text"] = missing
+        return self._client_chunk({}, choice)
 
     # --- events ----------------------------------------------------------------------------
 
@@ -323,6 +391,12 @@ class RequestSession:
                 self.ctx.metrics.itl_seconds.observe(now - self.last_token_at)
             self.last_token_at = now
             self.output_ids.extend(token_ids)
+            migration = self._migration
+            if migration is not None and not migration.done.is_set():
+                gap = now - (migration.last_token_at or now)
+                migration.downtime_s = gap
+                self.ctx.metrics.migration_downtime_seconds.observe(gap)
+                migration.finish()
         text = _text_of(self.kind, choice)
         self.output_text += text
         if choice.get("finish_reason") is not None:

@@ -1,0 +1,294 @@
+"""Live migration of running requests between decode instances, driven by the gateway.
+
+The gateway holds each client's stream and knows every token generated so far, so it can
+move a request while the client keeps reading (Llumnix's multi-stage migration):
+
+1. **Pin**: the source engine exports the running request's KV *live*; blocks can be read as
+   they fill, and vLLM keeps them if the request ends.
+2. **Pre-copy**: the target runs a one-token request whose prompt is the first full blocks of
+   tokens, pulling their KV from the source into its prefix cache, while the source keeps
+   decoding. Repeated while enough new blocks have filled (``max_precopy_stages``).
+3. **Cut**: the gateway closes the source stream (vLLM aborts the request, the pinned blocks
+   stay) and continues on the target with prompt + output as the prompt; the target finds the
+   pre-copied blocks in its prefix cache and pulls only the tail. The client sees one stream.
+
+A failure before the cut leaves the request where it was (``Unpin``); after the cut, the
+session's own failover takes over. Requests still queued (no KV yet) simply move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pdserve.gateway.errors import APIError
+from pdserve.gateway.upstream import UpstreamBroken
+from pdserve.kv.messages import (
+    Failed,
+    Pin,
+    Pinned,
+    SourceSpec,
+    TransferParams,
+    Unpin,
+    params_to_json,
+    tokens_digest,
+)
+from pdserve.logs import get_logger
+from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations
+
+if TYPE_CHECKING:
+    from pdserve.gateway.context import GatewayContext
+    from pdserve.gateway.session import RequestSession
+
+logger = get_logger(__name__)
+
+CONTROL_TIMEOUT_S = 5.0
+
+
+@dataclass
+class MigrationResult:
+    request_key: str
+    source: str
+    target: str
+    status: str  # completed | aborted
+    reason: str = ""
+    stages: int = 0
+    precopied_blocks: int = 0
+    downtime_s: float | None = None
+    duration_s: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Abort(Exception):
+    pass
+
+
+class Migrator:
+    def __init__(self, ctx: GatewayContext, settings: ReschedulingSettings) -> None:
+        self.ctx = ctx
+        self.settings = settings
+        self.moving: dict[str, asyncio.Task[MigrationResult]] = {}
+        self.recent: list[MigrationResult] = []
+        self._slots = asyncio.Semaphore(settings.max_migrations)
+        self._preemptions: dict[str, int] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+
+    # --- one migration -----------------------------------------------------------------------
+
+    def start(self, session: RequestSession, target: str) -> asyncio.Task[MigrationResult]:
+        existing = self.moving.get(session.key)
+        if existing is not None:
+            return existing
+        task = asyncio.create_task(self._guarded(session, target))
+        self.moving[session.key] = task
+        task.add_done_callback(lambda _: self.moving.pop(session.key, None))
+        return task
+
+    async def migrate(self, session: RequestSession, target: str) -> MigrationResult:
+        return await self.start(session, target)
+
+    async def _guarded(self, session: RequestSession, target: str) -> MigrationResult:
+        async with self._slots:
+            result = await self._run(session, target)
+        self.ctx.metrics.migrations.labels(result.status).inc()
+        self.recent = [*self.recent[-99:], result]
+        logger.info(
+            "pdserve: migration of %s %s -> %s %s%s (downtime %s)",
+            result.request_key,
+            result.source,
+            result.target,
+            result.status,
+            f": {result.reason}" if result.reason else "",
+            f"{result.downtime_s * 1e3:.0f} ms" if result.downtime_s else "-",
+        )
+        return result
+
+    async def _run(self, session: RequestSession, target: str) -> MigrationResult:
+        from pdserve.gateway.session import Cut
+
+        started = time.perf_counter()
+        source = session.instance_id or "?"
+        result = MigrationResult(session.key, source, target, "aborted")
+        self.ctx.metrics.migrations.labels("started").inc()
+        pinned: Pinned | None = None
+        transfer_id = uuid.uuid4().hex
+        try:
+            self._check_movable(session, target)
+            if session.output_ids and session.prompt_ids is not None:
+                pinned = await self._pin(session, source, transfer_id)
+            if pinned is not None:
+                await self._precopy(session, target, pinned, transfer_id, result)
+            cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id)
+            if not session.interrupt(cut):
+                raise _Abort("the request finished or is between instances")
+            pinned = None  # from here on, the session's legs own the export
+            await asyncio.wait_for(cut.done.wait(), self.settings.migration_timeout_s)
+            if cut.error is not None:
+                raise _Abort(cut.error)
+            result.status = "completed"
+            result.downtime_s = cut.downtime_s
+            self._count_bytes(session, cut, result)
+        except (_Abort, APIError, UpstreamBroken) as e:
+            result.reason = str(e)
+        except asyncio.TimeoutError:
+            result.reason = "timed out"
+        finally:
+            if pinned is not None:
+                await self._unpin(source, pinned, transfer_id)
+        result.duration_s = time.perf_counter() - started
+        if result.status == "completed":
+            self.ctx.metrics.migration_seconds.observe(result.duration_s)
+        return result
+
+    def _check_movable(self, session: RequestSession, target: str) -> None:
+        if session.finish_reason is not None:
+            raise _Abort("the request has finished")
+        if session.instance_id == target:
+            raise _Abort("already there")
+        view = self.ctx.control.snapshot().get(target)
+        if view is None or not view.usable or not view.can_decode:
+            raise _Abort(f"{target} cannot take the request")
+
+    def _control_address(self, instance_id: str) -> str:
+        record = self.ctx.control.record(instance_id)
+        if record is None or not record.info.control_address:
+            raise _Abort(f"{instance_id} has no engine control address")
+        return record.info.control_address
+
+    async def _pin(self, session: RequestSession, source: str, transfer_id: str) -> Pinned | None:
+        reply = await self.ctx.kv.call(
+            self._control_address(source),
+            lambda rid: Pin(rid=rid, request_key=session.key, transfer_id=transfer_id),
+            CONTROL_TIMEOUT_S,
+        )
+        if isinstance(reply, Pinned):
+            return reply
+        error = reply.error if isinstance(reply, Failed) else repr(reply)
+        if "waiting" in error:
+            return None  # still queued there: nothing to copy, it simply moves
+        raise _Abort(f"{source} refused to export: {error}")
+
+    async def _unpin(self, source: str, pinned: Pinned, transfer_id: str) -> None:
+        """Before the cut: stop exporting; if the request ended meanwhile, free its blocks."""
+        try:
+            reply = await self.ctx.kv.call(
+                self._control_address(source),
+                lambda rid: Unpin(rid=rid, transfer_id=transfer_id),
+                CONTROL_TIMEOUT_S,
+            )
+        except (asyncio.TimeoutError, _Abort):
+            reply = None
+        if not isinstance(reply, Failed):
+            return
+        self.ctx.kv.release(pinned.addresses, transfer_id)
+
+    async def _precopy(
+        self,
+        session: RequestSession,
+        target: str,
+        pinned: Pinned,
+        transfer_id: str,
+        result: MigrationResult,
+    ) -> None:
+        """Copies full blocks into the target's prefix cache while the source decodes."""
+        block_size = pinned.block_size
+        copied = 0
+        for stage in range(self.settings.max_precopy_stages):
+            if session.finish_reason is not None or session.prompt_ids is None:
+                raise _Abort("the request finished during pre-copy")
+            tokens = session.prompt_ids + session.output_ids
+            full = (len(tokens) - 1) // block_size
+            if full <= copied or (stage > 0 and full - copied < 1):
+                break
+            prompt = tokens[: full * block_size]
+            source = SourceSpec(
+                transfer_id=transfer_id,
+                instance_id=pinned.instance_id,
+                addresses=pinned.addresses,
+                num_tokens=len(prompt),
+                block_size=block_size,
+                layout=pinned.layout,
+                tokens_digest=tokens_digest(prompt),
+                keep=True,
+            )
+            body = {
+                "model": session.model,
+                "prompt": prompt,
+                "max_tokens": 1,
+                "temperature": 0,
+                "kv_transfer_params": params_to_json(TransferParams(source=source)),
+            }
+            url = self.ctx.control.url(target) + "/v1/completions"
+            await self.ctx.upstream.post_json(url, body)
+            result.stages += 1
+            result.precopied_blocks += full - copied
+            copied = full
+
+    def _count_bytes(self, session: RequestSession, cut: Any, result: MigrationResult) -> None:
+        export = cut.export
+        if export is None or session.prompt_ids is None:
+            return
+        blocks = -(-(len(session.prompt_ids) + len(session.output_ids)) // export.block_size)
+        self.ctx.metrics.migration_bytes.inc(blocks * export.bytes_per_block)
+
+    # --- drain and the rescheduling loop ------------------------------------------------------
+
+    def drain(self, instance_id: str) -> int:
+        """Moves every request off an instance (already out of rotation); returns how many."""
+        sessions = self.ctx.sessions.on(instance_id)
+        for session in sessions:
+            target = self._best_target(exclude=instance_id)
+            if target is not None:
+                self.start(session, target)
+        return len(sessions)
+
+    def _best_target(self, exclude: str) -> str | None:
+        candidates = [
+            v
+            for v in self.ctx.control.snapshot().usable()
+            if v.can_decode and v.instance_id != exclude
+        ]
+        if not candidates:
+            return None
+        return max(candidates, key=lambda v: v.freeness(0.01)).instance_id
+
+    def start_loop(self) -> None:
+        if self.settings.rescheduling and self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._loop(), name="pdserve-rescheduler")
+
+    async def stop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self.moving.values()):
+            task.cancel()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reschedule_interval_s)
+            try:
+                self.reschedule_once()
+            except Exception:
+                logger.exception("pdserve: rescheduling round failed")
+
+    def reschedule_once(self) -> int:
+        snapshot = self.ctx.control.snapshot()
+        preempted = {}
+        for view in snapshot.instances:
+            if view.load is not None:
+                before = self._preemptions.get(view.instance_id, view.load.num_preemptions)
+                preempted[view.instance_id] = view.load.num_preemptions > before
+                self._preemptions[view.instance_id] = view.load.num_preemptions
+        budget = self.settings.max_migrations - len(self.moving)
+        plans = plan_migrations(snapshot, self.settings, set(self.moving), preempted, budget)
+        started = 0
+        for plan in plans:
+            session = self.ctx.sessions.find(plan.request_key)
+            if session is not None and session.instance_id == plan.source:
+                self.start(session, plan.target)
+                started += 1
+        return started

@@ -119,18 +119,20 @@ class RoundRobinPolicy:
     """Takes turns, blind to load: the usual proxy in front of vLLM instances."""
 
     def __init__(self) -> None:
-        self._turns = itertools.count()
+        # One turn counter per pool: a shared one would skip decoders in step with prefillers.
+        self._turns = {"decode": itertools.count(), "prefill": itertools.count()}
 
-    def _next(self, candidates: Sequence[InstanceView]) -> InstanceView:
+    def _next(self, pool: str, candidates: Sequence[InstanceView]) -> InstanceView:
         ordered = sorted(candidates, key=lambda i: i.instance_id)
-        return ordered[next(self._turns) % len(ordered)]
+        return ordered[next(self._turns[pool]) % len(ordered)]
 
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
-        decode = self._next(_decoders(snapshot))
+        decode = self._next("decode", _decoders(snapshot))
         prefillers = _prefillers(snapshot)
         if decode.role == "both" or not prefillers:
             return Dispatch(decode=decode.instance_id)
-        return Dispatch(decode=decode.instance_id, prefill=self._next(prefillers).instance_id)
+        prefill = self._next("prefill", prefillers)
+        return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
 
 
 class LeastRequestsPolicy:

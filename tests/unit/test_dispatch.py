@@ -160,6 +160,14 @@ def test_round_robin_takes_turns_blindly() -> None:
     assert [policy.choose(snap, LONG).decode for _ in range(4)] == ["a", "b", "a", "b"]
 
 
+def test_round_robin_turns_each_pool_separately() -> None:
+    snap = ClusterSnapshot((view("p", "prefill"), view("d1", "decode"), view("d2", "decode")))
+    policy = RoundRobinPolicy()
+    choices = [policy.choose(snap, LONG) for _ in range(4)]
+    assert [c.decode for c in choices] == ["d1", "d2", "d1", "d2"]
+    assert {c.prefill for c in choices} == {"p"}
+
+
 def test_least_requests() -> None:
     snap = ClusterSnapshot(
         (

@@ -66,6 +66,11 @@ class ServeSettings(BaseModel):
         None, description="where each process logs (default: a new folder under the cache)"
     )
     start_timeout_s: float = Field(600.0, gt=0, description="seconds to wait for every instance")
+    max_restarts: int = Field(
+        3,
+        ge=0,
+        description="times a gateway or instance that dies is started again (0: never)",
+    )
 
 
 @dataclass
@@ -231,21 +236,31 @@ class Cluster:
         self.processes.clear()
 
     def watch(self) -> int:
-        """Blocks until a signal arrives or the gateway dies; reports instances that die."""
-        reported: set[str] = set()
-        gateway = self.processes[0]
+        """Blocks until a signal arrives; starts again what dies, up to ``max_restarts`` each.
+
+        A restarted gateway knows nothing of the requests in flight (their clients see the
+        connection drop); the instances register with it again within seconds. A restarted
+        instance registers under its old name and is used again once it reports load.
+        """
+        restarts: dict[str, int] = {}
         while True:
             time.sleep(1.0)
-            if not gateway.alive():
-                _log(f"the gateway exited ({gateway.proc.returncode}):\n{gateway.log_tail()}")
-                return 1
-            for proc in self.processes[1:]:
-                if not proc.alive() and proc.name not in reported:
-                    reported.add(proc.name)
-                    _log(
-                        f"{proc.name} exited ({proc.proc.returncode}); the cluster goes on "
-                        f"without it. Last lines of {proc.log_path}:\n{proc.log_tail(15)}"
-                    )
+            for index, proc in enumerate(self.processes):
+                if proc.alive():
+                    continue
+                used = restarts.get(proc.name, 0)
+                if used >= self.serve.max_restarts:
+                    if index == 0:
+                        _log(f"the gateway exited ({proc.proc.returncode}) for good")
+                        return 1
+                    continue
+                restarts[proc.name] = used + 1
+                _log(
+                    f"{proc.name} exited ({proc.proc.returncode}); starting it again "
+                    f"({used + 1}/{self.serve.max_restarts}). Last lines of "
+                    f"{proc.log_path}:\n{proc.log_tail(15)}"
+                )
+                self.processes[index] = proc.restarted()
 
 
 class _Stop(Exception):

@@ -43,6 +43,8 @@ class ManagedProcess:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = log_path.open("ab")
@@ -51,7 +53,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
+            env=self.env,
             cwd=cwd,
             start_new_session=True,
             preexec_fn=_die_with_parent,
@@ -87,6 +89,11 @@ class ManagedProcess:
             self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+    def restarted(self) -> ManagedProcess:
+        """The same command started again (after this one exited), logging to the same file."""
+        self.stop(grace_s=0)
+        return ManagedProcess(self.name, self.argv, self.log_path, self.env, self.cwd)
 
     def kill(self) -> None:
         """SIGKILL to the whole tree at once (failure injection)."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import socket
+import sys
+from pathlib import Path
 
 import pytest
 
 from pdserve.cluster import launcher
 from pdserve.cluster.launcher import ServeSettings, assign_cores, plan
-from pdserve.cluster.processes import free_port
+from pdserve.cluster.processes import ManagedProcess, free_port
 from pdserve.gateway.settings import GatewaySettings
 
 
@@ -45,3 +47,23 @@ def test_plan_refuses_a_port_in_use() -> None:
         busy.listen()
         with pytest.raises(ValueError, match="in use"):
             plan(ServeSettings(), settings)
+
+
+def test_watch_starts_again_what_dies_then_gives_up(tmp_path: Path) -> None:
+    """A dying instance is restarted up to max_restarts times; a gateway out of restarts ends it."""
+    from pdserve.instance.launch import InstanceSettings
+
+    serve = ServeSettings(max_restarts=2, log_dir=str(tmp_path))
+    cluster = launcher.Cluster(serve, gateway(), [], InstanceSettings(), [])
+    dies = [sys.executable, "-c", "import sys; print('up'); sys.exit(3)"]
+    cluster.processes = [
+        ManagedProcess("gateway", dies, tmp_path / "gateway.log"),
+        ManagedProcess("decode-0", dies, tmp_path / "decode-0.log"),
+    ]
+    try:
+        assert cluster.watch() == 1
+    finally:
+        cluster.stop()
+    # Each ran once plus two restarts, all into the same log.
+    assert (tmp_path / "gateway.log").read_text().count("up") == 3
+    assert (tmp_path / "decode-0.log").read_text().count("up") == 3

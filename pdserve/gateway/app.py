@@ -29,7 +29,7 @@ from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.migration import Migrator
-from pdserve.gateway.openai_api import Kind, parse_request
+from pdserve.gateway.openai_api import Kind, parse_json_body, parse_request
 from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession
 from pdserve.gateway.settings import GatewaySettings
@@ -133,11 +133,7 @@ class BodyLimit:
 
 
 async def _read_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    return parse_json_body(await request.body())
 
 
 def _check_model(ctx: GatewayContext, model: str | None) -> None:

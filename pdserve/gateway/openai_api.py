@@ -3,10 +3,15 @@
 Fields pdserve relies on are validated strictly (types, ranges, ``n == 1``); any other field
 is passed through to vLLM, which validates it in turn. ``kv_transfer_params`` is refused: it
 would let a client point an instance at arbitrary KV sources.
+
+Bodies must be standard JSON (RFC 8259: no ``NaN`` or ``Infinity``, numbers that fit a
+double) nested at most ``MAX_JSON_DEPTH`` deep: deeper bodies would exhaust Python's recursion
+limit when the gateway copies or re-encodes them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Literal
 
@@ -20,6 +25,8 @@ ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # Fields the gateway sets on every upstream request.
 GATEWAY_FIELDS = ("stream", "stream_options", "return_token_ids", "kv_transfer_params", "n")
+# Nesting of request bodies (objects and arrays); tool and response-format schemas included.
+MAX_JSON_DEPTH = 64
 
 
 class StreamOptions(BaseModel):
@@ -123,6 +130,46 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
     message = first["msg"].removeprefix("Value error, ")
     extra = f" (and {error.error_count() - 1} more problems)" if error.error_count() > 1 else ""
     return f"{param}: {message}{extra}" if param else message + extra, param
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest deeper than ``limit`` (level by level: no recursion)."""
+    level = [value]
+    depth = 1
+    while level:
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below += [c for c in children if isinstance(c, (dict, list))]
+        level = below
+        depth += 1
+    return False
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """The JSON value of a request body; APIError 400 if it is not standard, shallow JSON."""
+    try:
+        body = json.loads(raw, parse_constant=_not_json, parse_float=_finite)
+    except (ValueError, RecursionError) as e:
+        if isinstance(e, RecursionError):
+            e = ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    if isinstance(body, (dict, list)) and _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise APIError(400, f"the request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    return body
 
 
 def parse_request(kind: Kind, body: Any) -> ChatRequest | CompletionRequest:

@@ -6,9 +6,11 @@ import pytest
 
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.openai_api import (
+    MAX_JSON_DEPTH,
     ChatRequest,
     CompletionRequest,
     estimate_prompt_tokens,
+    parse_json_body,
     parse_request,
 )
 
@@ -84,3 +86,36 @@ def test_budgets() -> None:
         ).budget()
         == 5
     )
+
+
+def nested(depth: int) -> bytes:
+    """An object ``depth`` levels deep (the top-level object counts as one)."""
+    return b'{"a":' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+def test_json_bodies_nested_up_to_the_limit_are_accepted() -> None:
+    assert parse_json_body(b'{"prompt": "x", "temperature": 0.5}')["temperature"] == 0.5
+    body = parse_json_body(nested(MAX_JSON_DEPTH))
+    assert isinstance(body, dict)
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (nested(MAX_JSON_DEPTH + 1), "nested deeper"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested deeper"),  # beyond Python's recursion limit
+        (b'{"temperature": NaN}', "NaN"),
+        (b'{"temperature": Infinity}', "Infinity"),
+        (b'{"temperature": -Infinity}', "Infinity"),
+        (b'{"temperature": 1e400}', "out of range"),
+        (b'{"seed": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+        (b'{"prompt": "\xff"}', "not valid JSON"),  # not UTF-8
+        (b"", "not valid JSON"),
+        (b'{"prompt": "x"', "not valid JSON"),
+    ],
+)
+def test_non_standard_or_too_deep_json_is_400(raw: bytes, why: str) -> None:
+    with pytest.raises(APIError) as info:
+        parse_json_body(raw)
+    assert info.value.status == 400
+    assert why in info.value.message

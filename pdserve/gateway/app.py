@@ -28,7 +28,7 @@ from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
-from pdserve.gateway.migration import Migrator
+from pdserve.gateway.migration import MIGRATION_MODES, Migrator
 from pdserve.gateway.openai_api import Kind, parse_json_body, parse_request
 from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession
@@ -376,7 +376,11 @@ def create_app(
 
     @app.post("/admin/migrate")
     async def migrate(request: Request) -> dict[str, Any]:
-        """Moves one request (``{"request_key": ..., "target": ...}``) and reports how it went."""
+        """Moves one request (``{"request_key", "target", "mode"?}``); reports how it went.
+
+        ``mode``: ``live`` (default, pre-copy while decoding), or the baselines ``blocking``
+        (stop, copy all, resume) and ``recompute`` (re-prefill on the target).
+        """
         body = await _read_body(request)
         if not isinstance(body, dict) or not {"request_key", "target"} <= body.keys():
             raise APIError(400, 'body must be {"request_key": ..., "target": ...}')
@@ -384,7 +388,10 @@ def create_app(
         if session is None:
             raise APIError(404, "no such request in flight", param="request_key")
         _record(ctx, str(body["target"]))
-        result = await migrator.migrate(session, str(body["target"]))
+        mode = body.get("mode", "live")
+        if mode not in MIGRATION_MODES:
+            raise APIError(400, f"mode must be one of {', '.join(MIGRATION_MODES)}", param="mode")
+        result = await migrator.migrate(session, str(body["target"]), mode)
         return result.as_json()
 
     @app.get("/admin/migrations")

@@ -14,6 +14,17 @@ move a request while the client keeps reading (Llumnix's multi-stage migration):
 
 A failure before the cut leaves the request where it was (``Unpin``); after the cut, the
 session's own failover takes over. Requests still queued (no KV yet) simply move.
+
+Two other modes exist as baselines for the downtime benchmark: ``blocking`` (no pre-copy:
+stop, copy every block, resume) and ``recompute`` (no KV moves: the target prefills prompt +
+output again).
+
+Sampling after a move: the target continues with prompt + output so far as its prompt, so
+greedy decoding is unchanged. A ``seed`` is passed on as is, so a seeded sampled request
+draws a fresh random stream on the target (reproducible from the same migration points, not
+equal to the unmigrated run). vLLM's ``presence``/``frequency`` penalties count output tokens
+only, so after a move they no longer see the tokens generated before it; the
+``repetition_penalty`` covers prompt and output, so it is unchanged.
 """
 
 from __future__ import annotations
@@ -22,7 +33,7 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.upstream import UpstreamBroken
@@ -47,6 +58,9 @@ logger = get_logger(__name__)
 
 CONTROL_TIMEOUT_S = 5.0
 
+MigrationMode = Literal["live", "blocking", "recompute"]
+MIGRATION_MODES: tuple[MigrationMode, ...] = ("live", "blocking", "recompute")
+
 
 @dataclass
 class MigrationResult:
@@ -55,6 +69,7 @@ class MigrationResult:
     target: str
     status: str  # completed | aborted
     reason: str = ""
+    mode: MigrationMode = "live"
     stages: int = 0
     precopied_blocks: int = 0
     downtime_s: float | None = None
@@ -80,21 +95,27 @@ class Migrator:
 
     # --- one migration -----------------------------------------------------------------------
 
-    def start(self, session: RequestSession, target: str) -> asyncio.Task[MigrationResult]:
+    def start(
+        self, session: RequestSession, target: str, mode: MigrationMode = "live"
+    ) -> asyncio.Task[MigrationResult]:
         existing = self.moving.get(session.key)
         if existing is not None:
             return existing
-        task = asyncio.create_task(self._guarded(session, target))
+        task = asyncio.create_task(self._guarded(session, target, mode))
         self.moving[session.key] = task
         task.add_done_callback(lambda _: self.moving.pop(session.key, None))
         return task
 
-    async def migrate(self, session: RequestSession, target: str) -> MigrationResult:
-        return await self.start(session, target)
+    async def migrate(
+        self, session: RequestSession, target: str, mode: MigrationMode = "live"
+    ) -> MigrationResult:
+        return await self.start(session, target, mode)
 
-    async def _guarded(self, session: RequestSession, target: str) -> MigrationResult:
+    async def _guarded(
+        self, session: RequestSession, target: str, mode: MigrationMode
+    ) -> MigrationResult:
         async with self._slots:
-            result = await self._run(session, target)
+            result = await self._run(session, target, mode)
         self.ctx.metrics.migrations.labels(result.status).inc()
         self.recent = [*self.recent[-99:], result]
         logger.info(
@@ -108,20 +129,22 @@ class Migrator:
         )
         return result
 
-    async def _run(self, session: RequestSession, target: str) -> MigrationResult:
+    async def _run(
+        self, session: RequestSession, target: str, mode: MigrationMode
+    ) -> MigrationResult:
         from pdserve.gateway.session import Cut
 
         started = time.perf_counter()
         source = session.instance_id or "?"
-        result = MigrationResult(session.key, source, target, "aborted")
+        result = MigrationResult(session.key, source, target, "aborted", mode=mode)
         self.ctx.metrics.migrations.labels("started").inc()
         pinned: Pinned | None = None
         transfer_id = uuid.uuid4().hex
         try:
             self._check_movable(session, target)
-            if session.output_ids and session.prompt_ids is not None:
+            if mode != "recompute" and session.output_ids and session.prompt_ids is not None:
                 pinned = await self._pin(session, source, transfer_id)
-            if pinned is not None:
+            if pinned is not None and mode == "live":
                 await self._precopy(session, target, pinned, transfer_id, result)
             cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id)
             if not session.interrupt(cut):

@@ -159,6 +159,35 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_run_arguments(run)
     run.set_defaults(handler=_bench_run)
+    _add_bench_overhead(bench_sub)
+
+
+def _bench_overhead(args: argparse.Namespace, extra: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from benchmark.gateway_overhead import report, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"pdserve bench overhead: {error}", file=sys.stderr)
+        return 2
+    return report(settings, extra)
+
+
+def _add_bench_overhead(bench_sub: argparse._SubParsersAction) -> None:
+    from benchmark.gateway_overhead import add_overhead_arguments
+
+    overhead = bench_sub.add_parser(
+        "overhead",
+        help="TTFT and throughput through the gateway vs straight to the same instance",
+        description="Starts pdserve serve with one 'both' instance (or uses --url) and sends "
+        "interleaved passes of the same shape to the instance and to the gateway. Arguments "
+        "pdserve does not know go to the instance.",
+        allow_abbrev=False,
+    )
+    add_overhead_arguments(overhead)
+    overhead.set_defaults(handler=_bench_overhead, accepts_extra=True)
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:

@@ -160,6 +160,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     add_run_arguments(run)
     run.set_defaults(handler=_bench_run)
     _add_bench_overhead(bench_sub)
+    _add_bench_soak(bench_sub)
 
 
 def _bench_overhead(args: argparse.Namespace, extra: list[str]) -> int:
@@ -188,6 +189,34 @@ def _add_bench_overhead(bench_sub: argparse._SubParsersAction) -> None:
     )
     add_overhead_arguments(overhead)
     overhead.set_defaults(handler=_bench_overhead, accepts_extra=True)
+
+
+def _bench_soak(args: argparse.Namespace, extra: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from benchmark.soak import report, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"pdserve bench soak: {error}", file=sys.stderr)
+        return 2
+    return report(settings, extra)
+
+
+def _add_bench_soak(bench_sub: argparse._SubParsersAction) -> None:
+    from benchmark.soak import add_soak_arguments
+
+    soak = bench_sub.add_parser(
+        "soak",
+        help="minutes of Poisson load at a fraction of capacity: errors, KV leaks, memory",
+        description="Starts pdserve serve with the flags it does not know (or uses --url), "
+        "probes capacity, loads it at --fraction for --minutes, then checks that every KV "
+        "block is freed and how much each process grew.",
+        allow_abbrev=False,
+    )
+    add_soak_arguments(soak)
+    soak.set_defaults(handler=_bench_soak, accepts_extra=True)
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:

@@ -34,7 +34,7 @@ import aiohttp
 import numpy as np
 
 from benchmark.client import parse_sse_line
-from benchmark.serve import get_json, healthy_instances, serve_cluster
+from benchmark.local_cluster import get_json, healthy, instances, local_cluster
 
 METHODS = ("live", "blocking", "recompute")
 CLUSTER_ARGS = [
@@ -154,7 +154,7 @@ async def measure(
     url: str, lengths: Sequence[int], repeats: int, migrate_after: int
 ) -> list[Trial]:
     decoders = sorted(
-        row["id"] for row in healthy_instances(url) if row["role"] in ("decode", "both")
+        row["id"] for row in healthy(instances(url)) if row["role"] in ("decode", "both")
     )
     if len(decoders) < 2:
         raise SystemExit("the cluster needs two decode instances")
@@ -253,8 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.url:
         trials = run(args.url.rstrip("/"))
     else:
-        with serve_cluster(CLUSTER_ARGS, expected=3, log_dir=args.log_dir) as url:
-            trials = run(url)
+        log_dir = str(args.log_dir) if args.log_dir else None
+        with local_cluster(CLUSTER_ARGS, expected=3, log_dir=log_dir) as cluster:
+            trials = run(cluster.url)
     rows = summarize(trials)
     print_summary(rows)
     if args.json:

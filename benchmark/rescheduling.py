@@ -25,8 +25,8 @@ import numpy as np
 
 from benchmark.arrivals import OpenLoop, poisson_times
 from benchmark.client import ClientSettings, drive, resolve_target
+from benchmark.local_cluster import get_json, healthy, instances, local_cluster
 from benchmark.metrics import summarize
-from benchmark.serve import get_json, healthy_instances, serve_cluster
 from benchmark.workloads import BenchRequest
 
 CLUSTER_ARGS = [
@@ -64,7 +64,7 @@ def migrations(url: str, result: str) -> float:
 
 
 def preemptions(url: str) -> float:
-    return sum(counter(row["url"], "vllm:num_preemptions_total") for row in healthy_instances(url))
+    return sum(counter(row["url"], "vllm:num_preemptions_total") for row in healthy(instances(url)))
 
 
 def run_setting(
@@ -75,7 +75,8 @@ def run_setting(
         "--kv-cache-gib", str(args.kv_cache_gib),
         "--rescheduling" if rescheduling else "--no-rescheduling",
     ]  # fmt: skip
-    with serve_cluster(flags, expected=3) as url:
+    with local_cluster(flags, expected=3) as cluster:
+        url = cluster.url
         target = asyncio.run(resolve_target(ClientSettings(url=url)))
         before = preemptions(url)
         outcome = asyncio.run(

@@ -88,13 +88,16 @@ def plot_sweep(
     systems: Mapping[str, Sequence[tuple[float, Summary]]],
     path: Path,
     load_label: str = "request rate (req/s)",
+    panels: Sequence[tuple[str, Any, float | None]] | None = None,
 ) -> Path:
     """Latency and goodput against load, one line per system (points sorted by load).
 
-    A burst (rate inf) has no place on a rate axis; it shows in the CDFs and tables only.
+    ``panels``: (title, value of a summary, SLO line or None) per panel, instead of the
+    default P50/P99 TTFT, P99 TPOT and goodput. A burst (rate inf) has no place on a rate
+    axis; it shows in the CDFs and tables only.
     """
     every = [summary for points in systems.values() for _, summary in points]
-    panels = _panels(every)
+    panels = list(panels) if panels is not None else _panels(every)
     figure, axes = _figure(len(panels))
     for name, points in systems.items():
         ordered = sorted((p for p in points if np.isfinite(p[0])), key=lambda p: p[0])

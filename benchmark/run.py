@@ -21,7 +21,7 @@ import asyncio
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
@@ -33,7 +33,7 @@ from benchmark.client import ClientSettings, Target, drive, resolve_target
 from benchmark.metrics import PointResult, Summary, summarize
 from benchmark.plots import plot_results
 from benchmark.workloads import BenchRequest, WorkloadSettings, build_workload
-from pdserve.settings import add_arguments, from_args
+from pdserve.settings import _unwrap_optional, add_arguments, from_args
 
 # Fields with several values; pdserve.settings handles scalar fields only.
 LIST_FIELDS = ("rate", "concurrency")
@@ -173,20 +173,34 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join([*lines, "latencies in ms; TTFT/TPOT without P are means"])
 
 
-def add_run_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Flags of every ``RunSettings`` field, e.g. for mounting as ``pdserve bench run``."""
-    add_arguments(parser, RunSettings, exclude=LIST_FIELDS)
-    for name in LIST_FIELDS:
-        field = RunSettings.model_fields[name]
-        (item,) = get_args(field.annotation)
+def add_run_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    model: type[RunSettings] = RunSettings,
+    exclude: Collection[str] = (),
+    list_fields: Sequence[str] = LIST_FIELDS,
+) -> None:
+    """Flags of every field of ``model`` (``RunSettings`` or a subclass) but ``exclude``.
+
+    Mounted as ``pdserve bench run``; ``pdserve bench compare`` mounts its subclass.
+    ``list_fields`` (lists, or lists or None) take several values.
+    """
+    add_arguments(parser, model, exclude={*exclude, *list_fields})
+    for name in list_fields:
+        if name in exclude:
+            continue
+        field = model.model_fields[name]
+        (item,) = get_args(_unwrap_optional(field.annotation))
+        default = (
+            "" if field.default is None else f" (default: {' '.join(map(str, field.default))})"
+        )
         parser.add_argument(
             "--" + name.replace("_", "-"),
             dest=name,
             nargs="+",
             type=item,
             default=argparse.SUPPRESS,
-            metavar="X" if item is float else "N",
-            help=f"{field.description} (default: {' '.join(map(str, field.default))})",
+            metavar={float: "X", int: "N"}.get(item, "TEXT"),
+            help=f"{field.description}{default}",
         )
 
 

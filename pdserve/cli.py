@@ -147,7 +147,21 @@ def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
     return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
 
 
+def _bench_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from benchmark.compare import main, settings_from_args
+
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as error:
+        print(f"pdserve bench compare: {error}", file=sys.stderr)
+        return 2
+    return main(settings, extra, sys.argv)
+
+
 def _add_bench(sub: argparse._SubParsersAction) -> None:
+    from benchmark.compare import add_compare_arguments
     from benchmark.run import add_run_arguments
 
     bench = sub.add_parser("bench", help="benchmarks: load any OpenAI endpoint, compare setups")
@@ -159,6 +173,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_run_arguments(run)
     run.set_defaults(handler=_bench_run)
+    compare = bench_sub.add_parser(
+        "compare",
+        help="start setups one after another (vllm-router, pdserve colocated, xPyD, xPyD "
+        "with rescheduling), run the same sweep on each; report.md, JSON and plots",
+        description="Starts each setup alone on this machine, warms it up, measures it at "
+        "every load with the same requests, stops it, and writes report.md, results.json, "
+        "per-request JSON and PNG figures. Arguments pdserve does not know are passed to "
+        "every vLLM instance of every setup.",
+        usage="pdserve bench compare [--setups NAME ...] [--instances N] [--rate X ...] "
+        "[--workload W] [--num-requests N] [--slo-ttft-ms X] [--slo-tpot-ms X] "
+        "[--cross-check] [--output-dir DIR] ... [vLLM args]",
+        allow_abbrev=False,
+    )
+    add_compare_arguments(compare)
+    compare.set_defaults(handler=_bench_compare, accepts_extra=True)
     _add_bench_overhead(bench_sub)
     _add_bench_soak(bench_sub)
 

@@ -1,0 +1,657 @@
+"""``pdserve bench compare`` without vLLM: setups' command lines, process handling on fake
+servers, the sweep's order, the report, and reading ``vllm bench serve``'s JSON."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from benchmark import compare, setups
+from benchmark.compare import (
+    CompareSettings,
+    Comparison,
+    cross_check_rows,
+    evaluate_targets,
+    knee_load,
+    parse_vllm_bench,
+    records_from_vllm_bench,
+    render_report,
+    run_vllm_bench,
+    settings_from_args,
+    vllm_bench_argv,
+)
+from benchmark.metrics import LatencyStats, PointResult, Summary, summarize
+from benchmark.run import RunSettings
+from benchmark.setups import (
+    Launch,
+    RunningSetup,
+    SetupPlan,
+    SetupSettings,
+    default_setups,
+    metric_total,
+    parse_setup,
+    plan_setup,
+)
+from benchmark.workloads import BenchRequest
+from pdserve.cli import build_parser
+from tests.unit import compare_fakes
+from tests.unit.compare_fakes import Fake, serve_in_thread
+
+FIXTURE = Path(__file__).parent / "data" / "vllm_bench_serve.json"
+FAKES = Path(compare_fakes.__file__)
+
+
+def ports(start: int = 9100) -> Callable[[], int]:
+    counter = iter(range(start, start + 100))
+    return lambda: next(counter)
+
+
+def launch(**settings: Any) -> Launch:
+    fields = {k: settings.pop(k) for k in list(settings) if k in SetupSettings.model_fields}
+    values: dict[str, Any] = {
+        "settings": SetupSettings(**fields),
+        "model": "/cache/models/SmolLM2-135M-Instruct",
+        "served_name": "SmolLM2-135M-Instruct",
+        "user_model": None,
+        "vllm_args": ("--max-num-seqs", "8"),
+        "cpu": True,
+        "cores": (0, 1),
+    }
+    return Launch(**(values | settings))
+
+
+def plan(name: str, log_dir: Path = Path("/logs"), **settings: Any) -> SetupPlan:
+    made = launch(**settings)
+    return plan_setup(parse_setup(name, made.settings.instances), made, log_dir, ports())
+
+
+# --- setups -----------------------------------------------------------------------------
+
+
+def test_setup_names() -> None:
+    assert default_setups(2) == [
+        "vllm-router",
+        "pdserve-rr",
+        "pdserve-1p1d",
+        "pdserve-1p1d-resched",
+    ]
+    assert default_setups(4)[2:] == ["pdserve-2p2d", "pdserve-2p2d-resched"]
+    assert default_setups(1) == ["vllm-router", "pdserve-rr"]
+    one = parse_setup("pdserve-1p3d-resched", 4)
+    assert (one.prefill, one.decode, one.both, one.policy, one.rescheduling) == (
+        1,
+        3,
+        0,
+        "pd",
+        True,
+    )
+    assert parse_setup("pdserve-rr", 3).both == 3
+    with pytest.raises(ValueError, match="X \\+ Y"):
+        parse_setup("pdserve-1p2d", 2)
+    with pytest.raises(ValueError, match="unknown setup"):
+        parse_setup("sglang", 2)
+
+
+def test_vllm_router_setup_plain_instances_on_their_own_cores() -> None:
+    p = plan("vllm-router", kv_cache_gib=1.5)
+    first, second, router = p.processes
+    assert [first.name, second.name, router.name] == ["vllm-0", "vllm-1", "vllm-router"]
+    assert first.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert first.argv[3:] == [
+        "--model", "/cache/models/SmolLM2-135M-Instruct",
+        "--served-model-name", "SmolLM2-135M-Instruct",
+        "--host", "127.0.0.1", "--port", "9100",
+        "--dtype", "float32", "--enforce-eager",
+        "--max-num-seqs", "8",
+    ]  # fmt: skip
+    assert first.env == {
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1.5",
+        "VLLM_CPU_OMP_THREADS_BIND": "0",
+        "PDSERVE_VLLM_PATCHES": "mq_busy_loop",
+    }
+    assert second.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert p.cores == ["0", "1"]
+    assert first.ready_url == "http://127.0.0.1:9100/health"
+    urls = ["http://127.0.0.1:9100", "http://127.0.0.1:9101"]
+    assert p.instance_urls == urls
+    args = router.argv[3:]
+    assert router.argv[1:3] == ["-m", "vllm_router.launch_router"]
+    assert args[args.index("--worker-urls") + 1 : args.index("--policy")] == urls
+    assert args[args.index("--policy") + 1] == "round_robin"
+    assert args[args.index("--prometheus-port") + 1] == "9103"
+    assert p.endpoint == "http://127.0.0.1:9102" and router.ready_url == p.endpoint + "/health"
+    assert not p.gateway and router.env == {}
+
+
+def test_plain_vllm_follows_the_user_and_the_machine() -> None:
+    unpatched = plan("vllm-router", patch_plain_vllm=False, vllm_args=("--dtype", "bfloat16"))
+    vllm = unpatched.processes[0]
+    assert "PDSERVE_VLLM_PATCHES" not in vllm.env
+    assert vllm.argv.count("--dtype") == 1 and vllm.argv[-2:] == ["--dtype", "bfloat16"]
+    gpu = plan("vllm-router", cpu=False).processes[0]
+    assert gpu.env == {} and "--dtype" not in gpu.argv and "--enforce-eager" not in gpu.argv
+    four = plan("vllm-router", cores=(0, 1, 2, 3))
+    assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in four.processes[:2]] == ["0,1", "2,3"]
+    crowded = plan("vllm-router", instances=3)
+    assert [p.env["VLLM_CPU_OMP_THREADS_BIND"] for p in crowded.processes[:3]] == ["nobind"] * 3
+    own = plan("vllm-router", user_model="/my/model", model="/my/model", served_name=None)
+    assert "--served-model-name" not in own.processes[0].argv
+
+
+@pytest.mark.parametrize(
+    ("name", "counts", "policy", "rescheduling"),
+    [
+        ("pdserve-rr", ["0", "0", "2"], "round-robin", "--no-rescheduling"),
+        ("pdserve-1p1d", ["1", "1", "0"], "pd", "--no-rescheduling"),
+        ("pdserve-1p1d-resched", ["1", "1", "0"], "pd", "--rescheduling"),
+    ],
+)
+def test_pdserve_setups_are_pdserve_serve_command_lines(
+    name: str, counts: list[str], policy: str, rescheduling: str
+) -> None:
+    p = plan(name, Path("/logs/x"), kv_cache_gib=1.5)
+    (serve,) = p.processes
+    assert serve.argv[1:4] == ["-m", "pdserve.cli", "serve"]
+    args = serve.argv[4:]
+    for flag, value in zip(("--prefill", "--decode", "--both"), counts, strict=True):
+        assert args[args.index(flag) + 1] == value
+    assert args[args.index("--policy") + 1] == policy and rescheduling in args
+    assert args[args.index("--kv-cache-gib") + 1] == "1.5"
+    assert args[args.index("--log-dir") + 1] == "/logs/x"
+    assert "--model" not in args  # the bundled model is pdserve serve's default
+    assert args[-2:] == ["--max-num-seqs", "8"]
+    assert p.gateway and p.endpoint == "http://127.0.0.1:9100"
+    assert serve.ready_url == p.endpoint + "/admin/instances" and serve.expect_instances == 2
+    assert p.cores == ["0", "1"] and serve.env == {}
+    # Every flag is one pdserve serve has; only the vLLM arguments are left over.
+    parsed, extra = build_parser().parse_known_args(serve.argv[3:])
+    assert extra == ["--max-num-seqs", "8"]
+    assert parsed.control_port == 9101 and parsed.port == 9100
+    assert parsed.rescheduling is (rescheduling == "--rescheduling")
+
+
+def test_a_user_model_reaches_pdserve_serve() -> None:
+    p = plan("pdserve-1p1d", user_model="/my/model", model="/my/model", served_name=None)
+    args = p.processes[0].argv
+    assert args[args.index("--model") + 1] == "/my/model"
+
+
+def test_router_command_line_is_vllm_routers() -> None:
+    launch_router = pytest.importorskip("vllm_router.launch_router")
+    router = plan("vllm-router").processes[-1]
+    parsed = launch_router.parse_router_args(router.argv[3:])
+    assert parsed.worker_urls == ["http://127.0.0.1:9100", "http://127.0.0.1:9101"]
+    assert parsed.policy == "round_robin" and parsed.port == 9102
+    assert parsed.prometheus_port == 9103
+
+
+def test_plain_vllm_command_line_is_vllms() -> None:
+    cli_args = pytest.importorskip("vllm.entrypoints.launchers.cli_args")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    vllm = plan("vllm-router").processes[0]
+    parser = cli_args.make_arg_parser(FlexibleArgumentParser())
+    parsed = parser.parse_args(vllm.argv[3:])
+    assert parsed.dtype == "float32" and parsed.enforce_eager and parsed.max_num_seqs == 8
+    assert parsed.port == 9100 and parsed.served_model_name == ["SmolLM2-135M-Instruct"]
+
+
+def test_metric_total() -> None:
+    text = "\n".join(
+        [
+            "# HELP vllm:num_preemptions_total Cumulative number of preemption.",
+            "# TYPE vllm:num_preemptions_total counter",
+            'vllm:num_preemptions_total{engine="0",model_name="m"} 3.0',
+            'vllm:num_preemptions_total{engine="1",model_name="m"} 2.0',
+            'vllm:num_preemptions_created{engine="0",model_name="m"} 1.7e9',
+            'pdserve_migrations_total{result="started"} 5.0',
+            'pdserve_migrations_total{result="completed"} 4.0',
+            "process_open_fds 12",
+        ]
+    )
+    assert metric_total(text, "vllm:num_preemptions_total") == 5.0
+    assert metric_total(text, "vllm:num_preemptions_total", engine="1") == 2.0
+    assert metric_total(text, "pdserve_migrations_total", result="completed") == 4.0
+    assert metric_total(text, "process_open_fds") == 12.0
+    assert metric_total(text, "pdserve_migrations_total", result="aborted") is None
+    assert metric_total(text, "pdserve_dispatches_total") is None
+
+
+# --- processes, with fake servers in place of vLLM and pdserve --------------------------
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _tiny_point(url: str, tmp_path: Path) -> tuple[RunSettings, list[BenchRequest]]:
+    point = RunSettings(
+        url=url,
+        workload="fixed",
+        input_len=4,
+        output_len=3,
+        num_requests=4,
+        rate=[float("inf")],
+        output_dir=str(tmp_path / "points"),
+        progress=False,
+        plots=False,
+        time_limit_s=20,
+    )
+    return point, [BenchRequest([101, 102, 103, 104], 4, 3)] * 4
+
+
+def test_vllm_router_setup_runs_and_stops_on_fake_instances(tmp_path: Path) -> None:
+    pytest.importorskip("vllm_router")
+    from pdserve.cluster.processes import free_port
+
+    p = plan_setup(parse_setup("vllm-router", 2), launch(), tmp_path, free_port)
+    for proc in p.processes[:2]:  # fakes in place of vLLM; the router is the real one
+        proc.argv = [sys.executable, str(FAKES), str(proc.port)]
+    running = RunningSetup(p, tmp_path)
+    try:
+        running.start(60)
+        before = running.counters()
+        point, requests = _tiny_point(running.endpoint, tmp_path)
+        result = compare.measure_point(point, float("inf"), requests)
+        assert result.summary.completed == 4, result.records[0].error
+        after = running.counters()
+        # Round robin: two requests per fake, so one preemption on each.
+        assert before == {"preemptions": 0.0} and after == {"preemptions": 2.0}
+        running.check_alive()
+    finally:
+        running.stop()
+    assert not running.processes
+    assert not any(_listening(proc.port) for proc in p.processes)
+
+
+def test_pdserve_setup_waits_for_its_instances_and_reads_gateway_counters(tmp_path: Path) -> None:
+    from pdserve.cluster.processes import free_port
+
+    p = plan_setup(parse_setup("pdserve-1p1d", 2), launch(), tmp_path, free_port)
+    (serve,) = p.processes
+    serve.argv = [sys.executable, str(FAKES), str(serve.port), "--gateway", "2"]
+    running = RunningSetup(p, tmp_path)
+    try:
+        running.start(60)
+        assert running.instance_urls == [p.endpoint, p.endpoint]
+        point, requests = _tiny_point(running.endpoint, tmp_path)
+        assert compare.measure_point(point, float("inf"), requests).summary.completed == 4
+        assert running.counters() == {
+            "preemptions": 4.0,  # the fake lists itself twice, 2 preemptions each
+            "migrations": 1.0,
+            "dispatch_disaggregated": 4.0,
+            "dispatch_local": 0.0,
+        }
+    finally:
+        running.stop()
+    assert not _listening(serve.port)
+
+
+def test_a_setup_that_dies_while_starting_fails_fast(tmp_path: Path) -> None:
+    from pdserve.cluster.processes import free_port
+
+    p = plan_setup(parse_setup("pdserve-rr", 2), launch(), tmp_path, free_port)
+    p.processes[0].argv = [sys.executable, "-c", "import sys; print('no model'); sys.exit(3)"]
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        compare.start_setup(p, tmp_path, 30)
+
+
+# --- the sweep and the report -----------------------------------------------------------
+
+
+class FakeRunning:
+    def __init__(self, name: str, fake: Fake, events: list[str]) -> None:
+        self._name, self.fake, self.events = name, fake, events
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def endpoint(self) -> str:
+        return self.fake.url
+
+    def counters(self) -> dict[str, float]:
+        return {"preemptions": float(self.fake.requests // 2)}
+
+    def check_alive(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.events.append(f"stop {self.name}")
+
+
+def compare_settings(tmp_path: Path, **extra: Any) -> CompareSettings:
+    base: dict[str, Any] = {
+        "workload": "fixed",
+        "input_len": 8,
+        "output_len": 5,
+        "num_requests": 4,
+        "rate": [50.0, 100.0],
+        "slo_ttft_ms": 1000,
+        "slo_tpot_ms": 1000,
+        "output_dir": str(tmp_path / "out"),
+        "log_dir": str(tmp_path / "logs"),
+        "progress": False,
+        "time_limit_s": 20,
+        "warmup_requests": 2,
+    }
+    return CompareSettings(**(base | extra))
+
+
+def run_comparison(
+    tmp_path: Path, fake: Fake, events: list[str], failing: Sequence[str] = (), **extra: Any
+) -> dict[str, Any]:
+    settings = compare_settings(tmp_path, **extra)
+
+    def start(p: SetupPlan, log_dir: Path, timeout_s: float) -> FakeRunning:
+        events.append(f"start {p.spec.name}")
+        if p.spec.name in failing:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {p.spec.name}")
+        return FakeRunning(p.spec.name, fake, events)
+
+    def measure(point: RunSettings, load: float, requests: Sequence[BenchRequest]) -> PointResult:
+        events.append(f"point {point.label} {load:g}")
+        return compare.measure_point(point, load, requests)
+
+    def warm(point: RunSettings, requests: Sequence[BenchRequest], concurrency: int) -> int:
+        events.append(f"warm {point.label}")
+        return compare.warm_up(point, requests, concurrency)
+
+    def vllm_bench(argv: list[str], result: Path, log: Path, timeout: float, env: Any) -> Any:
+        events.append("vllm bench serve")
+        assert argv[argv.index("--base-url") + 1] == fake.url
+        return json.loads(FIXTURE.read_text())
+
+    comparison = Comparison(
+        settings,
+        launch(vllm_args=("--max-num-seqs", "4")),
+        "pdserve bench compare --workload fixed --rate 50 100",
+        start=start,
+        measure=measure,
+        warm=warm,
+        vllm_bench=vllm_bench,
+        port=ports(),
+    )
+    return comparison.run()
+
+
+def test_sweep_runs_each_setup_alone_in_order_and_writes_the_report(tmp_path: Path) -> None:
+    events: list[str] = []
+    with serve_in_thread() as fake:
+        results = run_comparison(
+            tmp_path, fake, events, cross_check=True, cross_check_setup="pdserve-rr"
+        )
+    expected = []
+    for name in default_setups(2):
+        expected += [f"start {name}", f"warm {name}", f"point {name} 50", f"point {name} 100"]
+        expected += ["vllm bench serve"] if name == "pdserve-rr" else []
+        expected.append(f"stop {name}")
+    assert events == expected
+
+    # Each load has its own prompts; every setup got the same ones; warm-ups were different.
+    prompts = [json.dumps(p["prompt"]) for p in fake.payloads]
+    per_setup = len(prompts) // 4
+    assert per_setup == 2 + 4 + 4
+    first = prompts[:per_setup]
+    assert all(prompts[i * per_setup : (i + 1) * per_setup] == first for i in range(4))
+    warmup, load50, load100 = set(first[:2]), set(first[2:6]), set(first[6:])
+    assert not (warmup & load50) and not (load50 & load100)
+    assert all(p["max_tokens"] == 5 for p in fake.payloads[2:6])
+
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["setups"][0]["name"] == "vllm-router" and len(saved["setups"]) == 4
+    for entry in saved["setups"]:
+        assert entry["error"] is None and entry["warmup_ok"] == 2
+        assert [p["load"] for p in entry["points"]] == [50.0, 100.0]
+        for point in entry["points"]:
+            assert point["summary"]["completed"] == 4
+            assert point["counters"] == {"preemptions": 2.0}
+            assert (out / point["file"]).is_file()
+    assert sorted(f.name for f in (out / "points").iterdir())[:2] == [
+        "pdserve-1p1d-poisson-100.json",
+        "pdserve-1p1d-poisson-50.json",
+    ]
+    assert saved["machine"]["cpu_model"] and saved["machine"]["ram_gib"]
+    assert set(saved["versions"]) >= {"pdserve", "vllm", "torch", "vllm-router"}
+    assert saved["vllm_args"] == ["--max-num-seqs", "4"]
+    for png in saved["plots"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert set(saved["plots"]) == {
+        "sweep.png", "itl_tpot.png", "latency_cdf-50.png", "latency_cdf-100.png"
+    }  # fmt: skip
+    # Two xPyD setups against two colocated ones at two loads.
+    assert len(saved["targets"]["p99_itl"]) == 8 and len(saved["targets"]["goodput"]) == 4
+
+    cross = saved["cross_check"]
+    assert cross["setup"] == "pdserve-rr" and cross["rate"] == 50.0
+    assert cross["pdserve_source"].startswith("the sweep's point")
+    assert cross["vllm"]["ttft_ms"]["mean"] == pytest.approx(122.9)
+
+    report = (out / "report.md").read_text()
+    assert report == render_report(saved)
+    assert "pdserve bench compare --workload fixed --rate 50 100" in report
+    assert saved["machine"]["cpu_model"] in report and "## Versions" in report
+    assert "| pdserve-1p1d | 50 | 4/4 |" in report
+    assert "| pdserve-1p1d-resched | pdserve-rr | 100 |" in report
+    assert "nowhere to migrate" in report  # 1P1D with rescheduling cannot migrate
+    assert "## Cross-check with `vllm bench serve`" in report and "--dataset-name random" in report
+    assert "![sweep.png](sweep.png)" in report
+    assert "VLLM_CPU_OMP_THREADS_BIND=0" in report  # the plain instances' command lines
+
+
+def test_a_setup_that_fails_is_reported_and_the_others_run(tmp_path: Path) -> None:
+    events: list[str] = []
+    with serve_in_thread() as fake:
+        results = run_comparison(
+            tmp_path, fake, events, failing=["pdserve-rr"], setups=["pdserve-rr", "pdserve-1p1d"],
+            rate=[100.0], plots=False, warmup_requests=0,
+        )  # fmt: skip
+    assert events == [
+        "start pdserve-rr",
+        "start pdserve-1p1d",
+        "point pdserve-1p1d 100",
+        "stop pdserve-1p1d",
+    ]
+    failed, ran = results["setups"]
+    assert failed["error"].startswith("did not start: timed out") and failed["points"] == []
+    assert ran["error"] is None and len(ran["points"]) == 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**pdserve-rr failed:**" in report
+    assert "| pdserve-rr | - | did not start" in report
+    assert results["targets"]["p99_itl"] == []
+
+
+# --- settings and command line ----------------------------------------------------------
+
+
+def test_command_line_builds_compare_settings() -> None:
+    argv = ["bench", "compare", "--setups", "vllm-router", "pdserve-1p1d", "--rate", "0.5", "1"]
+    argv += ["--workload", "summarize", "--slo-ttft-ms", "3000", "--cross-check"]
+    argv += ["--kv-cache-gib", "1", "--max-num-seqs", "16"]
+    args, extra = build_parser().parse_known_args(argv)
+    assert args.accepts_extra and extra == ["--max-num-seqs", "16"]
+    settings = settings_from_args(args)
+    assert settings.setup_names() == ["vllm-router", "pdserve-1p1d"]
+    assert settings.rate == [0.5, 1.0] and settings.workload == "summarize"
+    assert settings.kv_cache_gib == 1.0 and settings.slo_ttft_ms == 3000
+    assert settings.cross_check_target() == ("vllm-router", 0.5)
+    # What each setup decides is not a flag of compare.
+    _, extra = build_parser().parse_known_args(["bench", "compare", "--label", "x"])
+    assert extra == ["--label", "x"]
+
+
+def test_settings_refuse_impossible_comparisons() -> None:
+    with pytest.raises(ValidationError, match="X \\+ Y"):
+        CompareSettings(setups=["pdserve-1p2d"])
+    with pytest.raises(ValidationError, match="open loop"):
+        CompareSettings(cross_check=True, arrival="closed")
+    with pytest.raises(ValidationError, match="not among"):
+        CompareSettings(cross_check=True, setups=["vllm-router"], cross_check_setup="pdserve-rr")
+    with pytest.raises(ValidationError, match="twice"):
+        CompareSettings(setups=["pdserve-rr", "pdserve-rr"])
+    assert CompareSettings(instances=4).setup_names()[2] == "pdserve-2p2d"
+
+
+# --- targets ----------------------------------------------------------------------------
+
+
+def _summary(itl_p99: float, goodput: float, attainment: float) -> dict[str, Any]:
+    empty = LatencyStats()
+    return Summary(
+        requests_sent=10, completed=10, failed=0, duration_s=10.0, total_input_tokens=0,
+        total_output_tokens=0, request_throughput=1.0, output_throughput=1.0, ttft_ms=empty,
+        tpot_ms=empty, itl_ms=LatencyStats(n=1, p99=itl_p99), e2e_ms=empty, slo_ttft_ms=100.0,
+        goodput=goodput, slo_attainment=attainment,
+    ).model_dump(mode="json")  # fmt: skip
+
+
+def _entry(name: str, points: dict[float, dict[str, Any]]) -> dict[str, Any]:
+    spec = parse_setup(name, 2)
+    return {
+        "name": name,
+        "spec": {"prefill": spec.prefill, "decode": spec.decode, "both": spec.both},
+        "points": [{"load": load, "summary": s} for load, s in points.items()],
+    }
+
+
+def test_targets_compare_xpyd_with_colocated_at_equal_rate_and_at_the_knee() -> None:
+    colocated = _entry(
+        "vllm-router",
+        {
+            1.0: _summary(400, 0.95, 0.95),
+            2.0: _summary(800, 1.8, 0.9),
+            3.0: _summary(900, 1.5, 0.5),
+        },
+    )
+    xpyd = _entry(
+        "pdserve-1p1d",
+        {1.0: _summary(100, 1.0, 1.0), 2.0: _summary(500, 2.5, 0.95), 3.0: _summary(600, 2.7, 0.9)},
+    )
+    targets = evaluate_targets([colocated, xpyd])
+    ratios = [(r["load"], r["ratio"], r["met"]) for r in targets["p99_itl"]]
+    assert ratios == [(1.0, 0.25, True), (2.0, 0.625, False), (3.0, pytest.approx(2 / 3), False)]
+    (goodput,) = targets["goodput"]
+    assert goodput["knee"] == 2.0  # the highest rate with >= 90% attainment
+    assert goodput["ratio"] == pytest.approx(2.5 / 1.8) and goodput["met"] is True
+    assert goodput["peak_ratio"] == pytest.approx(2.7 / 1.8)
+    assert knee_load({1.0: Summary.model_validate(_summary(1, 0.1, 0.2))}) == 1.0
+
+
+# --- the cross-check --------------------------------------------------------------------
+
+
+def test_vllm_bench_serve_json_is_read_with_its_field_names() -> None:
+    data = json.loads(FIXTURE.read_text())
+    parsed = parse_vllm_bench(data)
+    assert parsed["completed"] == 3 and parsed["failed"] == 1
+    assert parsed["duration_s"] == data["duration"]
+    assert parsed["ttft_ms"] == {
+        "mean": data["mean_ttft_ms"],
+        "p50": data["p50_ttft_ms"],
+        "p90": data["p90_ttft_ms"],
+        "p99": data["p99_ttft_ms"],
+    }
+    assert parsed["tpot_ms"]["mean"] == data["mean_tpot_ms"]
+    assert parsed["e2e_ms"]["p99"] == data["p99_e2el_ms"]
+    assert parsed["mean_input_tokens"] == pytest.approx(97 / 3)
+    assert parsed["goodput"] == data["request_goodput"]
+
+    # vLLM's per-request timings through pdserve's formulas give vLLM's numbers back.
+    records = records_from_vllm_bench(data)
+    assert records is not None and [r.success for r in records] == [True, True, False, True]
+    again = summarize(records, data["duration"])
+    for ours, theirs in [
+        (again.ttft_ms.mean, data["mean_ttft_ms"]),
+        (again.ttft_ms.p99, data["p99_ttft_ms"]),
+        (again.tpot_ms.mean, data["mean_tpot_ms"]),
+        (again.tpot_ms.p50, data["median_tpot_ms"]),
+        (again.itl_ms.p99, data["p99_itl_ms"]),
+        (again.e2e_ms.mean, data["mean_e2el_ms"]),
+    ]:
+        assert ours == pytest.approx(theirs)
+    undetailed = {k: v for k, v in data.items() if k not in ("ttfts", "itls", "errors")}
+    assert records_from_vllm_bench(undetailed) is None
+
+
+def test_cross_check_rows_give_relative_differences() -> None:
+    data = json.loads(FIXTURE.read_text())
+    theirs = parse_vllm_bench(data)
+    records = records_from_vllm_bench(data)
+    assert records is not None
+    ours = summarize(records, data["duration"]).model_copy(
+        update={
+            "ttft_ms": LatencyStats(n=3, mean=110.0, p50=100.0, p99=150.0),
+            "tpot_ms": LatencyStats(n=3, mean=21.0, p50=21.0, p99=22.0),
+        }
+    )
+    rows = {r["metric"]: r for r in cross_check_rows(ours, theirs, 0.10, summarize(records, 2.0))}
+    assert rows["TTFT mean"]["relative_difference"] == pytest.approx(122.9 / 110 - 1)
+    assert rows["TTFT mean"]["within_tolerance"] is False and rows["TTFT mean"]["checked"]
+    assert rows["TPOT mean"]["within_tolerance"] is True
+    assert rows["TPOT mean"]["vllm_recomputed_ms"] == pytest.approx(data["mean_tpot_ms"])
+    assert not rows["ITL P99"]["checked"]
+
+
+def test_vllm_bench_serve_command_line(tmp_path: Path) -> None:
+    settings = compare_settings(tmp_path, input_len=3000, output_len=64, max_context=2048)
+    argv = vllm_bench_argv(
+        settings, "http://127.0.0.1:8000", "SmolLM2-135M-Instruct", "/tok", 0.5, tmp_path,
+        "v.json", cli=["vllm"],
+    )  # fmt: skip
+    joined = shlex.join(argv)
+    assert joined.startswith("vllm bench serve --backend openai --base-url http://127.0.0.1:8000")
+    # Lengths capped like pdserve's own fixed workload.
+    assert "--random-input-len 2047 --random-output-len 1 --random-range-ratio 0" in joined
+    assert "--num-prompts 4 --request-rate 0.5 --burstiness 1 --seed 0 --temperature 0" in joined
+    assert "--save-detailed" in argv and "--ignore-eos" in argv
+    assert argv[-3:] == ["--goodput", "ttft:1000", "tpot:1000"]
+
+
+def test_vllm_bench_serve_command_line_is_vllms(tmp_path: Path) -> None:
+    serve = pytest.importorskip("vllm.benchmarks.serve")
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    settings = compare_settings(tmp_path, input_len=512, output_len=32)
+    argv = vllm_bench_argv(settings, "http://h:1", "m", "/tok", 0.25, tmp_path, "v.json", ["vllm"])
+    parser = FlexibleArgumentParser()
+    serve.add_cli_args(parser)
+    parsed = parser.parse_args(argv[3:])
+    assert parsed.dataset_name == "random" and parsed.random_input_len == 512
+    assert parsed.random_output_len == 32 and parsed.num_prompts == 4
+    assert parsed.request_rate == 0.25 and parsed.base_url == "http://h:1"
+    assert parsed.save_detailed and parsed.result_filename == "v.json"
+    assert parsed.goodput == ["ttft:1000", "tpot:1000"] and parsed.temperature == 0.0
+
+
+def test_run_vllm_bench_reads_the_json_or_reports_the_failure(tmp_path: Path) -> None:
+    result = tmp_path / "v.json"
+    copy = f"import shutil; shutil.copy({str(FIXTURE)!r}, {str(result)!r})"
+    data = run_vllm_bench([sys.executable, "-c", copy], result, tmp_path / "log", 30, {})
+    assert data["completed"] == 3
+    fail = "import sys; print('ValueError: Unknown backend'); sys.exit(1)"
+    with pytest.raises(RuntimeError, match="Unknown backend"):
+        run_vllm_bench(
+            [sys.executable, "-c", fail], tmp_path / "no.json", tmp_path / "log2", 30, {}
+        )
+    with pytest.raises(TimeoutError):
+        run_vllm_bench(
+            [sys.executable, "-c", "import time; time.sleep(30)"], result, tmp_path / "l3", 0.5, {}
+        )
+
+
+def test_setups_module_reads_the_build_from_metadata() -> None:
+    assert isinstance(setups.is_cpu_build(), bool)
+    assert setups.available_cores()

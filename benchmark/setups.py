@@ -175,9 +175,10 @@ class ProcessSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)  # on top of this process's environment
-    ready_url: str = ""  # polled until it answers 200 before the next process starts
+    ready_url: str = ""  # polled until it answers 200 (after start, or before the next)
     expect_instances: int = 0  # > 0: ready_url lists instances, this many must be healthy
     port: int = 0
+    after_ready: bool = False  # started only once every process before it is ready
 
 
 @dataclass
@@ -279,7 +280,11 @@ def plan_router(spec: SetupSpec, launch: Launch, port: Callable[[], int]) -> Set
         "1",
     ]
     endpoint = f"http://{host}:{router_port}"
-    processes.append(ProcessSpec(ROUTER, router, ready_url=endpoint + "/health", port=router_port))
+    processes.append(
+        ProcessSpec(
+            ROUTER, router, ready_url=endpoint + "/health", port=router_port, after_ready=True
+        )
+    )
     return SetupPlan(spec, processes, endpoint, bindings, instance_urls=urls)
 
 
@@ -408,23 +413,35 @@ class RunningSetup:
         return http_ok(spec.ready_url)
 
     def start(self, timeout_s: float) -> None:
-        """Starts the processes in order, each ready before the next; raises on failure."""
+        """Starts the processes (together, but a router only once its workers are ready) and
+        waits until every one is ready; raises on failure, leaving the caller to ``stop``."""
         deadline = time.monotonic() + timeout_s
+        pending: list[ProcessSpec] = []
         for spec in self.plan.processes:
-            proc = ManagedProcess(
-                spec.name,
-                spec.argv,
-                self.log_dir / f"{spec.name}.log",
-                env={**os.environ, **spec.env},
-            )
-            self.processes.append(proc)
-            if spec.ready_url:
-                wait_until(
-                    lambda spec=spec: self._ready(spec),  # type: ignore[misc]
-                    max(1.0, deadline - time.monotonic()),
-                    f"{self.name}: {spec.name}",
-                    self.processes,
+            if spec.after_ready:
+                self._wait(pending, deadline)
+                pending = []
+            self.processes.append(
+                ManagedProcess(
+                    spec.name,
+                    spec.argv,
+                    self.log_dir / f"{spec.name}.log",
+                    env={**os.environ, **spec.env},
                 )
+            )
+            pending.append(spec)
+        self._wait(pending, deadline)
+
+    def _wait(self, specs: Sequence[ProcessSpec], deadline: float) -> None:
+        for spec in specs:
+            if not spec.ready_url:
+                continue
+            wait_until(
+                lambda spec=spec: self._ready(spec),  # type: ignore[misc]
+                max(1.0, deadline - time.monotonic()),
+                f"{self.name}: {spec.name}",
+                self.processes,
+            )
             if spec.expect_instances:
                 self.instance_urls = [
                     str(r["url"]) for r in healthy_instances(spec.ready_url) if r.get("url")

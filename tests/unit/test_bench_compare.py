@@ -130,6 +130,8 @@ def test_vllm_router_setup_plain_instances_on_their_own_cores() -> None:
     assert args[args.index("--prometheus-port") + 1] == "9103"
     assert p.endpoint == "http://127.0.0.1:9102" and router.ready_url == p.endpoint + "/health"
     assert not p.gateway and router.env == {}
+    # The instances start together; the router once both answer.
+    assert [x.after_ready for x in p.processes] == [False, False, True]
 
 
 def test_plain_vllm_follows_the_user_and_the_machine() -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -243,3 +245,63 @@ the city holds a festival of music and science, when laboratories open their doo
 orchestras play in the courtyards of the old colleges. Students explain experiments about light,
 magnetism and the chemistry of bread, while children build small boats to race on the canal.
 """
+
+
+class Stream:
+    """A streaming completion read on a thread, so the test can act while it runs."""
+
+    def __init__(self, url: str, prompt: list[int], max_tokens: int) -> None:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        self.request = urllib.request.Request(
+            url + "/v1/completions", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"})
+        self.tokens: list[int] = []
+        self.times: list[float] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.done = threading.Event()
+        self.response: Any = None
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        try:
+            self.response = urllib.request.urlopen(self.request, timeout=600)
+            for raw in self.response:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[5:])
+                if "error" in event:
+                    self.error = str(event["error"])
+                for choice in event.get("choices", []):
+                    if choice.get("token_ids"):
+                        self.tokens.extend(choice["token_ids"])
+                        self.times.append(time.perf_counter())
+                    if choice.get("finish_reason"):
+                        self.finish_reason = choice["finish_reason"]
+        except Exception as e:  # surfaced by the test's assertions
+            self.error = self.error or f"{type(e).__name__}: {e}"
+        finally:
+            self.done.set()
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+
+    def wait(self, timeout: float = 600) -> None:
+        assert self.done.wait(timeout), "the stream did not end"
+
+
+def open_raw_stream(url: str, body: dict[str, Any]) -> socket.socket:
+    """Sends a streaming request over a raw socket, so the test can vanish at will."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    return sock

@@ -7,17 +7,15 @@ and decoded on a decode instance after pulling its KV over a gloo pair.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import socket
 import time
 import urllib.request
-from typing import Any
 
 from tests.integration.helpers import (
     MODEL,
     PlainVLLM,
     ServeCluster,
     http_json,
+    open_raw_stream,
     prompt_token_ids,
     wait_for,
 )
@@ -97,25 +95,12 @@ def test_concurrent_transfers_from_one_prefill_to_two_decoders(
     assert rows["decode-0"]["healthy"] and rows["decode-1"]["healthy"]
 
 
-def _open_stream(cluster: ServeCluster, body: dict[str, Any]) -> socket.socket:
-    """Sends a streaming request over a raw socket, so the test can vanish at will."""
-    host, port = cluster.url.removeprefix("http://").split(":")
-    payload = json.dumps(body).encode()
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(
-        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
-        + payload
-    )
-    return sock
-
-
 def test_abort_during_transfer_frees_blocks_on_both_sides(cluster: ServeCluster) -> None:
     wait_for(cluster.all_kv_free, 30, "an idle cluster")
     cluster.inject_pull_delay("prefill-0", delay_s=2.0)
     prompt = prompt_token_ids(900, seed=7)
-    sock = _open_stream(
-        cluster,
+    sock = open_raw_stream(
+        cluster.url,
         {"model": MODEL, "prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True},
     )
     try:

@@ -3,71 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
 import threading
 import time
-import urllib.request
 from typing import Any
 
 import pytest
 
 from tests.integration.helpers import (
-    MODEL,
     PlainVLLM,
     ServeCluster,
+    Stream,
     http_json,
     prompt_token_ids,
     wait_for,
 )
 
 DECODERS = ("decode-0", "decode-1")
-
-
-class Stream:
-    """A streaming completion read on a thread, so the test can act while it runs."""
-
-    def __init__(self, cluster: ServeCluster, prompt: list[int], max_tokens: int) -> None:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "return_token_ids": True}
-        self.request = urllib.request.Request(
-            cluster.url + "/v1/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"})
-        self.tokens: list[int] = []
-        self.times: list[float] = []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.done = threading.Event()
-        self.response: Any = None
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        try:
-            self.response = urllib.request.urlopen(self.request, timeout=600)
-            for raw in self.response:
-                line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    self.error = str(event["error"])
-                for choice in event.get("choices", []):
-                    if choice.get("token_ids"):
-                        self.tokens.extend(choice["token_ids"])
-                        self.times.append(time.perf_counter())
-                    if choice.get("finish_reason"):
-                        self.finish_reason = choice["finish_reason"]
-        except Exception as e:  # surfaced by the test's assertions
-            self.error = self.error or f"{type(e).__name__}: {e}"
-        finally:
-            self.done.set()
-
-    def close(self) -> None:
-        if self.response is not None:
-            self.response.close()
-
-    def wait(self, timeout: float = 600) -> None:
-        assert self.done.wait(timeout), "the stream did not end"
 
 
 def where(cluster: ServeCluster) -> dict[str, str]:
@@ -100,7 +51,7 @@ def idle(cluster: ServeCluster) -> None:
 
 def test_migration_mid_stream_keeps_the_output(cluster: ServeCluster, reference: PlainVLLM) -> None:
     prompt = prompt_token_ids(300, seed=31)
-    stream = Stream(cluster, prompt, max_tokens=120)
+    stream = Stream(cluster.url, prompt, max_tokens=120)
     key, source = only_request(cluster)
     wait_for(lambda: len(stream.tokens) >= 40, 300, "40 tokens on the first instance")
     result = migrate(cluster, key, other(source))
@@ -117,7 +68,7 @@ def test_migration_mid_stream_keeps_the_output(cluster: ServeCluster, reference:
 
 def test_several_migrations_in_a_row(cluster: ServeCluster, reference: PlainVLLM) -> None:
     prompt = prompt_token_ids(200, seed=32)
-    stream = Stream(cluster, prompt, max_tokens=150)
+    stream = Stream(cluster.url, prompt, max_tokens=150)
     key, instance = only_request(cluster)
     for hop in range(3):
         wait_for(lambda h=hop: len(stream.tokens) >= 25 * (h + 1), 300, "more tokens")
@@ -135,7 +86,7 @@ def test_drain_moves_every_stream_off_an_instance(
     cluster: ServeCluster, reference: PlainVLLM
 ) -> None:
     prompts = [prompt_token_ids(120 + 10 * i, seed=40 + i) for i in range(8)]
-    streams = [Stream(cluster, p, max_tokens=60) for p in prompts]
+    streams = [Stream(cluster.url, p, max_tokens=60) for p in prompts]
     wait_for(lambda: len(where(cluster)) == 8 and all(len(s.tokens) >= 3 for s in streams),
              300, "8 streams to be running")
     counts: dict[str, int] = {}
@@ -165,7 +116,7 @@ def test_drain_moves_every_stream_off_an_instance(
 
 def test_client_leaving_during_migration_leaves_no_blocks(cluster: ServeCluster) -> None:
     prompt = prompt_token_ids(900, seed=33)
-    stream = Stream(cluster, prompt, max_tokens=400)
+    stream = Stream(cluster.url, prompt, max_tokens=400)
     key, source = only_request(cluster)
     wait_for(lambda: len(stream.tokens) >= 10, 300, "tokens")
     # Make the pre-copy pull stall, so that the client is gone while the migration runs.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from unittest import mock
 
 import pytest
 
@@ -23,27 +24,17 @@ def test_patched_code_has_not_moved(name: str) -> None:
 
 
 def test_mq_busy_loop_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    import zmq
     from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
     monkeypatch.setenv("PDSERVE_MQ_BUSY_LOOP_S", "0.25")
     patches.apply(["mq_busy_loop"])
     patches.apply(["mq_busy_loop"])  # idempotent
-    ctx = zmq.Context()
-    readers = []
-    try:
-        readers.append(SpinCondition(True, ctx, "inproc://pdserve-test-notify"))
-        assert readers[0].busy_loop_s == 0.25
-        readers.append(SpinCondition(True, ctx, "inproc://pdserve-test-notify-2", busy_loop_s=3))
-        assert readers[1].busy_loop_s == 3, "an explicit value is left alone"
-    finally:
-        # Close every socket before the context: libzmq aborts the process otherwise.
-        for reader in readers:
-            for name in ("local_notify_socket", "read_cancel_socket", "write_cancel_socket"):
-                sock = getattr(reader, name, None)
-                if sock is not None:
-                    sock.close(linger=0)
-        ctx.term()
+    # A stand-in ZeroMQ context: real sockets torn down in a test process made libzmq abort
+    # the whole run now and then; only the constructor's arguments matter here.
+    context = mock.MagicMock()
+    assert SpinCondition(True, context, "inproc://a").busy_loop_s == 0.25
+    explicit = SpinCondition(True, context, "inproc://b", busy_loop_s=3)
+    assert explicit.busy_loop_s == 3, "an explicit value is left alone"
 
 
 def test_unknown_patch_is_refused() -> None:

@@ -125,10 +125,15 @@ def plan(serve: ServeSettings, gateway: GatewaySettings) -> tuple[list[Slot], li
         raise ValueError(f"control port {gateway.control_port} is in use: choose --control-port")
     counters: dict[str, int] = {}
     slots = []
+    taken = {gateway.port, gateway.control_port}
     for role, cores in zip(roles, bindings, strict=False):
         index = counters.get(role, 0)
         counters[role] = index + 1
-        slots.append(Slot(role, index, free_port(gateway.host), cores))
+        port = free_port(gateway.host)
+        while port in taken:  # the OS may hand out a port it just gave us again
+            port = free_port(gateway.host)
+        taken.add(port)
+        slots.append(Slot(role, index, port, cores))
     return slots, warnings
 
 

@@ -118,11 +118,13 @@ def write_result(result: PointResult, path: Path) -> Path:
 
 async def run_async(settings: RunSettings) -> dict[str, Any]:
     """``run`` for callers that already have an event loop."""
-    requests = build_workload(settings)
     target = await resolve_target(settings)
     results: list[PointResult] = []
     files: list[str] = []
-    for load in load_points(settings):
+    for index, load in enumerate(load_points(settings)):
+        # New prompts (seed + index) per load point: vLLM's prefix cache would serve prompts
+        # sent again at the next load, flattering every later point.
+        requests = build_workload(settings.model_copy(update={"seed": settings.seed + index}))
         results.append(await run_point(settings, target, requests, load))
         files.append(str(write_result(results[-1], result_path(settings, load))))
     plots = plot_results(results, Path(settings.output_dir)) if settings.plots else []

@@ -37,6 +37,30 @@ def test_mq_busy_loop_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     assert explicit.busy_loop_s == 3, "an explicit value is left alone"
 
 
+def test_mq_recheck_interval_is_still_read_where_it_was() -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from pdserve.patches import mq_busy_loop
+
+    reader = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings.timeout_ms
+    assert patches.source_digest(reader) == mq_busy_loop.PINNED_RECHECK_SOURCE, (
+        "vLLM changed how readers recheck: review patches/mq_busy_loop.py and re-pin it"
+    )
+    assert "SHM_READER_RECHECK_INTERVAL_MS" in reader.__code__.co_names
+
+
+def test_mq_busy_loop_bounds_the_recheck_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    monkeypatch.setattr(shm_broadcast, "SHM_READER_RECHECK_INTERVAL_MS", 5000)
+    monkeypatch.setenv("PDSERVE_MQ_RECHECK_MS", "7")
+    cls = shm_broadcast.SpinCondition
+    monkeypatch.setattr(cls, "__init__", getattr(cls.__init__, "__wrapped__", cls.__init__))
+    patches.apply(["mq_busy_loop"])
+    timeout = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings(timeout=None, should_warn=False)
+    assert timeout.timeout_ms() == 7
+
+
 def test_unknown_patch_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown"):
         patches.apply(["nonsense"])

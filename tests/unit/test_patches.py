@@ -38,9 +38,8 @@ def test_mq_busy_loop_sets_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_mq_recheck_interval_is_still_read_where_it_was() -> None:
-    from vllm.distributed.device_communicators import shm_broadcast
-
     from pdserve.patches import mq_busy_loop
+    from vllm.distributed.device_communicators import shm_broadcast
 
     reader = shm_broadcast.MessageQueue.ReadTimeoutWithWarnings.timeout_ms
     assert patches.source_digest(reader) == mq_busy_loop.PINNED_RECHECK_SOURCE, (

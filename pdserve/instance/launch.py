@@ -103,6 +103,10 @@ def prepare_environment(settings: InstanceSettings, cpu: bool) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
         if settings.cpu_cores is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_cores
+        if settings.cpu_cores == "nobind":
+            # Instances sharing cores: one OpenMP thread per worker. With one thread per core
+            # each, OpenMP's spinning barriers wait on threads that are not running.
+            os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def kv_settings_for(settings: InstanceSettings) -> KVSettings:

@@ -164,11 +164,11 @@ async def measure(
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for repeat in range(repeats):
             for length in lengths:
-                for method in METHODS:  # interleaved, so drift hits every method alike
+                for index, method in enumerate(METHODS):  # interleaved: drift hits all alike
                     trial = Trial(length, method)
-                    await run_trial(
-                        http, url, model, trial, decoders, migrate_after, seed=length + repeat
-                    )
+                    # A new prompt per trial: the target's prefix cache must not hold it.
+                    seed = (length * 10 + repeat) * len(METHODS) + index
+                    await run_trial(http, url, model, trial, decoders, migrate_after, seed)
                     trials.append(trial)
                     print(_line(trial), flush=True)
     return trials

@@ -277,6 +277,10 @@ class LiveGateway:
             self.app,
             host="127.0.0.1",
             port=self.settings.port,
+            # uvicorn's default log config runs logging.config.dictConfig, which closes every
+            # handler in the process (pytest's too); with it, a later test's zmq context
+            # termination aborted the test process in about 40% of runs.
+            log_config=None,
             log_level="warning",
             access_log=False,
             lifespan="on",

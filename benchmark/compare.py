@@ -904,7 +904,7 @@ def render_report(results: dict[str, Any]) -> str:
         + f"; loads: {', '.join(_load(x) for x in loads)}",
         f"- SLOs: TTFT {_num(settings['slo_ttft_ms'], 0)} ms, "
         f"TPOT {_num(settings['slo_tpot_ms'], 0)} ms",
-        f"- KV cache per instance: {settings['kv_cache_gib']:g} GiB; vLLM arguments: "
+        f"- KV cache per instance: {settings['kv_cache_gib']} GiB; vLLM arguments: "
         f"{shlex.join(results['vllm_args']) or '(none)'}",
         f"- plain vLLM patched like pdserve instances (CPU build): {settings['patch_plain_vllm']}",
         f"- sampling: temperature {settings['temperature']:g}, ignore_eos {settings['ignore_eos']}",

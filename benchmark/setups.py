@@ -73,7 +73,7 @@ class SetupSettings(BaseModel):
     instances: int = Field(
         2, ge=1, description="vLLM instances of every setup (N); xPyD setups need X + Y = N"
     )
-    kv_cache_gib: float = same_field(InstanceSettings, "kv_cache_gib")
+    kv_cache_gib: int = same_field(InstanceSettings, "kv_cache_gib")
     start_timeout_s: float = same_field(ServeSettings, "start_timeout_s")
     patch_plain_vllm: bool = Field(
         True,
@@ -233,7 +233,7 @@ def plain_vllm_env(launch: Launch, cores: str) -> dict[str, str]:
         return {}
     env = {
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": f"{launch.settings.kv_cache_gib:g}",
+        "VLLM_CPU_KVCACHE_SPACE": str(launch.settings.kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": cores,
     }
     if launch.settings.patch_plain_vllm:
@@ -313,7 +313,7 @@ def plan_pdserve(
         "--control-port",
         str(control_port),
         "--kv-cache-gib",
-        f"{launch.settings.kv_cache_gib:g}",
+        str(launch.settings.kv_cache_gib),
         "--start-timeout-s",
         f"{launch.settings.start_timeout_s:g}",
         "--log-dir",

@@ -68,7 +68,12 @@ class InstanceSettings(BaseModel):
     cpu_cores: str | None = Field(
         None, description="CPU build: cores for this instance's worker (VLLM_CPU_OMP_THREADS_BIND)"
     )
-    kv_cache_gib: float = Field(2.0, gt=0, description="CPU build: KV cache size in GiB")
+    kv_cache_gib: int = Field(
+        2,
+        ge=1,
+        description="CPU build: KV cache size in whole GiB (vLLM's VLLM_CPU_KVCACHE_SPACE); "
+        "for less, add vLLM's --num-gpu-blocks-override",
+    )
 
     def resolved_id(self) -> str:
         return self.instance_id or f"{self.role}-{self.public_host()}-{self.port}"
@@ -100,7 +105,7 @@ def prepare_environment(settings: InstanceSettings, cpu: bool) -> None:
         # See patches/mq_busy_loop.py: spinning queues steal the CPU the workers compute on.
         os.environ.setdefault("PDSERVE_VLLM_PATCHES", "mq_busy_loop")
         os.environ["VLLM_TARGET_DEVICE"] = "cpu"
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{settings.kv_cache_gib:g}")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
         if settings.cpu_cores is not None:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_cores
         if settings.cpu_cores == "nobind":

@@ -101,7 +101,7 @@ def test_setup_names() -> None:
 
 
 def test_vllm_router_setup_plain_instances_on_their_own_cores() -> None:
-    p = plan("vllm-router", kv_cache_gib=1.5)
+    p = plan("vllm-router", kv_cache_gib=3)
     first, second, router = p.processes
     assert [first.name, second.name, router.name] == ["vllm-0", "vllm-1", "vllm-router"]
     assert first.argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -114,7 +114,7 @@ def test_vllm_router_setup_plain_instances_on_their_own_cores() -> None:
     ]  # fmt: skip
     assert first.env == {
         "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": "1.5",
+        "VLLM_CPU_KVCACHE_SPACE": "3",
         "VLLM_CPU_OMP_THREADS_BIND": "0",
         "PDSERVE_VLLM_PATCHES": "mq_busy_loop",
     }
@@ -160,14 +160,14 @@ def test_plain_vllm_follows_the_user_and_the_machine() -> None:
 def test_pdserve_setups_are_pdserve_serve_command_lines(
     name: str, counts: list[str], policy: str, rescheduling: str
 ) -> None:
-    p = plan(name, Path("/logs/x"), kv_cache_gib=1.5)
+    p = plan(name, Path("/logs/x"), kv_cache_gib=3)
     (serve,) = p.processes
     assert serve.argv[1:4] == ["-m", "pdserve.cli", "serve"]
     args = serve.argv[4:]
     for flag, value in zip(("--prefill", "--decode", "--both"), counts, strict=True):
         assert args[args.index(flag) + 1] == value
     assert args[args.index("--policy") + 1] == policy and rescheduling in args
-    assert args[args.index("--kv-cache-gib") + 1] == "1.5"
+    assert args[args.index("--kv-cache-gib") + 1] == "3"
     assert args[args.index("--log-dir") + 1] == "/logs/x"
     assert "--model" not in args  # the bundled model is pdserve serve's default
     assert args[-2:] == ["--max-num-seqs", "8"]
@@ -488,7 +488,7 @@ def test_command_line_builds_compare_settings() -> None:
     settings = settings_from_args(args)
     assert settings.setup_names() == ["vllm-router", "pdserve-1p1d"]
     assert settings.rate == [0.5, 1.0] and settings.workload == "summarize"
-    assert settings.kv_cache_gib == 1.0 and settings.slo_ttft_ms == 3000
+    assert settings.kv_cache_gib == 1 and settings.slo_ttft_ms == 3000
     assert settings.cross_check_target() == ("vllm-router", 0.5)
     # What each setup decides is not a flag of compare.
     _, extra = build_parser().parse_known_args(["bench", "compare", "--label", "x"])

@@ -72,7 +72,7 @@ def run_setting(
 ) -> dict[str, Any]:
     flags = [
         *CLUSTER_ARGS,
-        "--kv-cache-gib", str(args.kv_cache_gib),
+        "--kv-cache-gib", "1", "--num-gpu-blocks-override", str(args.kv_blocks),
         "--rescheduling" if rescheduling else "--no-rescheduling",
     ]  # fmt: skip
     with local_cluster(flags, expected=3) as cluster:
@@ -124,9 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--long", type=int, nargs=2, default=[1000, 300], metavar=("IN", "OUT"))
     parser.add_argument("--short", type=int, nargs=2, default=[100, 60], metavar=("IN", "OUT"))
     parser.add_argument(
-        "--kv-cache-gib", type=float, default=0.2,
-        help="KV cache per instance: small, so that the long requests preempt",
-    )  # fmt: skip
+        "--kv-blocks",
+        type=int,
+        default=40,
+        help="KV blocks per decode instance (of 128 tokens on CPU): few, so the long ones preempt",
+    )
     parser.add_argument("--time-limit-s", type=float, default=900.0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

@@ -58,6 +58,9 @@ logger = get_logger(__name__)
 
 CONTROL_TIMEOUT_S = 5.0
 
+# Rounds the rescheduler waits before trying again to move a request whose move failed.
+RETRY_AFTER_ROUNDS = 10
+
 MigrationMode = Literal["live", "blocking", "recompute"]
 MIGRATION_MODES: tuple[MigrationMode, ...] = ("live", "blocking", "recompute")
 
@@ -91,6 +94,8 @@ class Migrator:
         self.recent: list[MigrationResult] = []
         self._slots = asyncio.Semaphore(settings.max_migrations)
         self._preemptions: dict[str, int] = {}
+        # Requests whose last move failed, and when: the rescheduler leaves them alone a while.
+        self._failed_at: dict[str, float] = {}
         self._loop_task: asyncio.Task[None] | None = None
 
     # --- one migration -----------------------------------------------------------------------
@@ -118,6 +123,8 @@ class Migrator:
             result = await self._run(session, target, mode)
         self.ctx.metrics.migrations.labels(result.status).inc()
         self.recent = [*self.recent[-99:], result]
+        if result.status != "completed":
+            self._failed_at[session.key] = time.monotonic()
         logger.info(
             "pdserve: migration of %s %s -> %s %s%s (downtime %s)",
             result.request_key,
@@ -139,10 +146,12 @@ class Migrator:
         result = MigrationResult(session.key, source, target, "aborted", mode=mode)
         self.ctx.metrics.migrations.labels("started").inc()
         pinned: Pinned | None = None
+        pin_sent = False
         transfer_id = uuid.uuid4().hex
         try:
             self._check_movable(session, target)
             if mode != "recompute" and session.output_ids and session.prompt_ids is not None:
+                pin_sent = True
                 pinned = await self._pin(session, source, transfer_id)
             if pinned is not None and mode == "live":
                 await self._precopy(session, target, pinned, transfer_id, result)
@@ -161,7 +170,8 @@ class Migrator:
         except asyncio.TimeoutError:
             result.reason = "timed out"
         finally:
-            if pinned is not None:
+            if pinned is not None or (pin_sent and result.status != "completed"):
+                # Also when the Pin's answer never came: the engine may have pinned late.
                 await self._unpin(source, pinned, transfer_id)
         result.duration_s = time.perf_counter() - started
         if result.status == "completed":
@@ -196,7 +206,7 @@ class Migrator:
             return None  # still queued there: nothing to copy, it simply moves
         raise _Abort(f"{source} refused to export: {error}")
 
-    async def _unpin(self, source: str, pinned: Pinned, transfer_id: str) -> None:
+    async def _unpin(self, source: str, pinned: Pinned | None, transfer_id: str) -> None:
         """Before the cut: stop exporting; if the request ended meanwhile, free its blocks."""
         try:
             reply = await self.ctx.kv.call(
@@ -206,7 +216,7 @@ class Migrator:
             )
         except (asyncio.TimeoutError, _Abort):
             reply = None
-        if not isinstance(reply, Failed):
+        if not isinstance(reply, Failed) or pinned is None:
             return
         self.ctx.kv.release(pinned.addresses, transfer_id)
 
@@ -307,7 +317,11 @@ class Migrator:
                 preempted[view.instance_id] = view.load.num_preemptions > before
                 self._preemptions[view.instance_id] = view.load.num_preemptions
         budget = self.settings.max_migrations - len(self.moving)
-        plans = plan_migrations(snapshot, self.settings, set(self.moving), preempted, budget)
+        now = time.monotonic()
+        backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s
+        self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < backoff}
+        left_alone = set(self.moving) | set(self._failed_at)
+        plans = plan_migrations(snapshot, self.settings, left_alone, preempted, budget)
         started = 0
         for plan in plans:
             session = self.ctx.sessions.find(plan.request_key)

@@ -7,6 +7,8 @@ file only wires them together, so ``pdserve --help`` lists exactly what is imple
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -188,64 +190,53 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     add_compare_arguments(compare)
     compare.set_defaults(handler=_bench_compare, accepts_extra=True)
-    _add_bench_overhead(bench_sub)
-    _add_bench_soak(bench_sub)
+    _add_reporting_benches(bench_sub)
 
 
-def _bench_overhead(args: argparse.Namespace, extra: list[str]) -> int:
-    from pydantic import ValidationError
-
-    from benchmark.gateway_overhead import report, settings_from_args
-
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        print(f"pdserve bench overhead: {error}", file=sys.stderr)
-        return 2
-    return report(settings, extra)
-
-
-def _add_bench_overhead(bench_sub: argparse._SubParsersAction) -> None:
-    from benchmark.gateway_overhead import add_overhead_arguments
-
-    overhead = bench_sub.add_parser(
+# Benchmarks whose module offers add_*_arguments, settings_from_args and report(settings, extra).
+_REPORTING_BENCHES = (
+    (
         "overhead",
-        help="TTFT and throughput through the gateway vs straight to the same instance",
-        description="Starts pdserve serve with one 'both' instance (or uses --url) and sends "
-        "interleaved passes of the same shape to the instance and to the gateway. Arguments "
-        "pdserve does not know go to the instance.",
-        allow_abbrev=False,
-    )
-    add_overhead_arguments(overhead)
-    overhead.set_defaults(handler=_bench_overhead, accepts_extra=True)
+        "benchmark.gateway_overhead",
+        "add_overhead_arguments",
+        "TTFT and throughput through the gateway vs straight to the same instance",
+        "Starts pdserve serve with one 'both' instance (or uses --url) and sends interleaved "
+        "passes of the same shape to the instance and to the gateway. Arguments pdserve does "
+        "not know go to the instance.",
+    ),
+    (
+        "soak",
+        "benchmark.soak",
+        "add_soak_arguments",
+        "minutes of Poisson load at a fraction of capacity: errors, KV leaks, memory",
+        "Starts pdserve serve with the flags it does not know (or uses --url), probes "
+        "capacity, loads it at --fraction for --minutes, then checks that every KV block is "
+        "freed and how much each process grew.",
+    ),
+)
 
 
-def _bench_soak(args: argparse.Namespace, extra: list[str]) -> int:
+def _bench_report(module_name: str, args: argparse.Namespace, extra: list[str]) -> int:
     from pydantic import ValidationError
 
-    from benchmark.soak import report, settings_from_args
-
+    module = importlib.import_module(module_name)
     try:
-        settings = settings_from_args(args)
+        settings = module.settings_from_args(args)
     except ValidationError as error:
-        print(f"pdserve bench soak: {error}", file=sys.stderr)
+        print(f"pdserve bench {args.bench_command}: {error}", file=sys.stderr)
         return 2
-    return report(settings, extra)
+    return int(module.report(settings, extra))
 
 
-def _add_bench_soak(bench_sub: argparse._SubParsersAction) -> None:
-    from benchmark.soak import add_soak_arguments
-
-    soak = bench_sub.add_parser(
-        "soak",
-        help="minutes of Poisson load at a fraction of capacity: errors, KV leaks, memory",
-        description="Starts pdserve serve with the flags it does not know (or uses --url), "
-        "probes capacity, loads it at --fraction for --minutes, then checks that every KV "
-        "block is freed and how much each process grew.",
-        allow_abbrev=False,
-    )
-    add_soak_arguments(soak)
-    soak.set_defaults(handler=_bench_soak, accepts_extra=True)
+def _add_reporting_benches(bench_sub: argparse._SubParsersAction) -> None:
+    for name, module_name, adder, help_text, description in _REPORTING_BENCHES:
+        parser = bench_sub.add_parser(
+            name, help=help_text, description=description, allow_abbrev=False
+        )
+        getattr(importlib.import_module(module_name), adder)(parser)
+        parser.set_defaults(
+            handler=functools.partial(_bench_report, module_name), accepts_extra=True
+        )
 
 
 def _add_model(sub: argparse._SubParsersAction) -> None:

@@ -73,6 +73,7 @@ def run_setting(
     flags = [
         *CLUSTER_ARGS,
         "--kv-cache-gib", "1", "--num-gpu-blocks-override", str(args.kv_blocks),
+        "--max-model-len", "4096",
         "--rescheduling" if rescheduling else "--no-rescheduling",
     ]  # fmt: skip
     with local_cluster(flags, expected=3) as cluster:

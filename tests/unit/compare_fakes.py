@@ -22,6 +22,19 @@ from aiohttp import web
 TOKEN_GAP_S = 0.003
 
 
+async def write_token_stream(
+    response: web.StreamResponse, payload: dict[str, Any], gap_s: float = TOKEN_GAP_S
+) -> None:
+    """What vLLM streams for a completion: one chunk per token, a usage chunk, [DONE]."""
+    for i in range(payload["max_tokens"]):
+        await asyncio.sleep(gap_s)
+        chunk = {"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}
+        await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    usage = {"prompt_tokens": len(payload["prompt"]), "completion_tokens": payload["max_tokens"]}
+    await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+    await response.write(b"data: [DONE]\n\n")
+
+
 @dataclass
 class Fake:
     url: str = ""
@@ -41,16 +54,7 @@ class Fake:
         self.requests += 1
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for i in range(payload["max_tokens"]):
-            await asyncio.sleep(TOKEN_GAP_S)
-            chunk = {"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        usage = {
-            "prompt_tokens": len(payload["prompt"]),
-            "completion_tokens": payload["max_tokens"],
-        }
-        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+        await write_token_stream(response, payload)
         return response
 
     async def metrics(self, request: web.Request) -> web.Response:

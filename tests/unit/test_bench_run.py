@@ -17,6 +17,7 @@ from aiohttp import web
 from benchmark.metrics import PointResult
 from benchmark.plots import main as plots_main
 from benchmark.run import RunSettings, add_run_arguments, main, run, settings_from_args
+from tests.unit.compare_fakes import write_token_stream
 
 TOKEN_GAP_S = 0.005
 API_KEY = "secret"
@@ -42,16 +43,7 @@ class FakeServer:
         await response.prepare(request)
         if self.hang:
             await asyncio.sleep(30)
-        for i in range(payload["max_tokens"]):
-            await asyncio.sleep(TOKEN_GAP_S)
-            chunk = {"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
-        usage = {
-            "prompt_tokens": len(payload["prompt"]),
-            "completion_tokens": payload["max_tokens"],
-        }
-        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+        await write_token_stream(response, payload, TOKEN_GAP_S)
         return response
 
 

@@ -14,7 +14,7 @@ same instance would hit vLLM's prefix cache. Lengths are exact (token-id prompts
 ``ignore_eos``), so every pass asks for the same work.
 
 Instances in a cluster only accept requests that carry a key derived from the cluster secret
-(``pdserve.instance.agent.instance_api_key``); the benchmark knows the secret of a cluster it
+(``pdserve.protocol.wire.instance_api_key``); the benchmark knows the secret of a cluster it
 starts, and takes ``$PDSERVE_CLUSTER_SECRET`` for ``--url``.
 
     pdserve bench overhead --requests 32 --concurrency 4 --rounds 4 --json overhead.json
@@ -247,7 +247,7 @@ def client_settings(
     settings: OverheadSettings, instance: dict[str, Any], gateway_url: str, secret: bytes
 ) -> tuple[ClientSettings, ClientSettings]:
     """(direct, gateway): the instance wants the key derived from the cluster secret."""
-    from pdserve.instance.agent import instance_api_key
+    from pdserve.protocol.wire import instance_api_key
 
     common = {"request_timeout_s": settings.request_timeout_s}
     direct = ClientSettings(url=instance["url"], api_key=instance_api_key(secret), **common)

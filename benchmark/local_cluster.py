@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pdserve.cluster.processes import ManagedProcess, free_port, pdserve_argv, wait_until
-from pdserve.wire import SECRET_ENV, cluster_secret, is_loopback, new_secret
+from pdserve.protocol.net import is_loopback
+from pdserve.protocol.wire import SECRET_ENV, cluster_secret, new_secret
 
 
 @dataclass

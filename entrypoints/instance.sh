@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs one role-tagged vLLM instance that joins a remote pdserve gateway.
 #
-#   PDSERVE_SCHEDULER=GATEWAY_HOST:7000 PDSERVE_CLUSTER_SECRET=... \
+#   PDSERVE_CONTROL_ADDRESS=GATEWAY_HOST:7000 PDSERVE_CLUSTER_SECRET=... \
 #     entrypoints/instance.sh ROLE [pdserve instance flags] [vLLM args]
 #
 # ROLE is prefill, decode or both (prefill.sh and decode.sh fill it in).
 #
 # Environment:
-#   PDSERVE_SCHEDULER       required; the gateway's control plane, HOST:PORT or tcp://HOST:PORT
+#   PDSERVE_CONTROL_ADDRESS required; the gateway's control plane, HOST:PORT or tcp://HOST:PORT
+#                           (PDSERVE_SCHEDULER, its old name, still works)
 #   PDSERVE_CLUSTER_SECRET  required; the same random string on every host of the cluster
 #   PDSERVE_ADVERTISE_HOST  address of this host that the gateway and the other instances
 #                           reach (also where the KV data connection binds); default: the
@@ -36,12 +37,12 @@ esac
 
 me=instance.sh
 require_secret "$me"
-scheduler=${PDSERVE_SCHEDULER:-}
-if [ -z "$scheduler" ]; then
-  echo "$me: set PDSERVE_SCHEDULER to the gateway's control plane, e.g. 10.0.0.1:7000" >&2
+control=${PDSERVE_CONTROL_ADDRESS:-${PDSERVE_SCHEDULER:-}}
+if [ -z "$control" ]; then
+  echo "$me: set PDSERVE_CONTROL_ADDRESS to the gateway's control plane, e.g. 10.0.0.1:7000" >&2
   exit 2
 fi
-case "$scheduler" in tcp://*) ;; *) scheduler="tcp://$scheduler" ;; esac
+case "$control" in tcp://*) ;; *) control="tcp://$control" ;; esac
 
 advertise=${PDSERVE_ADVERTISE_HOST:-}
 if [ -z "$advertise" ]; then
@@ -56,7 +57,7 @@ fi
 bin=$(pdserve_bin)
 args=(
   --role "$role"
-  --scheduler "$scheduler"
+  --control-address "$control"
   --host "${PDSERVE_HOST:-0.0.0.0}"
   --port "${PDSERVE_PORT:-8100}"
   --advertise-host "$advertise"

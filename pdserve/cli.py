@@ -32,14 +32,15 @@ def _doctor(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _instance(args: argparse.Namespace, extra: list[str]) -> int:
-    from pdserve.instance.launch import InstanceSettings, main
+    from pdserve.instance.launch import main
+    from pdserve.instance.settings import InstanceSettings
     from pdserve.settings import from_args
 
     return main(from_args(InstanceSettings, args), extra)
 
 
 def _add_instance(sub: argparse._SubParsersAction) -> None:
-    from pdserve.instance.launch import InstanceSettings
+    from pdserve.instance.settings import InstanceSettings
     from pdserve.settings import add_arguments
 
     instance = sub.add_parser(
@@ -47,7 +48,7 @@ def _add_instance(sub: argparse._SubParsersAction) -> None:
         help="run one vLLM instance with a role (prefill, decode, both) and join a cluster",
         description="Runs vLLM's OpenAI API server with pdserve's KV connector and load "
         "reports. Arguments pdserve does not know are passed to vLLM unchanged.",
-        usage="pdserve instance [--role ROLE] [--scheduler tcp://HOST:PORT] ... [vLLM args]",
+        usage="pdserve instance [--role ROLE] [--control-address tcp://HOST:PORT] ... [vLLM args]",
         allow_abbrev=False,
     )
     add_arguments(instance, InstanceSettings)
@@ -88,7 +89,7 @@ def _add_gateway(sub: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace, extra: list[str]) -> int:
     from pdserve.cluster.launcher import ServeSettings, main
     from pdserve.gateway.settings import GatewaySettings
-    from pdserve.instance.launch import InstanceSettings
+    from pdserve.instance.settings import InstanceSettings
     from pdserve.scheduler.dispatch import DispatchSettings
     from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import from_args
@@ -106,7 +107,7 @@ def _serve(args: argparse.Namespace, extra: list[str]) -> int:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from pdserve.cluster.launcher import PER_INSTANCE_FIELDS, ServeSettings
     from pdserve.gateway.settings import GatewaySettings
-    from pdserve.instance.launch import InstanceSettings
+    from pdserve.instance.settings import InstanceSettings
     from pdserve.scheduler.dispatch import DispatchSettings
     from pdserve.scheduler.rescheduling import ReschedulingSettings
     from pdserve.settings import add_arguments

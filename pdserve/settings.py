@@ -8,8 +8,10 @@ defaults, validation and ``--help`` cannot drift apart.
 from __future__ import annotations
 
 import argparse
+import sys
 import types
 import typing
+import warnings
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 from pydantic import BaseModel
@@ -30,17 +32,47 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag: stores into the new one's field and warns once."""
+
+    def __init__(self, option_strings: list[str], dest: str, replacement: str, **kwargs: Any):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        warnings.warn(
+            f"{option} is deprecated; use {self.replacement}", DeprecationWarning, stacklevel=2
+        )
+        print(f"pdserve: {option} is deprecated; use {self.replacement}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(
     parser: argparse.ArgumentParser | argparse._ArgumentGroup,
     model: type[BaseModel],
     exclude: typing.Collection[str] = (),
+    prefix: str = "",
 ) -> None:
-    """Adds one flag per field; an absent flag leaves the model's default in charge."""
+    """Adds one flag per field; an absent flag leaves the model's default in charge.
+
+    A field that is itself a settings model contributes its fields under the field's name
+    (``kv: KVTransferSettings`` gives ``--kv-lease-s``, stored as ``kv_lease_s``). ``exclude``
+    names those flat names. A field may list old spellings in
+    ``json_schema_extra={"deprecated_flags": [...]}``: they still work, and warn.
+    """
     for name, field in model.model_fields.items():
-        if name in exclude:
+        dest = prefix + name
+        if dest in exclude:
             continue
         annotation = _unwrap_optional(field.annotation)
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        if _is_model(annotation):
+            add_arguments(parser, annotation, exclude, prefix=dest + "_")
+            continue
+        kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
         default = field.default
         shown = "" if default is PydanticUndefined or default is None else f" (default: {default})"
         kwargs["help"] = (field.description or "") + shown
@@ -53,27 +85,57 @@ def add_arguments(
             kwargs["type"] = annotation
             kwargs["metavar"] = {int: "N", float: "X", str: "TEXT"}[annotation]
         else:
-            raise TypeError(f"no command-line form for {name}: {field.annotation}")
+            raise TypeError(f"no command-line form for {dest}: {field.annotation}")
         if default is PydanticUndefined:
             kwargs["required"] = True
-        parser.add_argument(_flag(name), **kwargs)
+        parser.add_argument(_flag(dest), **kwargs)
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        for old in typing.cast(list[str], extra.get("deprecated_flags", [])):
+            parser.add_argument(
+                old,
+                dest=dest,
+                default=argparse.SUPPRESS,
+                type=kwargs.get("type"),
+                help=argparse.SUPPRESS,
+                action=_DeprecatedAlias,
+                replacement=_flag(dest),
+            )
+
+
+def _values(model: type[BaseModel], flat: dict[str, Any], prefix: str) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for name, field in model.model_fields.items():
+        annotation = _unwrap_optional(field.annotation)
+        if _is_model(annotation):
+            nested = _values(annotation, flat, prefix + name + "_")
+            if nested:
+                values[name] = nested
+        elif prefix + name in flat:
+            values[name] = flat[prefix + name]
+    return values
 
 
 def from_args(model: type[M], namespace: argparse.Namespace, **overrides: Any) -> M:
-    values = {k: v for k, v in vars(namespace).items() if k in model.model_fields}
+    values = _values(model, vars(namespace), "")
     values.update(overrides)
     return model.model_validate(values)
 
 
-def to_argv(settings: BaseModel, exclude: typing.Collection[str] = ()) -> list[str]:
+def to_argv(
+    settings: BaseModel, exclude: typing.Collection[str] = (), prefix: str = ""
+) -> list[str]:
     """The flags that reproduce ``settings`` (only fields that differ from the defaults)."""
     argv: list[str] = []
     for name, field in type(settings).model_fields.items():
+        dest = prefix + name
         value = getattr(settings, name)
-        if name in exclude or (field.default is not PydanticUndefined and value == field.default):
+        if isinstance(value, BaseModel):
+            argv += to_argv(value, exclude, prefix=dest + "_")
+            continue
+        if dest in exclude or (field.default is not PydanticUndefined and value == field.default):
             continue
         if isinstance(value, bool):
-            argv.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+            argv.append(_flag(dest) if value else "--no-" + dest.replace("_", "-"))
         elif value is not None:
-            argv += [_flag(name), str(value)]
+            argv += [_flag(dest), str(value)]
     return argv

@@ -29,18 +29,19 @@ from pdserve.cluster.processes import (
     wait_until,
 )
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.launch import InstanceSettings
-from pdserve.instance.reports import Role
+from pdserve.instance.settings import InstanceSettings
+from pdserve.protocol.net import available_cores
+from pdserve.protocol.reports import Role
+from pdserve.protocol.wire import SECRET_ENV, new_secret
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.settings import to_argv
-from pdserve.wire import SECRET_ENV, new_secret
 
 # Instance flags the launcher decides per instance; all others are shared by every instance.
 PER_INSTANCE_FIELDS = frozenset(
     {
         "role",
-        "scheduler",
+        "control_address",
         "instance_id",
         "host",
         "port",
@@ -85,13 +86,6 @@ class Slot:
         return f"{self.role}-{self.index}"
 
 
-def _cores() -> list[int]:
-    try:
-        return sorted(os.sched_getaffinity(0))
-    except AttributeError:
-        return list(range(os.cpu_count() or 1))
-
-
 def assign_cores(count: int, cores: list[int]) -> tuple[list[str], bool]:
     """Splits the cores evenly between ``count`` instances; (bindings, shared?).
 
@@ -113,11 +107,11 @@ def plan(serve: ServeSettings, gateway: GatewaySettings) -> tuple[list[Slot], li
     roles: list[Role] = []
     for role, count in (("prefill", serve.prefill), ("decode", serve.decode), ("both", serve.both)):
         roles += [role] * count  # type: ignore[list-item]
-    bindings, shared = assign_cores(len(roles), _cores())
+    bindings, shared = assign_cores(len(roles), available_cores())
     warnings = []
     if shared:
         warnings.append(
-            f"{len(roles)} instances share {len(_cores())} cores: expect lower throughput"
+            f"{len(roles)} instances share {len(available_cores())} cores: expect lower throughput"
         )
     if port_in_use(gateway.host, gateway.port):
         raise ValueError(f"port {gateway.port} on {gateway.host} is in use: choose --port")
@@ -194,7 +188,7 @@ class Cluster:
             [gateway],
             interval_s=0.2,
         )
-        scheduler = f"tcp://{self.gateway.control_host}:{self.gateway.control_port}"
+        control_address = f"tcp://{self.gateway.control_host}:{self.gateway.control_port}"
         shared = to_argv(self.instance, exclude=PER_INSTANCE_FIELDS)
         model = ["--model", self.serve.model] if self.serve.model else []
         for slot in slots:
@@ -202,8 +196,8 @@ class Cluster:
                 "instance",
                 "--role",
                 slot.role,
-                "--scheduler",
-                scheduler,
+                "--control-address",
+                control_address,
                 "--instance-id",
                 slot.name,
                 "--host",

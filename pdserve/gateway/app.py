@@ -34,8 +34,8 @@ from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
-from pdserve.instance.agent import instance_api_key
 from pdserve.logs import get_logger
+from pdserve.protocol.wire import instance_api_key
 from pdserve.scheduler.dispatch import DispatchSettings, make_policy
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 

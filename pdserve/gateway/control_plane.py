@@ -18,8 +18,9 @@ import zmq
 import zmq.asyncio
 
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.reports import ControlMessage, Deregister, LoadReport, Register
 from pdserve.logs import get_logger
+from pdserve.protocol.reports import ControlMessage, Deregister, LoadReport, Register
+from pdserve.protocol.wire import AuthError, Codec
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy
 from pdserve.scheduler.snapshot import (
     ClusterSnapshot,
@@ -27,7 +28,6 @@ from pdserve.scheduler.snapshot import (
     Pending,
     RequestEstimate,
 )
-from pdserve.wire import AuthError, Codec
 
 logger = get_logger(__name__)
 

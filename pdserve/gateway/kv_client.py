@@ -5,7 +5,7 @@
 - ``call``: request/response with an instance's engine control server (``Pin``/``Unpin`` of
   a running request, for migration).
 
-Every message carries the cluster secret's MAC (``pdserve.wire``).
+Every message carries the cluster secret's MAC (``pdserve.protocol.wire``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import zmq.asyncio
 
 from pdserve.kv.messages import KVMessage, Release
 from pdserve.logs import get_logger
-from pdserve.wire import AuthError, Codec
+from pdserve.protocol.wire import AuthError, Codec
 
 logger = get_logger(__name__)
 

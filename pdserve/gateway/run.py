@@ -7,9 +7,10 @@ import uvicorn
 from pdserve.gateway.app import create_app
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.logs import get_logger
+from pdserve.protocol.net import is_loopback
+from pdserve.protocol.wire import cluster_secret
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.scheduler.rescheduling import ReschedulingSettings
-from pdserve.wire import cluster_secret, is_loopback
 
 logger = get_logger(__name__)
 

@@ -12,17 +12,16 @@ import socket
 import threading
 import time
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import zmq
 
-from pdserve.instance.reports import ControlMessage, Deregister, Register
+from pdserve.instance.settings import InstanceSettings
+from pdserve.kv.settings import KVSettings
 from pdserve.logs import get_logger
-from pdserve.wire import Codec, cluster_secret, derived_key, is_loopback
-
-if TYPE_CHECKING:
-    from pdserve.instance.launch import InstanceSettings
-    from pdserve.kv.settings import KVSettings
+from pdserve.protocol.net import is_loopback
+from pdserve.protocol.reports import ControlMessage, Deregister, Register
+from pdserve.protocol.wire import Codec, cluster_secret, instance_api_key
 
 logger = get_logger(__name__)
 
@@ -34,14 +33,9 @@ def local_url(settings: InstanceSettings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def instance_api_key(secret: bytes) -> str:
-    """The key instances in a cluster require on /v1; only the gateway derives it."""
-    return derived_key(secret, "instance-http")
-
-
 class RegistrationAgent:
     def __init__(self, settings: InstanceSettings, kv: KVSettings, pid: int, tp_size: int) -> None:
-        assert settings.scheduler is not None
+        assert settings.control_address is not None
         self.settings = settings
         self.kv = kv
         self.pid = pid
@@ -51,7 +45,7 @@ class RegistrationAgent:
         self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 500)
         self._socket.setsockopt(zmq.SNDHWM, 16)
-        self._socket.connect(settings.scheduler)
+        self._socket.connect(settings.control_address)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-registration", daemon=True)
         self._lock = threading.Lock()
@@ -106,7 +100,9 @@ class RegistrationAgent:
         if registration is None:
             return
         logger.info(
-            "pdserve: registering %s with %s", registration.instance_id, self.settings.scheduler
+            "pdserve: registering %s with %s",
+            registration.instance_id,
+            self.settings.control_address,
         )
         while not self._stopped.is_set():
             self._send(registration)

@@ -18,11 +18,12 @@ import zmq
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from pdserve.instance.reports import LoadReport, RunningRequest, TransferCounters
 from pdserve.kv.messages import parse_params
 from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.logs import get_logger
-from pdserve.wire import Codec, cluster_secret, is_loopback
+from pdserve.protocol.net import cdiv, is_loopback
+from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.protocol.wire import Codec, cluster_secret
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -34,17 +35,13 @@ _EMA = 0.2
 MAX_LISTED_REQUESTS = 512
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class LoadReporter:
     """Builds snapshots on the engine thread; sends them from its own thread."""
 
     def __init__(self, settings: KVSettings, block_size: int) -> None:
-        from pdserve.instance.reports import ControlMessage
+        from pdserve.protocol.reports import ControlMessage
 
-        assert settings.scheduler is not None
+        assert settings.control_address is not None
         self.instance_id = settings.instance_id
         self.block_size = block_size
         self._interval = settings.report_interval_s
@@ -54,7 +51,7 @@ class LoadReporter:
         self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.SNDHWM, 4)  # stale reports are worthless: drop, not queue
-        self._socket.connect(settings.scheduler)
+        self._socket.connect(settings.control_address)
         self._latest: LoadReport | None = None
         self._seq = 0
         self._keys: dict[str, str | None] = {}
@@ -163,13 +160,13 @@ class PdserveScheduler(Scheduler):
         extra = transfer_config.kv_connector_extra_config if transfer_config else None
         settings = from_extra_config(extra) if extra else None
         self.reporter: LoadReporter | None = None
-        if settings is not None and settings.scheduler:
+        if settings is not None and settings.control_address:
             self.reporter = LoadReporter(settings, self.cache_config.block_size)
             self.reporter.observe(self, TransferCounters())
             logger.info(
                 "pdserve: instance %s reports load to %s every %.0f ms",
                 settings.instance_id,
-                settings.scheduler,
+                settings.control_address,
                 settings.report_interval_s * 1e3,
             )
 

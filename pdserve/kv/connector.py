@@ -29,7 +29,8 @@ from pdserve.kv.scheduler_side import SchedulerSide, StepOrders
 from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.kv.worker_side import KVWorker, TransferStats
 from pdserve.logs import get_logger
-from pdserve.wire import cluster_secret, is_loopback
+from pdserve.protocol.net import is_loopback
+from pdserve.protocol.wire import cluster_secret
 
 if TYPE_CHECKING:
     import torch
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-    from pdserve.instance.reports import TransferCounters
+    from pdserve.protocol.reports import TransferCounters
 
 logger = get_logger(__name__)
 
@@ -128,7 +129,7 @@ class PdConnector(KVConnectorBase_V1):
         """Cumulative counters of all workers, for the load report."""
         from dataclasses import asdict
 
-        from pdserve.instance.reports import TransferCounters
+        from pdserve.protocol.reports import TransferCounters
 
         return TransferCounters(**asdict(self._transfer_totals))
 

@@ -6,8 +6,8 @@ Two kinds of data cross instance boundaries:
   ``"pdserve"`` they say what an instance should export (``ExportSpec``) or import
   (``SourceSpec``, as returned by the exporting instance).
 - Worker-to-worker messages travel over ZeroMQ in the authenticated envelope of
-  ``pdserve.wire``: pair set-up (the rendezvous of a torch.distributed process group of two),
-  pulls, and releases.
+  ``pdserve.protocol.wire``: pair set-up (the rendezvous of a torch.distributed process group
+  of two), pulls, and releases.
 
 This module imports no torch, so the gateway can use it.
 """

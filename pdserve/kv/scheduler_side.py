@@ -38,7 +38,8 @@ from pdserve.kv.settings import KVSettings
 from pdserve.kv.transport import Messenger
 from pdserve.kv.worker_side import ExportOrder, ExportUpdate, LoadOrder, ReleaseOrder
 from pdserve.logs import get_logger
-from pdserve.wire import Codec
+from pdserve.protocol.net import cdiv
+from pdserve.protocol.wire import Codec
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = get_logger(__name__)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 vLLM hands ``--kv-transfer-config`` to the EngineCore process and to every worker, so this
 one JSON object configures both sides of the connector. ``pdserve instance`` fills it in;
-a user running ``vllm serve`` directly can write it by hand (see docs/kv-connector.md).
+a user running ``vllm serve`` directly can write it by hand (see docs/kv-transfer.md).
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ CONNECTOR_MODULE = "pdserve.kv.connector"
 EXTRA_CONFIG_KEY = "pdserve"
 
 
-class KVSettings(BaseModel):
+class KVTransferSettings(BaseModel):
+    """What a user tunes about KV transfer; ``pdserve instance`` shows it as ``--kv-*`` flags."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    instance_id: str = Field("standalone", description="name of this instance in the cluster")
-    host: str = Field("127.0.0.1", description="address the KV server of each worker binds")
-    advertise_host: str | None = Field(
-        None, description="address peers use to reach the KV servers (default: host)"
-    )
-    port: int = Field(
-        ..., ge=1, le=65535, description="KV server port of TP rank 0 (rank r uses port + r)"
+    port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="KV server port of TP rank 0; rank r uses port + r (default: a free port)",
     )
     lease_s: float = Field(
         30.0, gt=0, description="seconds a finished prefill keeps its KV blocks for a pull"
@@ -48,11 +48,28 @@ class KVSettings(BaseModel):
     backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto: NCCL for CUDA caches, else gloo"
     )
+
+
+class KVSettings(KVTransferSettings):
+    """Everything the connector is told: the user's transfer settings plus who it is.
+
+    ``pdserve instance`` fills in the identity (instance id, addresses, the engine's control
+    port, where load reports go) from its own settings; only the inherited fields are flags.
+    """
+
+    instance_id: str = Field("standalone", description="name of this instance in the cluster")
+    host: str = Field("127.0.0.1", description="address the KV server of each worker binds")
+    advertise_host: str | None = Field(
+        None, description="address peers use to reach the KV servers (default: host)"
+    )
+    port: int = Field(  # type: ignore[assignment]  # resolved: required here
+        ..., ge=1, le=65535, description="KV server port of TP rank 0 (rank r uses port + r)"
+    )
     control_port: int | None = Field(
         None, ge=1, le=65535, description="port of the engine control server (migration)"
     )
-    scheduler: str | None = Field(
-        None, description="control-plane address (tcp://host:port) that receives load reports"
+    control_address: str | None = Field(
+        None, description="the gateway's control-plane address (tcp://host:port) for load reports"
     )
     report_interval_s: float = Field(0.1, gt=0, description="seconds between load reports")
 

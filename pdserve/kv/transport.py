@@ -35,7 +35,7 @@ import zmq
 
 from pdserve.kv.messages import KVMessage, StoreSet
 from pdserve.logs import get_logger
-from pdserve.wire import AuthError, Codec
+from pdserve.protocol.wire import AuthError, Codec
 
 logger = get_logger(__name__)
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pdserve.instance.reports import LoadReport, Role
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from pdserve.protocol.net import cdiv
+from pdserve.protocol.reports import LoadReport, Role
 
 
 @dataclass(frozen=True)

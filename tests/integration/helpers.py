@@ -21,7 +21,7 @@ import zmq
 from pdserve import bundled_model
 from pdserve.cluster.processes import ManagedProcess, free_port, http_ok, pdserve_argv, wait_until
 from pdserve.kv.messages import Ack, Failed, InjectFault, KVMessage
-from pdserve.wire import SECRET_ENV, Codec
+from pdserve.protocol.wire import SECRET_ENV, Codec
 
 MODEL = bundled_model.MODEL_NAME
 START_TIMEOUT_S = 600.0
@@ -251,11 +251,20 @@ class Stream:
     """A streaming completion read on a thread, so the test can act while it runs."""
 
     def __init__(self, url: str, prompt: list[int], max_tokens: int) -> None:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "return_token_ids": True}
+        body = {
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "return_token_ids": True,
+        }
         self.request = urllib.request.Request(
-            url + "/v1/completions", data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"})
+            url + "/v1/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         self.tokens: list[int] = []
         self.times: list[float] = []
         self.finish_reason: str | None = None

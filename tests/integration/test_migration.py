@@ -33,8 +33,9 @@ def only_request(cluster: ServeCluster) -> tuple[str, str]:
 
 
 def migrate(cluster: ServeCluster, key: str, target: str) -> dict[str, Any]:
-    status, result = http_json(cluster.url + "/admin/migrate",
-                               {"request_key": key, "target": target}, timeout=300)
+    status, result = http_json(
+        cluster.url + "/admin/migrate", {"request_key": key, "target": target}, timeout=300
+    )
     assert status == 200, result
     return result
 
@@ -87,8 +88,11 @@ def test_drain_moves_every_stream_off_an_instance(
 ) -> None:
     prompts = [prompt_token_ids(120 + 10 * i, seed=40 + i) for i in range(8)]
     streams = [Stream(cluster.url, p, max_tokens=60) for p in prompts]
-    wait_for(lambda: len(where(cluster)) == 8 and all(len(s.tokens) >= 3 for s in streams),
-             300, "8 streams to be running")
+    wait_for(
+        lambda: len(where(cluster)) == 8 and all(len(s.tokens) >= 3 for s in streams),
+        300,
+        "8 streams to be running",
+    )
     counts: dict[str, int] = {}
     for instance in where(cluster).values():
         counts[instance] = counts.get(instance, 0) + 1
@@ -102,14 +106,17 @@ def test_drain_moves_every_stream_off_an_instance(
     finally:
         http_json(f"{cluster.url}/admin/instances/{drained}/undrain", {})
     with cf.ThreadPoolExecutor(2) as pool:
-        expected = list(pool.map(
-            lambda p: reference.complete(p, 60, ignore_eos=True)["choices"][0]["token_ids"],
-            prompts))
+        expected = list(
+            pool.map(
+                lambda p: reference.complete(p, 60, ignore_eos=True)["choices"][0]["token_ids"],
+                prompts,
+            )
+        )
     for s, want in zip(streams, expected, strict=True):
         assert s.error is None, s.error
         assert s.tokens == want
     status, migrations = http_json(cluster.url + "/admin/migrations")
-    recent = migrations["recent"][-counts[drained]:]
+    recent = migrations["recent"][-counts[drained] :]
     assert all(m["status"] == "completed" for m in recent), recent
     wait_for(cluster.all_kv_free, 60, "every KV block given back")
 
@@ -121,8 +128,13 @@ def test_client_leaving_during_migration_leaves_no_blocks(cluster: ServeCluster)
     wait_for(lambda: len(stream.tokens) >= 10, 300, "tokens")
     # Make the pre-copy pull stall, so that the client is gone while the migration runs.
     cluster.inject_pull_delay(source, delay_s=3.0)
-    moving = threading.Thread(target=lambda: http_json(
-        cluster.url + "/admin/migrate", {"request_key": key, "target": other(source)}, timeout=300))
+    moving = threading.Thread(
+        target=lambda: http_json(
+            cluster.url + "/admin/migrate",
+            {"request_key": key, "target": other(source)},
+            timeout=300,
+        )
+    )
     moving.start()
     time.sleep(1.0)
     stream.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, os.environ["FAKE_SERVE_REPO"])
 
-from pdserve.instance.agent import instance_api_key
+from pdserve.protocol.wire import instance_api_key
 from tests.unit.fake_endpoints import TOTAL_BLOCKS, FakeEndpoint, serving
 
 

@@ -26,8 +26,8 @@ from pdserve.cluster.processes import free_port
 from pdserve.gateway.app import create_app
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.agent import instance_api_key
-from pdserve.instance.reports import LoadReport, Register
+from pdserve.protocol.reports import LoadReport, Register
+from pdserve.protocol.wire import instance_api_key
 from pdserve.scheduler.dispatch import DispatchSettings
 
 SECRET = b"gateway-test-secret"

@@ -22,8 +22,7 @@ from benchmark.gateway_overhead import (
 )
 from benchmark.metrics import RequestRecord, summarize
 from pdserve.cli import main as pdserve_main
-from pdserve.instance.agent import instance_api_key
-from pdserve.wire import SECRET_ENV
+from pdserve.protocol.wire import SECRET_ENV, instance_api_key
 from tests.unit.fake_endpoints import FakeEndpoint, serving, use_fake_serve
 
 SECRET = "test-cluster-secret"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.reports import Deregister, LoadReport, Register
+from pdserve.protocol.reports import Deregister, LoadReport, Register
 from pdserve.scheduler.dispatch import DispatchSettings, PdPolicy
 from pdserve.scheduler.snapshot import RequestEstimate
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.instance.reports import LoadReport
+from pdserve.protocol.reports import LoadReport
 from pdserve.scheduler.dispatch import (
     DispatchSettings,
     LeastRequestsPolicy,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pdserve.cli import build_parser
-from pdserve.wire import SECRET_ENV
+from pdserve.protocol.wire import SECRET_ENV
 
 ENTRYPOINTS = Path(__file__).resolve().parents[2] / "entrypoints"
 SCRIPTS = sorted(ENTRYPOINTS.glob("*.sh"))
@@ -124,7 +124,7 @@ def test_instance_scripts_build_a_valid_command(tmp_path: Path, role: str) -> No
     env = {
         "PDSERVE_BIN": str(fake),
         SECRET_ENV: "s3cret",
-        "PDSERVE_SCHEDULER": "10.0.0.1:7000",
+        "PDSERVE_CONTROL_ADDRESS": "10.0.0.1:7000",
         "PDSERVE_ADVERTISE_HOST": "10.0.0.2",
         "PDSERVE_PORT": "8200",
         "PDSERVE_MODEL": "/models/m",
@@ -134,7 +134,7 @@ def test_instance_scripts_build_a_valid_command(tmp_path: Path, role: str) -> No
     assert done.returncode == 0, done.stderr
     args, extra = build_parser().parse_known_args(record.read_text().splitlines())
     assert args.command == "instance" and args.role == role
-    assert args.scheduler == "tcp://10.0.0.1:7000"
+    assert args.control_address == "tcp://10.0.0.1:7000"
     assert (args.host, args.port, args.advertise_host) == ("0.0.0.0", 8200, "10.0.0.2")
     assert (args.model, args.kv_port, args.kv_cache_gib) == ("/models/m", 9100, 4.0)
     assert not hasattr(args, "instance_id") and not hasattr(args, "control_port")
@@ -146,22 +146,22 @@ def test_instance_script_keeps_a_tcp_url_and_takes_any_role(tmp_path: Path) -> N
     env = {
         "PDSERVE_BIN": str(fake),
         SECRET_ENV: "s3cret",
-        "PDSERVE_SCHEDULER": "tcp://gw:7000",
+        "PDSERVE_CONTROL_ADDRESS": "tcp://gw:7000",
         "PDSERVE_ADVERTISE_HOST": "h",
         "PDSERVE_INSTANCE_ID": "both-0",
     }
     assert _run("instance.sh", env, "both").returncode == 0
     args, _ = build_parser().parse_known_args(record.read_text().splitlines())
-    assert (args.role, args.scheduler, args.instance_id) == ("both", "tcp://gw:7000", "both-0")
+    assert (args.role, args.control_address, args.instance_id) == ("both", "tcp://gw:7000", "both-0")
 
 
 @pytest.mark.parametrize(
     ("script", "env", "args", "message"),
     [
         ("gateway.sh", {}, (), SECRET_ENV),
-        ("decode.sh", {"PDSERVE_SCHEDULER": "gw:7000"}, (), SECRET_ENV),
-        ("prefill.sh", {SECRET_ENV: "s"}, (), "PDSERVE_SCHEDULER"),
-        ("instance.sh", {SECRET_ENV: "s", "PDSERVE_SCHEDULER": "gw:7000"}, ("primary",), "ROLE"),
+        ("decode.sh", {"PDSERVE_CONTROL_ADDRESS": "gw:7000"}, (), SECRET_ENV),
+        ("prefill.sh", {SECRET_ENV: "s"}, (), "PDSERVE_CONTROL_ADDRESS"),
+        ("instance.sh", {SECRET_ENV: "s", "PDSERVE_CONTROL_ADDRESS": "gw:7000"}, ("primary",), "ROLE"),
     ],
 )
 def test_scripts_refuse_an_incomplete_setup(

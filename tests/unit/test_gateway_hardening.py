@@ -25,11 +25,11 @@ from pdserve.cluster.processes import free_port
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.reports import ControlMessage, Deregister, LoadReport, Register
 from pdserve.kv.messages import KVMessage, Pin, Pinned, Release, StoreSet
 from pdserve.kv.transport import Messenger, kv_codec
+from pdserve.protocol.reports import ControlMessage, Deregister, LoadReport, Register
+from pdserve.protocol.wire import Codec
 from pdserve.scheduler.dispatch import DispatchSettings, PdPolicy
-from pdserve.wire import Codec
 from tests.unit.gateway_harness import SECRET, FakeInstance, LiveGateway
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}

@@ -28,7 +28,7 @@ def test_shared_cores_when_there_are_not() -> None:
 
 
 def test_plan_names_instances_by_role(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launcher, "_cores", lambda: [0, 1])
+    monkeypatch.setattr(launcher, "available_cores", lambda: [0, 1])
     slots, warnings = plan(ServeSettings(prefill=1, decode=2), gateway())
     assert [s.name for s in slots] == ["prefill-0", "decode-0", "decode-1"]
     assert len({s.port for s in slots}) == 3
@@ -51,7 +51,7 @@ def test_plan_refuses_a_port_in_use() -> None:
 
 def test_watch_starts_again_what_dies_then_gives_up(tmp_path: Path) -> None:
     """A dying instance is restarted up to max_restarts times; a gateway out of restarts ends it."""
-    from pdserve.instance.launch import InstanceSettings
+    from pdserve.instance.settings import InstanceSettings
 
     serve = ServeSettings(max_restarts=2, log_dir=str(tmp_path))
     cluster = launcher.Cluster(serve, gateway(), [], InstanceSettings(), [])

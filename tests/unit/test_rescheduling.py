@@ -2,23 +2,42 @@
 
 from __future__ import annotations
 
-from pdserve.instance.reports import LoadReport, RunningRequest
+from pdserve.protocol.reports import LoadReport, RunningRequest
 from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations, virtual_usage
 from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView
 
 
-def view(name: str, free: int, total: int = 100, running: list[RunningRequest] | None = None,
-         role: str = "decode", waiting_blocks: int = 0) -> InstanceView:
-    report = LoadReport(instance_id=name, seq=1, num_running=len(running or []), num_waiting=0,
-                        num_loading=0, free_blocks=free, total_blocks=total, block_size=16,
-                        waiting_prompt_tokens=0, waiting_blocks=waiting_blocks, step_ms=50.0,
-                        prefill_tokens_per_s=0.0, num_preemptions=0, running=running or [])
+def view(
+    name: str,
+    free: int,
+    total: int = 100,
+    running: list[RunningRequest] | None = None,
+    role: str = "decode",
+    waiting_blocks: int = 0,
+) -> InstanceView:
+    report = LoadReport(
+        instance_id=name,
+        seq=1,
+        num_running=len(running or []),
+        num_waiting=0,
+        num_loading=0,
+        free_blocks=free,
+        total_blocks=total,
+        block_size=16,
+        waiting_prompt_tokens=0,
+        waiting_blocks=waiting_blocks,
+        step_ms=50.0,
+        prefill_tokens_per_s=0.0,
+        num_preemptions=0,
+        running=running or [],
+    )
     return InstanceView(name, role, load=report)  # type: ignore[arg-type]
 
 
 def req(key: str, blocks: int, output: int = 5) -> RunningRequest:
-    return RunningRequest(request_key=key, num_tokens=blocks * 16, num_blocks=blocks,
-                          num_output_tokens=output)
+    return RunningRequest(
+        request_key=key, num_tokens=blocks * 16, num_blocks=blocks, num_output_tokens=output
+    )
 
 
 SETTINGS = ReschedulingSettings(rescheduling=True, migrate_out_usage=0.7, min_usage_gap=0.15)
@@ -31,18 +50,21 @@ def plan(snapshot: ClusterSnapshot, **kwargs: object) -> list:
 
 
 def test_moves_the_smallest_request_from_the_fullest_to_the_emptiest() -> None:
-    snapshot = ClusterSnapshot((
-        view("hot", free=10, running=[req("big", 40), req("small", 5), req("mid", 20)]),
-        view("cold", free=90),
-        view("warm", free=50),
-    ))
+    snapshot = ClusterSnapshot(
+        (
+            view("hot", free=10, running=[req("big", 40), req("small", 5), req("mid", 20)]),
+            view("cold", free=90),
+            view("warm", free=50),
+        )
+    )
     (move,) = plan(snapshot, budget=1)
     assert (move.source, move.target, move.request_key) == ("hot", "cold", "small")
 
 
 def test_most_blocks_first_when_asked() -> None:
-    snapshot = ClusterSnapshot((view("hot", 10, running=[req("big", 30), req("small", 5)]),
-                                view("cold", 95)))
+    snapshot = ClusterSnapshot(
+        (view("hot", 10, running=[req("big", 30), req("small", 5)]), view("cold", 95))
+    )
     settings = SETTINGS.model_copy(update={"pick": "most-blocks"})
     (move,) = plan_migrations(snapshot, settings, set(), {}, 1, 0.0)
     assert move.request_key == "big"
@@ -65,27 +87,32 @@ def test_preemptions_trigger_a_move_below_the_usage_threshold() -> None:
 
 
 def test_queued_demand_counts_as_usage() -> None:
-    snapshot = ClusterSnapshot((view("a", 60, running=[req("x", 5)], waiting_blocks=40),
-                                view("b", 95)))
+    snapshot = ClusterSnapshot(
+        (view("a", 60, running=[req("x", 5)], waiting_blocks=40), view("b", 95))
+    )
     assert virtual_usage(snapshot.instances[0], 0.0) == 0.8
     assert [m.request_key for m in plan(snapshot)] == ["x"]
 
 
 def test_requests_already_moving_or_without_output_are_left_alone() -> None:
-    snapshot = ClusterSnapshot((
-        view("hot", 10, running=[req("moving", 5), req("queued", 5, output=0), req("ok", 6)]),
-        view("cold", 95),
-    ))
+    snapshot = ClusterSnapshot(
+        (
+            view("hot", 10, running=[req("moving", 5), req("queued", 5, output=0), req("ok", 6)]),
+            view("cold", 95),
+        )
+    )
     assert [m.request_key for m in plan(snapshot, moving={"moving"})] == ["ok"]
 
 
 def test_one_move_per_source_per_round_within_the_budget() -> None:
-    snapshot = ClusterSnapshot((
-        view("hot1", 5, running=[req(f"a{i}", 3) for i in range(10)]),
-        view("hot2", 10, running=[req(f"b{i}", 3) for i in range(10)]),
-        view("cold", 95),
-        view("p", 100, role="prefill"),
-    ))
+    snapshot = ClusterSnapshot(
+        (
+            view("hot1", 5, running=[req(f"a{i}", 3) for i in range(10)]),
+            view("hot2", 10, running=[req(f"b{i}", 3) for i in range(10)]),
+            view("cold", 95),
+            view("p", 100, role="prefill"),
+        )
+    )
     moves = plan(snapshot, budget=4)
     assert [m.source for m in moves] == ["hot1", "hot2"]
     assert {m.target for m in moves} == {"cold"}, "prefill instances never take a decode"

@@ -9,7 +9,7 @@ import pytest
 from pdserve.cli import build_parser
 from pdserve.cluster.launcher import ServeSettings
 from pdserve.gateway.settings import GatewaySettings
-from pdserve.instance.launch import InstanceSettings
+from pdserve.instance.settings import InstanceSettings
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.settings import add_arguments, from_args, to_argv
 
@@ -28,7 +28,7 @@ def test_types_choices_and_booleans() -> None:
     settings = parse(
         InstanceSettings, ["--role", "decode", "--port", "9000", "--kv-lease-s", "2.5"]
     )
-    assert settings.role == "decode" and settings.port == 9000 and settings.kv_lease_s == 2.5
+    assert settings.role == "decode" and settings.port == 9000 and settings.kv.lease_s == 2.5
     with pytest.raises(SystemExit):
         parse(InstanceSettings, ["--role", "teacher"])
 
@@ -71,7 +71,7 @@ def test_serve_shares_only_cluster_wide_instance_flags() -> None:
     assert args.decode == 2 and args.kv_lease_s == 5 and extra == ["--max-num-seqs", "8"]
     flags = _flags("serve")
     assert {"--kv-lease-s", "--on-kv-failure", "--policy", "--api-key"} <= flags
-    assert not {"--role", "--instance-id", "--cpu-cores", "--kv-port", "--scheduler"} & flags
+    assert not {"--role", "--instance-id", "--cpu-cores", "--kv-port", "--control-address", "--scheduler"} & flags
 
 
 def test_unknown_arguments_are_refused_where_nothing_passes_them_on() -> None:

@@ -7,8 +7,9 @@ import time
 import msgspec
 import pytest
 
-from pdserve import wire
 from pdserve.kv.messages import KVMessage, PullRequest, Release
+from pdserve.protocol import wire
+from pdserve.protocol.net import is_loopback
 
 
 @pytest.fixture
@@ -78,4 +79,4 @@ def test_secret_is_required_off_loopback(monkeypatch: pytest.MonkeyPatch) -> Non
     ],
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
-    assert wire.is_loopback(host) is loopback
+    assert is_loopback(host) is loopback

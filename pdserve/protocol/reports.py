@@ -1,7 +1,7 @@
 """What an instance tells the global scheduler: who it is, and how loaded it is.
 
 Instances push these over ZeroMQ (PUSH → the scheduler's PULL socket) in the authenticated
-envelope of ``pdserve.wire``. ``Register`` is repeated every few seconds, so a restarted
+envelope of ``pdserve.protocol.wire``. ``Register`` is repeated every few seconds, so a restarted
 scheduler learns the cluster again without any instance restarting; ``LoadReport`` comes from
 inside the engine at least every 100 ms and doubles as the heartbeat.
 """

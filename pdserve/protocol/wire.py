@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import os
 import secrets
@@ -44,13 +43,6 @@ class AuthError(Exception):
 
 def new_secret() -> str:
     return secrets.token_urlsafe(32)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def cluster_secret(loopback_only: bool) -> bytes:
@@ -106,3 +98,8 @@ class Codec(Generic[T]):
 def derived_key(secret: bytes, purpose: str) -> str:
     """A per-purpose token derived from the cluster secret (e.g. instances' HTTP API key)."""
     return hmac.new(secret, purpose.encode(), hashlib.sha256).hexdigest()
+
+
+def instance_api_key(secret: bytes) -> str:
+    """The key instances in a cluster require on /v1; only the gateway derives it."""
+    return derived_key(secret, "instance-http")

@@ -31,7 +31,7 @@ from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.migration import MIGRATION_MODES, Migrator
 from pdserve.gateway.openai_api import Kind, parse_json_body, parse_request
 from pdserve.gateway.responses import SSE_DONE, Folder, sse
-from pdserve.gateway.session import STARTED, Cut, RequestSession
+from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
 from pdserve.logs import get_logger
@@ -171,7 +171,7 @@ async def _serve(kind: Kind, request: Request) -> Response:
     _check_model(ctx, parsed.model)
     slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
     await slot.__aenter__()
-    session = RequestSession(ctx, kind, parsed)
+    session = RequestSession(ctx, request.app.state.sessions, kind, parsed)
     chunks = session.generate()
     try:
         first = await chunks.__anext__()
@@ -220,7 +220,7 @@ def _observe_end(ctx: GatewayContext, session: RequestSession) -> None:
         ctx.metrics.e2e_seconds.observe(session.last_token_at - session.arrived)
 
 
-def instance_summary(ctx: GatewayContext) -> list[dict[str, Any]]:
+def instance_summary(ctx: GatewayContext, sessions: SessionRegistry) -> list[dict[str, Any]]:
     now = time.monotonic()
     rows = []
     for instance_id, record in ctx.control.instances.items():
@@ -251,7 +251,7 @@ def instance_summary(ctx: GatewayContext) -> list[dict[str, Any]]:
                 "last_report_age_s": round(now - record.last_report_at, 3)
                 if record.last_report_at
                 else None,
-                "gateway_requests": len(ctx.sessions.on(instance_id)),
+                "gateway_requests": len(sessions.on(instance_id)),
             }
         )
     return rows
@@ -272,11 +272,11 @@ def create_app(
     )
     kv = KVControlClient(secret)
     ctx = GatewayContext(settings, control, upstream, kv, metrics)
-    migrator = Migrator(ctx, rescheduling or ReschedulingSettings())
-    ctx.migrator = migrator
+    sessions = SessionRegistry()
+    migrator = Migrator(ctx, sessions, rescheduling or ReschedulingSettings())
 
     def fail_over(instance_id: str) -> None:
-        for session in ctx.sessions.on(instance_id):
+        for session in sessions.on(instance_id):
             session.interrupt(Cut("failover"))
 
     @asynccontextmanager
@@ -296,6 +296,7 @@ def create_app(
 
     app = FastAPI(title="pdserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
+    app.state.sessions = sessions
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError) -> JSONResponse:
@@ -359,7 +360,7 @@ def create_app(
 
     @app.get("/admin/instances")
     async def admin_instances() -> list[dict[str, Any]]:
-        return instance_summary(ctx)
+        return instance_summary(ctx, sessions)
 
     @app.post("/admin/instances/{instance_id}/drain")
     async def drain(instance_id: str) -> dict[str, Any]:
@@ -384,7 +385,7 @@ def create_app(
         body = await _read_body(request)
         if not isinstance(body, dict) or not {"request_key", "target"} <= body.keys():
             raise APIError(400, 'body must be {"request_key": ..., "target": ...}')
-        session = ctx.sessions.find(str(body["request_key"]))
+        session = sessions.find(str(body["request_key"]))
         if session is None:
             raise APIError(404, "no such request in flight", param="request_key")
         _record(ctx, str(body["target"]))
@@ -410,7 +411,7 @@ def create_app(
                 "output_tokens": len(s.output_ids),
                 "prompt_tokens": len(s.prompt_ids or ()),
             }
-            for s, where in ctx.sessions.where.items()
+            for s, where in sessions.where.items()
         ]
 
     # Added last = outermost: the size limit applies before anything reads the body.

@@ -1,12 +1,15 @@
-"""What every request handler of the gateway shares: services, sessions, admission control."""
+"""What every request handler of the gateway shares: its services and admission control.
+
+The gateway's modules import in one direction: services (``control_plane``, ``upstream``,
+``kv_client``, ``metrics``) → this context → ``session`` (one client request, and the
+registry of live sessions) → ``migration`` (moves sessions) → ``app`` (wires them together).
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
@@ -14,41 +17,6 @@ from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
-
-if TYPE_CHECKING:
-    from pdserve.gateway.migration import Migrator
-    from pdserve.gateway.session import RequestSession
-
-
-@dataclass
-class SessionRegistry:
-    """Sessions by the instance currently serving them (for failover, drain, migration)."""
-
-    by_instance: dict[str, set[RequestSession]] = field(default_factory=dict)
-    where: dict[RequestSession, str] = field(default_factory=dict)
-
-    def attach(self, session: RequestSession, instance_id: str) -> None:
-        self.detach(session)
-        self.by_instance.setdefault(instance_id, set()).add(session)
-        self.where[session] = instance_id
-
-    def detach(self, session: RequestSession) -> None:
-        instance_id = self.where.pop(session, None)
-        if instance_id is not None:
-            sessions = self.by_instance.get(instance_id)
-            if sessions is not None:
-                sessions.discard(session)
-                if not sessions:
-                    del self.by_instance[instance_id]
-
-    def on(self, instance_id: str) -> list[RequestSession]:
-        return list(self.by_instance.get(instance_id, ()))
-
-    def find(self, key: str) -> RequestSession | None:
-        for session in self.where:
-            if session.key == key:
-                return session
-        return None
 
 
 class Admission:
@@ -93,9 +61,7 @@ class GatewayContext:
         self.upstream = upstream
         self.kv = kv
         self.metrics = metrics
-        self.sessions = SessionRegistry()
         self.admission = Admission(settings.max_inflight, settings.max_queued)
-        self.migrator: Migrator | None = None
 
     def default_model(self) -> str:
         models = self.control.models()

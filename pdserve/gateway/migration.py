@@ -33,9 +33,11 @@ import asyncio
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.errors import APIError
+from pdserve.gateway.session import Cut, RequestSession, SessionRegistry
 from pdserve.gateway.upstream import UpstreamBroken
 from pdserve.kv.messages import (
     Failed,
@@ -49,10 +51,6 @@ from pdserve.kv.messages import (
 )
 from pdserve.logs import get_logger
 from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations
-
-if TYPE_CHECKING:
-    from pdserve.gateway.context import GatewayContext
-    from pdserve.gateway.session import RequestSession
 
 logger = get_logger(__name__)
 
@@ -87,8 +85,11 @@ class _Abort(Exception):
 
 
 class Migrator:
-    def __init__(self, ctx: GatewayContext, settings: ReschedulingSettings) -> None:
+    def __init__(
+        self, ctx: GatewayContext, sessions: SessionRegistry, settings: ReschedulingSettings
+    ) -> None:
         self.ctx = ctx
+        self.sessions = sessions
         self.settings = settings
         self.moving: dict[str, asyncio.Task[MigrationResult]] = {}
         self.recent: list[MigrationResult] = []
@@ -139,8 +140,6 @@ class Migrator:
     async def _run(
         self, session: RequestSession, target: str, mode: MigrationMode
     ) -> MigrationResult:
-        from pdserve.gateway.session import Cut
-
         started = time.perf_counter()
         source = session.instance_id or "?"
         result = MigrationResult(session.key, source, target, "aborted", mode=mode)
@@ -273,7 +272,7 @@ class Migrator:
 
     def drain(self, instance_id: str) -> int:
         """Moves every request off an instance (already out of rotation); returns how many."""
-        sessions = self.ctx.sessions.on(instance_id)
+        sessions = self.sessions.on(instance_id)
         for session in sessions:
             target = self._best_target(exclude=instance_id)
             if target is not None:
@@ -324,7 +323,7 @@ class Migrator:
         plans = plan_migrations(snapshot, self.settings, left_alone, preempted, budget)
         started = 0
         for plan in plans:
-            session = self.ctx.sessions.find(plan.request_key)
+            session = self.sessions.find(plan.request_key)
             if session is not None and session.instance_id == plan.source:
                 self.start(session, plan.target)
                 started += 1

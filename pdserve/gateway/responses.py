@@ -9,10 +9,9 @@ logprobs appended.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pdserve.gateway.session import RequestSession
+from pdserve.gateway.session import RequestSession
 
 
 def sse(payload: dict[str, Any]) -> bytes:

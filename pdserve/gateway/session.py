@@ -23,8 +23,9 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
+from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.openai_api import (
     ENDPOINTS,
@@ -51,9 +52,6 @@ from pdserve.kv.messages import (
 from pdserve.logs import get_logger
 from pdserve.scheduler.dispatch import NoInstance
 from pdserve.scheduler.snapshot import RequestEstimate
-
-if TYPE_CHECKING:
-    from pdserve.gateway.context import GatewayContext
 
 logger = get_logger(__name__)
 
@@ -84,9 +82,47 @@ class Cut:
             self.done.set()
 
 
+@dataclass
+class SessionRegistry:
+    """Sessions by the instance currently serving them (for failover, drain, migration)."""
+
+    by_instance: dict[str, set[RequestSession]] = field(default_factory=dict)
+    where: dict[RequestSession, str] = field(default_factory=dict)
+
+    def attach(self, session: RequestSession, instance_id: str) -> None:
+        self.detach(session)
+        self.by_instance.setdefault(instance_id, set()).add(session)
+        self.where[session] = instance_id
+
+    def detach(self, session: RequestSession) -> None:
+        instance_id = self.where.pop(session, None)
+        if instance_id is not None:
+            sessions = self.by_instance.get(instance_id)
+            if sessions is not None:
+                sessions.discard(session)
+                if not sessions:
+                    del self.by_instance[instance_id]
+
+    def on(self, instance_id: str) -> list[RequestSession]:
+        return list(self.by_instance.get(instance_id, ()))
+
+    def find(self, key: str) -> RequestSession | None:
+        for session in self.where:
+            if session.key == key:
+                return session
+        return None
+
+
 class RequestSession:
-    def __init__(self, ctx: GatewayContext, kind: Kind, request: ChatRequest | CompletionRequest):
+    def __init__(
+        self,
+        ctx: GatewayContext,
+        registry: SessionRegistry,
+        kind: Kind,
+        request: ChatRequest | CompletionRequest,
+    ) -> None:
         self.ctx = ctx
+        self.registry = registry
         self.kind = kind
         self.request = request
         self.key = uuid.uuid4().hex
@@ -212,7 +248,7 @@ class RequestSession:
                 raise error from None
             yield {"error": error.body()["error"]}
         finally:
-            self.ctx.sessions.detach(self)
+            self.registry.detach(self)
             if self._migration is not None:
                 self._migration.finish("the request ended before its new instance answered")
 
@@ -257,7 +293,7 @@ class RequestSession:
         self._cut = None
         url = self.ctx.control.url(target) + ENDPOINTS[self.kind]
         body = self._leg_body(source)
-        self.ctx.sessions.attach(self, target)
+        self.registry.attach(self, target)
         released = source is None
         try:
             async with self.ctx.upstream.stream(url, body) as stream:
@@ -472,4 +508,4 @@ def _text_of(kind: Kind, choice: dict[str, Any]) -> str:
     return delta.get("content") or ""
 
 
-__all__ = ["PARAMS_KEY", "STARTED", "Cut", "RequestSession"]
+__all__ = ["PARAMS_KEY", "STARTED", "Cut", "RequestSession", "SessionRegistry"]

@@ -273,7 +273,9 @@ def create_app(
     kv = KVControlClient(secret)
     ctx = GatewayContext(settings, control, upstream, kv, metrics)
     sessions = SessionRegistry()
-    migrator = Migrator(ctx, sessions, rescheduling or ReschedulingSettings())
+    migrator = Migrator(
+        ctx, sessions, rescheduling or ReschedulingSettings(), watermark=dispatch.watermark
+    )
 
     def fail_over(instance_id: str) -> None:
         for session in sessions.on(instance_id):

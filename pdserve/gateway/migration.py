@@ -50,7 +50,7 @@ from pdserve.kv.messages import (
     tokens_digest,
 )
 from pdserve.logs import get_logger
-from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations
+from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_drain, plan_migrations
 
 logger = get_logger(__name__)
 
@@ -86,10 +86,16 @@ class _Abort(Exception):
 
 class Migrator:
     def __init__(
-        self, ctx: GatewayContext, sessions: SessionRegistry, settings: ReschedulingSettings
+        self,
+        ctx: GatewayContext,
+        sessions: SessionRegistry,
+        settings: ReschedulingSettings,
+        watermark: float,
     ) -> None:
+        """``watermark``: the dispatch policy's KV reserve, so moves and placement agree."""
         self.ctx = ctx
         self.sessions = sessions
+        self.watermark = watermark
         self.settings = settings
         self.moving: dict[str, asyncio.Task[MigrationResult]] = {}
         self.recent: list[MigrationResult] = []
@@ -272,22 +278,11 @@ class Migrator:
 
     def drain(self, instance_id: str) -> int:
         """Moves every request off an instance (already out of rotation); returns how many."""
-        sessions = self.sessions.on(instance_id)
-        for session in sessions:
-            target = self._best_target(exclude=instance_id)
-            if target is not None:
-                self.start(session, target)
+        sessions = {s.key: s for s in self.sessions.on(instance_id)}
+        snapshot = self.ctx.control.snapshot()
+        for plan in plan_drain(snapshot, instance_id, list(sessions), self.watermark):
+            self.start(sessions[plan.request_key], plan.target)
         return len(sessions)
-
-    def _best_target(self, exclude: str) -> str | None:
-        candidates = [
-            v
-            for v in self.ctx.control.snapshot().usable()
-            if v.can_decode and v.instance_id != exclude
-        ]
-        if not candidates:
-            return None
-        return max(candidates, key=lambda v: v.freeness(0.01)).instance_id
 
     def start_loop(self) -> None:
         if self.settings.rescheduling and self._loop_task is None:
@@ -320,7 +315,9 @@ class Migrator:
         backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s
         self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < backoff}
         left_alone = set(self.moving) | set(self._failed_at)
-        plans = plan_migrations(snapshot, self.settings, left_alone, preempted, budget)
+        plans = plan_migrations(
+            snapshot, self.settings, left_alone, preempted, budget, self.watermark
+        )
         started = 0
         for plan in plans:
             session = self.sessions.find(plan.request_key)

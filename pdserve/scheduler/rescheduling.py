@@ -11,7 +11,7 @@ first by default: they are the cheapest to move.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,7 +64,7 @@ def plan_migrations(
     moving: Collection[str],
     preempted: Mapping[str, bool],
     budget: int,
-    watermark: float = 0.01,
+    watermark: float,
 ) -> list[MigrationPlan]:
     """Up to ``budget`` moves; ``moving``: request keys already migrating (left alone)."""
     decoders = [v for v in snapshot.usable() if v.can_decode and v.load is not None]
@@ -86,6 +86,36 @@ def plan_migrations(
             busy.add(plan.request_key)
             usage[source.instance_id] -= plan.blocks / max(1, _total(source))
             usage[target.instance_id] += plan.blocks / max(1, _total(target))
+    return plans
+
+
+def plan_drain(
+    snapshot: ClusterSnapshot, source: str, request_keys: Sequence[str], watermark: float
+) -> list[MigrationPlan]:
+    """Where each request of a draining instance goes: spread, not all to one target.
+
+    Each request goes to the decode-capable instance with the most virtual free blocks per
+    request *after* the moves planned before it, so a drain of many requests fills the
+    targets evenly. Requests the source does not report (not admitted yet) count one block.
+    Requests that fit nowhere (no target) are left out.
+    """
+    view = snapshot.get(source)
+    blocks = {
+        r.request_key: r.num_blocks for r in (view.load.running if view and view.load else [])
+    }
+    targets = [v for v in snapshot.usable() if v.can_decode and v.instance_id != source]
+    if not targets:
+        return []
+    free = {v.instance_id: v.virtual_free_blocks(watermark) for v in targets}
+    count = {v.instance_id: v.num_requests for v in targets}
+    plans = []
+    # The largest first: they have the fewest places to fit.
+    for key in sorted(request_keys, key=lambda k: -blocks.get(k, 1)):
+        need = blocks.get(key, 1)
+        target = max(targets, key=lambda v: free[v.instance_id] / (count[v.instance_id] + 1))
+        plans.append(MigrationPlan(source, target.instance_id, key, need))
+        free[target.instance_id] -= need
+        count[target.instance_id] += 1
     return plans
 
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from pdserve.protocol.reports import LoadReport, RunningRequest
-from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations, virtual_usage
+from pdserve.scheduler.rescheduling import (
+    ReschedulingSettings,
+    plan_drain,
+    plan_migrations,
+    virtual_usage,
+)
 from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView
 
 
@@ -118,3 +123,35 @@ def test_one_move_per_source_per_round_within_the_budget() -> None:
     assert {m.target for m in moves} == {"cold"}, "prefill instances never take a decode"
     assert len(plan(snapshot, budget=1)) == 1
     assert plan(snapshot, budget=0) == []
+
+
+def test_drain_spreads_requests_over_the_targets() -> None:
+    running = [req(f"r{i}", 10) for i in range(6)]
+    snapshot = ClusterSnapshot(
+        (view("leaving", free=20, running=running), view("a", free=80), view("b", free=80))
+    )
+    plans = plan_drain(snapshot, "leaving", [r.request_key for r in running], watermark=0.0)
+    targets = [p.target for p in plans]
+    assert sorted(p.request_key for p in plans) == [f"r{i}" for i in range(6)]
+    assert targets.count("a") == targets.count("b") == 3
+
+
+def test_drain_prefers_room_and_honours_the_watermark() -> None:
+    snapshot = ClusterSnapshot(
+        (view("leaving", free=20, running=[req("x", 10)]), view("a", free=60), view("b", free=50))
+    )
+    assert plan_drain(snapshot, "leaving", ["x"], watermark=0.0)[0].target == "a"
+    # A watermark reserves a share of each target's total: a smaller pool loses its lead.
+    small = ClusterSnapshot(
+        (
+            view("leaving", free=20, running=[req("x", 10)]),
+            view("a", free=60, total=1000),
+            view("b", free=50, total=100),
+        )
+    )
+    assert plan_drain(small, "leaving", ["x"], watermark=0.05)[0].target == "b"
+
+
+def test_drain_without_a_target_plans_nothing() -> None:
+    snapshot = ClusterSnapshot((view("leaving", free=20, running=[req("x", 10)]),))
+    assert plan_drain(snapshot, "leaving", ["x"], watermark=0.0) == []

@@ -6,20 +6,25 @@ vLLM itself comes through an extra, because its distribution differs per machine
 known traps of the CPU build (see ``pdserve doctor``).
 """
 
+import re
+
 from setuptools import find_packages, setup
 
-VLLM_VERSION = "0.32.0"
+# One source for both versions: pdserve/__init__.py (read, not imported: nothing is installed yet).
+with open("pdserve/__init__.py", encoding="utf-8") as init:
+    VERSIONS = dict(re.findall(r'^(__version__|VLLM_VERSION) = "([^"]+)"', init.read(), re.M))
+VLLM_VERSION = VERSIONS["VLLM_VERSION"]
 
 with open("README.md", encoding="utf-8") as readme:
     LONG_DESCRIPTION = readme.read()
 
 setup(
     name="pdserve",
-    version="0.1.0",
+    version=VERSIONS["__version__"],
     description="Prefill/decode disaggregated serving for vLLM, with live migration",
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=[
         *find_packages(include=["pdserve", "pdserve.*", "benchmark", "benchmark.*"]),
         "pdserve.patches",

@@ -6,7 +6,7 @@
 #   scripts/setup.sh --bench  the same, plus the benchmark tools
 #
 # A second run only checks what the first one did. Set PDSERVE_DEVICE=cpu|gpu to override the
-# detection, PYTHON to choose the interpreter (3.10 to 3.12).
+# detection, PYTHON to choose the interpreter (3.11 or 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

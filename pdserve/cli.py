@@ -1,7 +1,10 @@
 """The ``pdserve`` command: the user's door to every component.
 
-Each subcommand lives in its own module and registers itself through ``add_parser``; this
-file only wires them together, so ``pdserve --help`` lists exactly what is implemented.
+Each subcommand is two functions here: ``_add_NAME`` builds its parser from the component's
+settings models, and ``_NAME`` imports the component (lazily: ``pdserve --help`` loads no
+vLLM) and runs it. ``_SUBCOMMANDS`` lists them, so ``pdserve --help`` shows exactly what is
+implemented. This is the top layer (docs/architecture.md): it may import any component and
+``benchmark``; nothing imports it.
 """
 
 from __future__ import annotations

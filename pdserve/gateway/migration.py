@@ -30,6 +30,7 @@ only, so after a move they no longer see the tokens generated before it; the
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 import uuid
 from dataclasses import dataclass
@@ -63,12 +64,34 @@ MigrationMode = Literal["live", "blocking", "recompute"]
 MIGRATION_MODES: tuple[MigrationMode, ...] = ("live", "blocking", "recompute")
 
 
+class MigrationStatus(enum.StrEnum):
+    """How a migration ended (also the ``result`` label of ``pdserve_migrations``)."""
+
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+class MigrationFailure(enum.StrEnum):
+    """Why a migration was aborted; the request goes on where it was unless the cut happened."""
+
+    FINISHED = "finished"  # the request ended before or during the move
+    ALREADY_THERE = "already_there"
+    TARGET_UNUSABLE = "target_unusable"  # gone, unhealthy, draining, or cannot decode
+    NO_CONTROL_ADDRESS = "no_control_address"
+    EXPORT_REFUSED = "export_refused"  # the source would not pin the request's KV
+    BETWEEN_INSTANCES = "between_instances"  # no live leg to cut
+    CONTINUATION_FAILED = "continuation_failed"  # the target's leg failed after the cut
+    UPSTREAM_ERROR = "upstream_error"
+    TIMED_OUT = "timed_out"
+
+
 @dataclass
 class MigrationResult:
     request_key: str
     source: str
     target: str
-    status: str  # completed | aborted
+    status: MigrationStatus
+    failure: MigrationFailure | None = None
     reason: str = ""
     mode: MigrationMode = "live"
     stages: int = 0
@@ -81,7 +104,9 @@ class MigrationResult:
 
 
 class _Abort(Exception):
-    pass
+    def __init__(self, failure: MigrationFailure, detail: str) -> None:
+        super().__init__(detail)
+        self.failure = failure
 
 
 class Migrator:
@@ -130,7 +155,7 @@ class Migrator:
             result = await self._run(session, target, mode)
         self.ctx.metrics.migrations.labels(result.status).inc()
         self.recent = [*self.recent[-99:], result]
-        if result.status != "completed":
+        if result.status is not MigrationStatus.COMPLETED:
             self._failed_at[session.key] = time.monotonic()
         logger.info(
             "pdserve: migration of %s %s -> %s %s%s (downtime %s)",
@@ -148,7 +173,7 @@ class Migrator:
     ) -> MigrationResult:
         started = time.perf_counter()
         source = session.instance_id or "?"
-        result = MigrationResult(session.key, source, target, "aborted", mode=mode)
+        result = MigrationResult(session.key, source, target, MigrationStatus.ABORTED, mode=mode)
         self.ctx.metrics.migrations.labels("started").inc()
         pinned: Pinned | None = None
         pin_sent = False
@@ -162,40 +187,47 @@ class Migrator:
                 await self._precopy(session, target, pinned, transfer_id, result)
             cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id)
             if not session.interrupt(cut):
-                raise _Abort("the request finished or is between instances")
+                raise _Abort(
+                    MigrationFailure.BETWEEN_INSTANCES,
+                    "the request finished or is between instances",
+                )
             pinned = None  # from here on, the session's legs own the export
             await asyncio.wait_for(cut.done.wait(), self.settings.migration_timeout_s)
             if cut.error is not None:
-                raise _Abort(cut.error)
-            result.status = "completed"
+                raise _Abort(MigrationFailure.CONTINUATION_FAILED, cut.error)
+            result.status = MigrationStatus.COMPLETED
             result.downtime_s = cut.downtime_s
             self._count_bytes(session, cut, result)
-        except (_Abort, APIError, UpstreamBroken) as e:
-            result.reason = str(e)
+        except _Abort as e:
+            result.failure, result.reason = e.failure, str(e)
+        except (APIError, UpstreamBroken) as e:
+            result.failure, result.reason = MigrationFailure.UPSTREAM_ERROR, str(e)
         except asyncio.TimeoutError:
-            result.reason = "timed out"
+            result.failure, result.reason = MigrationFailure.TIMED_OUT, "timed out"
         finally:
-            if pinned is not None or (pin_sent and result.status != "completed"):
+            if pinned is not None or (pin_sent and result.status is not MigrationStatus.COMPLETED):
                 # Also when the Pin's answer never came: the engine may have pinned late.
                 await self._unpin(source, pinned, transfer_id)
         result.duration_s = time.perf_counter() - started
-        if result.status == "completed":
+        if result.status is MigrationStatus.COMPLETED:
             self.ctx.metrics.migration_seconds.observe(result.duration_s)
         return result
 
     def _check_movable(self, session: RequestSession, target: str) -> None:
         if session.finish_reason is not None:
-            raise _Abort("the request has finished")
+            raise _Abort(MigrationFailure.FINISHED, "the request has finished")
         if session.instance_id == target:
-            raise _Abort("already there")
+            raise _Abort(MigrationFailure.ALREADY_THERE, "already there")
         view = self.ctx.control.snapshot().get(target)
         if view is None or not view.usable or not view.can_decode:
-            raise _Abort(f"{target} cannot take the request")
+            raise _Abort(MigrationFailure.TARGET_UNUSABLE, f"{target} cannot take the request")
 
     def _control_address(self, instance_id: str) -> str:
         record = self.ctx.control.record(instance_id)
         if record is None or not record.info.control_address:
-            raise _Abort(f"{instance_id} has no engine control address")
+            raise _Abort(
+                MigrationFailure.NO_CONTROL_ADDRESS, f"{instance_id} has no engine control address"
+            )
         return record.info.control_address
 
     async def _pin(self, session: RequestSession, source: str, transfer_id: str) -> Pinned | None:
@@ -209,7 +241,7 @@ class Migrator:
         error = reply.error if isinstance(reply, Failed) else repr(reply)
         if "waiting" in error:
             return None  # still queued there: nothing to copy, it simply moves
-        raise _Abort(f"{source} refused to export: {error}")
+        raise _Abort(MigrationFailure.EXPORT_REFUSED, f"{source} refused to export: {error}")
 
     async def _unpin(self, source: str, pinned: Pinned | None, transfer_id: str) -> None:
         """Before the cut: stop exporting; if the request ended meanwhile, free its blocks."""
@@ -238,7 +270,7 @@ class Migrator:
         copied = 0
         for stage in range(self.settings.max_precopy_stages):
             if session.finish_reason is not None or session.prompt_ids is None:
-                raise _Abort("the request finished during pre-copy")
+                raise _Abort(MigrationFailure.FINISHED, "the request finished during pre-copy")
             tokens = session.prompt_ids + session.output_ids
             full = (len(tokens) - 1) // block_size
             if full <= copied or (stage > 0 and full - copied < 1):

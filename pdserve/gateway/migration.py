@@ -103,6 +103,41 @@ class MigrationResult:
         return dict(self.__dict__)
 
 
+def precopy_request(
+    session: RequestSession, prompt: list[int], source: SourceSpec
+) -> dict[str, Any]:
+    """The one-token completion that pulls ``prompt``'s full blocks into the target's cache."""
+    body: dict[str, Any] = {
+        "model": session.model,
+        "prompt": prompt,
+        "max_tokens": 1,
+        "temperature": 0,
+        "kv_transfer_params": params_to_json(TransferParams(source=source)),
+    }
+    if "cache_salt" in session.base_body:
+        # The salt is part of vLLM's block hashes: without it, a tenant's KV would land in
+        # the target's unsalted prefix cache, where any request with the same tokens hits it.
+        body["cache_salt"] = session.base_body["cache_salt"]
+    return body
+
+
+def _precopy_safe(session: RequestSession) -> bool:
+    """Whether token ids alone reproduce the request's block hashes on the target.
+
+    Pre-copy sends the tokens as a plain completion. Images, audio or video in a chat change
+    vLLM's block hashes (their content hashes are mixed in), so the copied blocks would not be
+    found, or worse, be found by another request: such requests move without pre-copy (the
+    cut pulls all of their KV).
+    """
+    for message in session.base_body.get("messages") or []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") not in (None, "text") for part in content
+        ):
+            return False
+    return True
+
+
 class _Abort(Exception):
     def __init__(self, failure: MigrationFailure, detail: str) -> None:
         super().__init__(detail)
@@ -180,11 +215,15 @@ class Migrator:
         transfer_id = uuid.uuid4().hex
         try:
             self._check_movable(session, target)
-            if mode != "recompute" and session.output_ids and session.prompt_ids is not None:
-                pin_sent = True
-                pinned = await self._pin(session, source, transfer_id)
-            if pinned is not None and mode == "live":
-                await self._precopy(session, target, pinned, transfer_id, result)
+            # One deadline for the whole move: pin, every pre-copy stage and the cut share it,
+            # so a slow target cannot hold a migration slot for stages x the HTTP timeout.
+            deadline = asyncio.get_running_loop().time() + self.settings.migration_timeout_s
+            async with asyncio.timeout_at(deadline):
+                if mode != "recompute" and session.output_ids and session.prompt_ids is not None:
+                    pin_sent = True
+                    pinned = await self._pin(session, source, transfer_id)
+                if pinned is not None and mode == "live" and _precopy_safe(session):
+                    await self._precopy(session, target, pinned, transfer_id, result)
             cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id)
             if not session.interrupt(cut):
                 raise _Abort(
@@ -192,7 +231,8 @@ class Migrator:
                     "the request finished or is between instances",
                 )
             pinned = None  # from here on, the session's legs own the export
-            await asyncio.wait_for(cut.done.wait(), self.settings.migration_timeout_s)
+            async with asyncio.timeout_at(deadline):
+                await cut.done.wait()
             if cut.error is not None:
                 raise _Abort(MigrationFailure.CONTINUATION_FAILED, cut.error)
             result.status = MigrationStatus.COMPLETED
@@ -286,13 +326,7 @@ class Migrator:
                 tokens_digest=tokens_digest(prompt),
                 keep=True,
             )
-            body = {
-                "model": session.model,
-                "prompt": prompt,
-                "max_tokens": 1,
-                "temperature": 0,
-                "kv_transfer_params": params_to_json(TransferParams(source=source)),
-            }
+            body = precopy_request(session, prompt, source)
             url = self.ctx.control.url(target) + "/v1/completions"
             await self.ctx.upstream.post_json(url, body)
             result.stages += 1

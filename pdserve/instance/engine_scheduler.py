@@ -123,7 +123,10 @@ class LoadReporter:
             block_size=self.block_size,
             waiting_prompt_tokens=unfinished_prefill
             + sum(r.num_tokens - r.num_computed_tokens for r in waiting),
-            waiting_blocks=sum(cdiv(r.num_tokens, self.block_size) for r in waiting),
+            # Only requests that hold no blocks yet want new ones: those in
+            # kv_holding_waiting (KV being loaded, or a partial prefill) are already counted
+            # as used in free_blocks, and counting them again hid free room from dispatch.
+            waiting_blocks=sum(cdiv(r.num_tokens, self.block_size) for r in scheduler.waiting),
             step_ms=self._step_ms,
             prefill_tokens_per_s=self._prefill_rate,
             num_preemptions=self._preemptions,

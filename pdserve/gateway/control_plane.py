@@ -9,6 +9,7 @@ policies in ``pdserve.scheduler`` never see any of this machinery, only ``snapsh
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -140,7 +141,11 @@ class ControlPlane:
 
     def _register(self, info: Register, now: float) -> None:
         record = self.instances.get(info.instance_id)
-        if record is None or record.info.pid != info.pid or record.info.url != info.url:
+        if record is None or (record.info.pid, record.info.url, record.info.incarnation) != (
+            info.pid,
+            info.url,
+            info.incarnation,
+        ):
             if record is not None:
                 self._notify_down(info.instance_id)  # a restarted instance lost its requests
             logger.info(
@@ -155,6 +160,20 @@ class ControlPlane:
         record = self.instances.get(report.instance_id)
         if record is None:
             return  # it registers again within seconds
+        if report.incarnation != record.info.incarnation:
+            # A new process under the same name: its engine reports before its HTTP server
+            # answers (and registers). The old process is gone, so are its requests; the new
+            # one gets work once it registers.
+            if record.healthy or not record.given_up:
+                logger.warning(
+                    "pdserve: instance %s restarted; out of rotation until it registers",
+                    report.instance_id,
+                )
+                record.healthy = False
+                record.given_up = True
+                record.suspect_until = math.inf  # until the new process's record replaces it
+                self._notify_down(report.instance_id)
+            return
         if record.load is not None and report.seq <= record.load.seq and report.seq > 1:
             return  # late or duplicate
         record.load = report

@@ -84,6 +84,7 @@ class RegistrationAgent:
             ),
             max_model_len=int(card.get("max_model_len") or 0),
             started_at=time.time(),
+            incarnation=self.kv.incarnation,
         )
 
     def _send(self, message: Any) -> None:

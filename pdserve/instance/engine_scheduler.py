@@ -43,6 +43,7 @@ class LoadReporter:
 
         assert settings.control_address is not None
         self.instance_id = settings.instance_id
+        self.incarnation = settings.incarnation
         self.block_size = block_size
         self._interval = settings.report_interval_s
         self._codec: Codec[Any] = Codec(
@@ -132,6 +133,7 @@ class LoadReporter:
             num_preemptions=self._preemptions,
             running=listed,
             transfers=transfers,
+            incarnation=self.incarnation,
         )
 
     def _run(self) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 from pdserve import bundled_model
 from pdserve.instance.environment import (
@@ -55,6 +56,7 @@ def kv_settings_for(settings: InstanceSettings) -> KVSettings:
         control_port=settings.control_port or free_port(),
         control_address=settings.control_address,
         report_interval_s=settings.report_interval_s,
+        incarnation=uuid.uuid4().hex,
     )
 
 

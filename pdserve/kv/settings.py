@@ -72,6 +72,7 @@ class KVSettings(KVTransferSettings):
         None, description="the gateway's control-plane address (tcp://host:port) for load reports"
     )
     report_interval_s: float = Field(0.1, gt=0, description="seconds between load reports")
+    incarnation: str = Field("", description="random id of this start of the instance")
 
     def address_of_rank(self, rank: int) -> str:
         return f"tcp://{self.advertise_host or self.host}:{self.port + rank}"

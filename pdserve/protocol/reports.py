@@ -29,6 +29,9 @@ class Register(msgspec.Struct, tag=True, frozen=True):
     control_address: str | None
     max_model_len: int
     started_at: float
+    # Random per start of `pdserve instance`, also in its engine's load reports: reports of a
+    # restarted process (its engine reports before its HTTP server answers) are told apart.
+    incarnation: str = ""
 
 
 class Deregister(msgspec.Struct, tag=True, frozen=True):
@@ -75,6 +78,7 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     step_ms: float
     prefill_tokens_per_s: float
     num_preemptions: int
+    incarnation: str = ""
     running: list[RunningRequest] = []
     transfers: TransferCounters = TransferCounters()
 

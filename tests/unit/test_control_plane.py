@@ -9,7 +9,7 @@ from pdserve.scheduler.dispatch import DispatchSettings, PdPolicy
 from pdserve.scheduler.snapshot import RequestEstimate
 
 
-def register(name: str, role: str = "decode", pid: int = 1) -> Register:
+def register(name: str, role: str = "decode", pid: int = 1, incarnation: str = "") -> Register:
     return Register(
         instance_id=name,
         role=role,
@@ -21,10 +21,11 @@ def register(name: str, role: str = "decode", pid: int = 1) -> Register:
         control_address=None,
         max_model_len=8192,
         started_at=0.0,
+        incarnation=incarnation,
     )
 
 
-def report(name: str, seq: int, running: int = 0) -> LoadReport:
+def report(name: str, seq: int, running: int = 0, incarnation: str = "") -> LoadReport:
     return LoadReport(
         instance_id=name,
         seq=seq,
@@ -39,6 +40,7 @@ def report(name: str, seq: int, running: int = 0) -> LoadReport:
         step_ms=0.0,
         prefill_tokens_per_s=0.0,
         num_preemptions=0,
+        incarnation=incarnation,
     )
 
 
@@ -123,3 +125,21 @@ def test_mark_broken_takes_an_instance_out_until_it_reports_again() -> None:
     cp.handle(report("d", 1))
     cp.mark_broken("d")
     assert not cp.instances["d"].healthy
+
+
+def test_a_restarted_instance_waits_for_its_registration() -> None:
+    """Its engine reports before its HTTP server answers: no work, and the old one is down."""
+    cp = plane()
+    down: list[str] = []
+    cp.on_instance_down(down.append)
+    cp.handle(register("d", pid=1, incarnation="first"), now=0.0)
+    cp.handle(report("d", 1, incarnation="first"), now=0.1)
+    assert [v.instance_id for v in cp.snapshot().usable()] == ["d"]
+    cp.handle(report("d", 1, incarnation="second"), now=0.2)  # the new engine, before HTTP
+    assert cp.snapshot().usable() == [] and down == ["d"]
+    cp.handle(report("d", 2, incarnation="second"), now=0.3)
+    cp.check_health(now=0.35)
+    assert cp.snapshot().usable() == [] and down == ["d"]  # told once
+    cp.handle(register("d", pid=2, incarnation="second"), now=0.4)
+    cp.handle(report("d", 3, incarnation="second"), now=0.5)
+    assert [v.instance_id for v in cp.snapshot().usable()] == ["d"]

@@ -71,7 +71,17 @@ def test_serve_shares_only_cluster_wide_instance_flags() -> None:
     assert args.decode == 2 and args.kv_lease_s == 5 and extra == ["--max-num-seqs", "8"]
     flags = _flags("serve")
     assert {"--kv-lease-s", "--on-kv-failure", "--policy", "--api-key"} <= flags
-    assert not {"--role", "--instance-id", "--cpu-cores", "--kv-port", "--control-address", "--scheduler"} & flags
+    assert (
+        not {
+            "--role",
+            "--instance-id",
+            "--cpu-cores",
+            "--kv-port",
+            "--control-address",
+            "--scheduler",
+        }
+        & flags
+    )
 
 
 def test_unknown_arguments_are_refused_where_nothing_passes_them_on() -> None:
@@ -79,3 +89,21 @@ def test_unknown_arguments_are_refused_where_nothing_passes_them_on() -> None:
 
     with pytest.raises(SystemExit):
         main(["doctor", "--bogus"])
+
+
+def test_the_old_scheduler_flag_still_works_and_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.warns(DeprecationWarning, match="--control-address"):
+        settings = parse(InstanceSettings, ["--scheduler", "tcp://gw:7000"])
+    assert settings.control_address == "tcp://gw:7000"  # type: ignore[attr-defined]
+    assert "deprecated" in capsys.readouterr().err
+    assert "--scheduler" not in build_parser().format_help()
+
+
+def test_nested_kv_settings_reach_every_field() -> None:
+    settings = parse(
+        InstanceSettings,
+        ["--kv-backend", "gloo", "--kv-pair-setup-timeout-s", "5", "--kv-port", "9"],
+    )
+    kv = settings.kv  # type: ignore[attr-defined]
+    assert (kv.backend, kv.pair_setup_timeout_s, kv.port) == ("gloo", 5.0, 9)
+    assert parse(InstanceSettings, to_argv(settings)) == settings  # type: ignore[arg-type]

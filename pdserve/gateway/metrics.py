@@ -113,35 +113,23 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+
+        def latency(name: str, documentation: str) -> Histogram:
+            return Histogram(name, documentation, buckets=_LATENCY, registry=r)
+
         self.requests = Counter(
             "pdserve_requests",
             "requests by endpoint and outcome",
             ["endpoint", "outcome"],
             registry=r,
         )
-        self.ttft_seconds = Histogram(
-            "pdserve_time_to_first_token_seconds",
-            "arrival to first token",
-            buckets=_LATENCY,
-            registry=r,
+        self.ttft_seconds = latency("pdserve_time_to_first_token_seconds", "arrival to first token")
+        self.itl_seconds = latency(
+            "pdserve_inter_token_latency_seconds", "gap between consecutive token chunks"
         )
-        self.itl_seconds = Histogram(
-            "pdserve_inter_token_latency_seconds",
-            "gap between consecutive token chunks",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.e2e_seconds = Histogram(
-            "pdserve_e2e_request_latency_seconds",
-            "arrival to last token",
-            buckets=_LATENCY,
-            registry=r,
-        )
-        self.prefill_seconds = Histogram(
-            "pdserve_prefill_leg_seconds",
-            "prefill leg on a prefill instance",
-            buckets=_LATENCY,
-            registry=r,
+        self.e2e_seconds = latency("pdserve_e2e_request_latency_seconds", "arrival to last token")
+        self.prefill_seconds = latency(
+            "pdserve_prefill_leg_seconds", "prefill leg on a prefill instance"
         )
         self.dispatches = Counter("pdserve_dispatches", "placements by mode", ["mode"], registry=r)
         self.failovers = Counter(
@@ -153,17 +141,11 @@ class GatewayMetrics:
             ["result"],
             registry=r,
         )
-        self.migration_downtime_seconds = Histogram(
-            "pdserve_migration_downtime_seconds",
-            "gap in the token stream at a migration's cut",
-            buckets=_LATENCY,
-            registry=r,
+        self.migration_downtime_seconds = latency(
+            "pdserve_migration_downtime_seconds", "gap in the token stream at a migration's cut"
         )
-        self.migration_seconds = Histogram(
-            "pdserve_migration_seconds",
-            "a migration from pin to the first token on the target",
-            buckets=_LATENCY,
-            registry=r,
+        self.migration_seconds = latency(
+            "pdserve_migration_seconds", "a migration from pin to the first token on the target"
         )
         self.migration_bytes = Counter(
             "pdserve_migration_bytes",

@@ -98,14 +98,8 @@ class Folder:
             choice["message"] = message
         else:
             choice["text"] = "".join(self.text)
-        body: dict[str, Any] = {
-            "id": session.response_id,
-            "object": "chat.completion" if session.kind == "chat" else "text_completion",
-            "created": session.created,
-            "model": session.model,
-            "choices": [choice],
-            "usage": session.usage(),
-        }
+        body = session.envelope(streamed=False)
+        body.update(choices=[choice], usage=session.usage())
         if session.request.return_token_ids:
             choice["token_ids"] = self.token_ids
             if session.kind == "chat":

@@ -441,16 +441,26 @@ class RequestSession:
             return None  # a continuation's role chunk: the client has had one
         return self._client_chunk(event, choice)
 
+    def envelope(self, streamed: bool) -> dict[str, Any]:
+        """The fields every response to the client carries, a chunk's or the whole answer's."""
+        kinds = {
+            (True, True): "chat.completion.chunk",
+            (True, False): "chat.completion",
+            (False, True): "text_completion",
+            (False, False): "text_completion",
+        }
+        return {
+            "id": self.response_id,
+            "object": kinds[(self.kind == "chat", streamed)],
+            "created": self.created,
+            "model": self.model,
+        }
+
     def _client_chunk(self, event: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
         out_choice = dict(choice)
         out_choice["index"] = 0
-        chunk: dict[str, Any] = {
-            "id": self.response_id,
-            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [out_choice],
-        }
+        chunk = self.envelope(streamed=True)
+        chunk["choices"] = [out_choice]
         if not self.request.return_token_ids:
             out_choice.pop("token_ids", None)
             out_choice.pop("prompt_token_ids", None)

@@ -35,6 +35,9 @@ logger = get_logger(__name__)
 # A dispatch stops counting as pending once a report received this much later exists.
 PENDING_GRACE_S = 0.15
 PENDING_MAX_AGE_S = 2.0
+# A held entry (a decode leg waiting for its prefill) lasts until the leg starts or the
+# request ends; this only bounds what a lost release could leave behind.
+HELD_MAX_AGE_S = 600.0
 
 
 @dataclass
@@ -48,11 +51,18 @@ class InstanceRecord:
     healthy: bool = False
     given_up: bool = False
     pending: list[tuple[float, Pending]] = field(default_factory=list)
+    # Decode legs of requests still in their prefill phase, by request key. A load report
+    # cannot show them (the request reaches this instance only after the prefill), so they
+    # stay until the leg starts (``ControlPlane.decode_started``) or the request ends.
+    held: dict[str, tuple[float, Pending]] = field(default_factory=dict)
 
     def pending_total(self, now: float) -> Pending:
         self.pending = [(t, p) for t, p in self.pending if now - t < PENDING_MAX_AGE_S]
+        self.held = {k: (t, p) for k, (t, p) in self.held.items() if now - t < HELD_MAX_AGE_S}
         total = Pending()
         for _, p in self.pending:
+            total = total + p
+        for _, p in self.held.values():
             total = total + p
         return total
 
@@ -256,8 +266,14 @@ class ControlPlane:
         now = time.monotonic()
         return ClusterSnapshot(tuple(r.view(now) for r in self.instances.values()))
 
-    def dispatch(self, estimate: RequestEstimate) -> Dispatch:
-        """Asks the policy, then counts the request as pending where it goes."""
+    def dispatch(self, estimate: RequestEstimate, key: str | None = None) -> Dispatch:
+        """Asks the policy, then counts the request as pending where it goes.
+
+        With a request ``key``, a disaggregated request's decode share is *held* until
+        ``decode_started`` / ``forget_held``: the decode instance sees the request only after
+        the prefill, so its load reports cannot stand in for it (else a burst of long prompts
+        all picks the same decode instance).
+        """
         choice = self.policy.choose(self.snapshot(), estimate)
         now = time.monotonic()
         decode = self.instances[choice.decode]
@@ -265,10 +281,42 @@ class ControlPlane:
         if choice.prefill is not None:
             prefill = self.instances[choice.prefill]
             prefill.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
-            decode.pending.append((now, Pending(1, 0, blocks)))
+            if key is not None:
+                decode.held[key] = (now, Pending(1, 0, blocks))
+            else:
+                decode.pending.append((now, Pending(1, 0, blocks)))
         else:
             decode.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
         return choice
+
+    def dispatch_decode(self, estimate: RequestEstimate, prefilled: bool) -> str:
+        """A decode-capable instance for a request whose decode instance went away.
+
+        Only decode-capable instances are offered to the policy, so it places no prefill;
+        ``prefilled``: the KV exists elsewhere, so no prompt tokens are queued there.
+        """
+        snapshot = self.snapshot()
+        decoders = ClusterSnapshot(tuple(v for v in snapshot.instances if v.can_decode))
+        choice = self.policy.choose(decoders, estimate)
+        record = self.instances[choice.decode]
+        blocks = estimate.prompt_blocks(record.load.block_size if record.load else 16)
+        tokens = 0 if prefilled else estimate.prompt_tokens
+        record.pending.append((time.monotonic(), Pending(1, tokens, blocks)))
+        return choice.decode
+
+    def decode_started(self, key: str, instance_id: str) -> None:
+        """The held decode share of ``key`` becomes ordinary pending work on the instance
+        (its next reports show the request), and is dropped anywhere else."""
+        now = time.monotonic()
+        for record_id, record in self.instances.items():
+            entry = record.held.pop(key, None)
+            if entry is not None and record_id == instance_id:
+                record.pending.append((now, entry[1]))
+
+    def forget_held(self, key: str) -> None:
+        """The request ended before its decode leg started: nothing is coming."""
+        for record in self.instances.values():
+            record.held.pop(key, None)
 
     def record(self, instance_id: str) -> InstanceRecord | None:
         return self.instances.get(instance_id)

@@ -81,6 +81,7 @@ class MigrationFailure(enum.StrEnum):
     EXPORT_REFUSED = "export_refused"  # the source would not pin the request's KV
     BETWEEN_INSTANCES = "between_instances"  # no live leg to cut
     CONTINUATION_FAILED = "continuation_failed"  # the target's leg failed after the cut
+    FAILED_OVER = "failed_over"  # a failover moved the request first: the pin was stale
     UPSTREAM_ERROR = "upstream_error"
     TIMED_OUT = "timed_out"
 
@@ -213,6 +214,9 @@ class Migrator:
         pinned: Pinned | None = None
         pin_sent = False
         transfer_id = uuid.uuid4().hex
+        # The leg this move is planned against: a failover starts another one, after which
+        # the pin on the instance left must not be cut to (the session refuses such a cut).
+        leg, failovers = session.legs, session.failovers
         try:
             self._check_movable(session, target)
             # One deadline for the whole move: pin, every pre-copy stage and the cut share it,
@@ -223,9 +227,11 @@ class Migrator:
                     pin_sent = True
                     pinned = await self._pin(session, source, transfer_id)
                 if pinned is not None and mode == "live" and _precopy_safe(session):
-                    await self._precopy(session, target, pinned, transfer_id, result)
-            cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id)
+                    await self._precopy(session, target, pinned, transfer_id, result, leg)
+            cut = Cut("migration", target=target, export=pinned, transfer_id=transfer_id, leg=leg)
             if not session.interrupt(cut):
+                if session.failovers != failovers:
+                    raise _Abort(MigrationFailure.FAILED_OVER, "the request failed over meanwhile")
                 raise _Abort(
                     MigrationFailure.BETWEEN_INSTANCES,
                     "the request finished or is between instances",
@@ -233,6 +239,8 @@ class Migrator:
             pinned = None  # from here on, the session's legs own the export
             async with asyncio.timeout_at(deadline):
                 await cut.done.wait()
+            if cut.failed_over:
+                raise _Abort(MigrationFailure.FAILED_OVER, cut.error or "failed over")
             if cut.error is not None:
                 raise _Abort(MigrationFailure.CONTINUATION_FAILED, cut.error)
             result.status = MigrationStatus.COMPLETED
@@ -304,6 +312,7 @@ class Migrator:
         pinned: Pinned,
         transfer_id: str,
         result: MigrationResult,
+        leg: int,
     ) -> None:
         """Copies full blocks into the target's prefix cache while the source decodes."""
         block_size = pinned.block_size
@@ -311,6 +320,10 @@ class Migrator:
         for stage in range(self.settings.max_precopy_stages):
             if session.finish_reason is not None or session.prompt_ids is None:
                 raise _Abort(MigrationFailure.FINISHED, "the request finished during pre-copy")
+            if session.legs != leg:
+                raise _Abort(
+                    MigrationFailure.FAILED_OVER, "the request failed over during pre-copy"
+                )
             tokens = session.prompt_ids + session.output_ids
             full = (len(tokens) - 1) // block_size
             if full <= copied or (stage > 0 and full - copied < 1):

@@ -65,6 +65,10 @@ class Cut:
     A migration names its target and, if the request had KV worth moving, the live export
     on the instance it leaves (``Pinned``); ``done`` is set once the target has produced its
     first token (``downtime_s`` is then the stream's gap) or the move failed (``error``).
+
+    ``leg``: the leg a migration was planned against; once the request failed over to
+    another leg, that plan (and its pin on the instance left) is stale and the cut refused.
+    ``failed_over``: a failover overtook the migration before its new leg started.
     """
 
     reason: Literal["failover", "migration"]
@@ -75,6 +79,8 @@ class Cut:
     downtime_s: float | None = None
     error: str | None = None
     last_token_at: float | None = None
+    leg: int | None = None
+    failed_over: bool = False
 
     def finish(self, error: str | None = None) -> None:
         if not self.done.is_set():
@@ -206,7 +212,7 @@ class RequestSession:
         """Yields STARTED, then client-format chunks; raises APIError before STARTED."""
         estimate = RequestEstimate(estimate_prompt_tokens(self.request), self.budget or 256)
         try:
-            choice = self.ctx.control.dispatch(estimate)
+            choice = self.ctx.control.dispatch(estimate, key=self.key)
         except NoInstance as e:
             raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
         target, source = choice.decode, None
@@ -217,10 +223,12 @@ class RequestSession:
             choice.prefill or choice.decode,
             choice.decode,
         )
-        if choice.prefill is not None:
-            source = await self._prefill(choice.prefill)
         started = False
         try:
+            if choice.prefill is not None:
+                source = await self._prefill(choice.prefill)
+                target, source = self._decode_target(target, choice.prefill, source, estimate)
+            self.ctx.control.decode_started(self.key, target)
             while True:
                 async for chunk in self._leg(target, source):
                     if not started:
@@ -248,6 +256,7 @@ class RequestSession:
                 raise error from None
             yield {"error": error.body()["error"]}
         finally:
+            self.ctx.control.forget_held(self.key)
             self.registry.detach(self)
             if self._migration is not None:
                 self._migration.finish("the request ended before its new instance answered")
@@ -279,6 +288,34 @@ class RequestSession:
         self.prompt_ids = _prompt_ids(answer)
         return params.source
 
+    def _decode_target(
+        self, target: str, prefill: str, source: SourceSpec | None, estimate: RequestEstimate
+    ) -> tuple[str, SourceSpec | None]:
+        """Where the decode leg goes: the decode instance may have left during the prefill.
+
+        Then another decode-capable instance pulls the prefill's KV (the prefill instance
+        itself, if it can decode, computes it again from its prefix cache), and the export is
+        released when nobody will pull it, instead of being held for its whole lease.
+        """
+        view = self.ctx.control.snapshot().get(target)
+        if view is not None and view.usable and view.can_decode:
+            return target, source
+        try:
+            chosen = self.ctx.control.dispatch_decode(estimate, prefilled=source is not None)
+        except NoInstance as e:
+            self._release(source)
+            raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
+        logger.warning(
+            "pdserve: request %s: decode instance %s went away during the prefill; decoding on %s",
+            self.key,
+            target,
+            chosen,
+        )
+        if source is not None and chosen == prefill:
+            self._release(source)
+            source = None
+        return chosen, source
+
     def _release_unknown(self, instance_id: str, transfer_id: str) -> None:
         record = self.ctx.control.record(instance_id)
         if record is not None:
@@ -291,7 +328,14 @@ class RequestSession:
         self.legs += 1
         self.instance_id = target
         self._cut = None
-        url = self.ctx.control.url(target) + ENDPOINTS[self.kind]
+        record = self.ctx.control.record(target)
+        if record is None:
+            # It left between its choice and this leg (a migration target, say): fail over.
+            logger.warning("pdserve: %s left before request %s reached it", target, self.key)
+            self._release(source)
+            self._cut = Cut("failover")
+            return
+        url = record.info.url + ENDPOINTS[self.kind]
         body = self._leg_body(source)
         self.registry.attach(self, target)
         released = source is None
@@ -303,8 +347,10 @@ class RequestSession:
                     if error is not None:
                         raise self._explain(error, source)
                     if not released:
-                        # The decode instance produced output: it holds the KV now.
-                        released = self._release(source)
+                        # The decode instance produced output, so it dealt with the export
+                        # (pulled it, or released what it could not use): a Release now
+                        # would only leave a tombstone on the exporter for every request.
+                        released = True
                     chunk = self._absorb(event)
                     if chunk is not None:
                         yield chunk
@@ -319,6 +365,7 @@ class RequestSession:
                 self._release(source)
 
     def _release(self, source: SourceSpec | None) -> bool:
+        """Frees an export nobody will pull (the leg ended before any output)."""
         if source is not None:
             self.ctx.kv.release(source.addresses, source.transfer_id)
         return True
@@ -337,8 +384,13 @@ class RequestSession:
         cut = self._cut or Cut("failover")
         if cut.reason == "migration" and cut.target is not None:
             self._migration = cut
+            self._cut = None  # taken: a failover from now on no longer overtakes it
             cut.last_token_at = self.last_token_at
             return cut.target, self._migration_source(cut)
+        migration = self._migration
+        if migration is not None and not migration.done.is_set():
+            # The migration's new leg broke: it failed, whatever the next leg does.
+            migration.finish(f"the new leg on {self.instance_id} failed; the request failed over")
         self.failovers += 1
         if self.failovers > self.ctx.settings.max_failovers:
             raise _Abandon(f"instance {self.instance_id} failed {self.failovers} times")
@@ -382,7 +434,10 @@ class RequestSession:
         """
         if not self.request.stop or not self.output_ids:
             return None
-        url = self.ctx.control.url(target) + "/detokenize"
+        record = self.ctx.control.record(target)
+        if record is None:
+            return None
+        url = record.info.url + "/detokenize"
         try:
             answer = await self.ctx.upstream.post_json(
                 url, {"model": self.model, "tokens": self.output_ids}
@@ -490,7 +545,20 @@ class RequestSession:
     # --- control from outside --------------------------------------------------------------
 
     def interrupt(self, cut: Cut) -> bool:
-        """Cuts the current leg (failover, migration); the session continues per ``cut``."""
+        """Cuts the current leg (failover, migration); the session continues per ``cut``.
+
+        A failover overtakes a migration cut whose new leg has not started (its pin is on the
+        instance that failed): the migration is told so, and the request fails over instead.
+        A migration planned against an earlier leg is refused (its pin is stale).
+        """
+        pending = self._cut
+        if cut.reason == "failover" and pending is not None and pending.reason == "migration":
+            self._cut = cut
+            pending.failed_over = True
+            pending.finish(f"the request failed over from {self.instance_id} during the move")
+            return True
+        if cut.leg is not None and cut.leg != self.legs:
+            return False
         if self._stream is None or self.finish_reason is not None or self._cut is not None:
             return False
         self._cut = cut

@@ -26,6 +26,13 @@ from pdserve.cluster.processes import free_port
 from pdserve.gateway.app import create_app
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.settings import GatewaySettings
+from pdserve.kv.messages import (
+    PARAMS_KEY,
+    SourceSpec,
+    TransferParams,
+    params_to_json,
+    tokens_digest,
+)
 from pdserve.protocol.reports import LoadReport, Register
 from pdserve.protocol.wire import instance_api_key
 from pdserve.scheduler.dispatch import DispatchSettings
@@ -60,13 +67,24 @@ def _text_ids(text: str) -> list[int]:
 
 
 class FakeInstance:
-    """What the gateway sees of one vLLM instance; ``hold`` makes answers wait."""
+    """What the gateway sees of one vLLM instance; ``hold`` makes answers wait.
 
-    def __init__(self, name: str, role: str) -> None:
+    ``exports``: a prefill leg answers with a KV source, as pdserve's connector does;
+    ``pause_after_first``: streams wait on it after their first token; ``refuse_streams``:
+    streamed requests are answered 503; ``control_address``: registered as the engine's.
+    """
+
+    def __init__(self, name: str, role: str, *, free_blocks: int = 1000) -> None:
         self.name = name
         self.role = role
         self.api_key = instance_api_key(SECRET)
         self.hold: asyncio.Event | None = None
+        self.pause_after_first: asyncio.Event | None = None
+        self.exports = False
+        self.refuse_streams = False
+        self.max_model_len = MAX_MODEL_LEN
+        self.free_blocks = free_blocks
+        self.control_address: str | None = None
         self.received: list[dict[str, Any]] = []
         self.port = 0
         self._runner: web.AppRunner | None = None
@@ -76,7 +94,7 @@ class FakeInstance:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(client_max_size=64 * 1024 * 1024)  # vLLM has no small limit
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/detokenize", self._detokenize)
@@ -87,8 +105,9 @@ class FakeInstance:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        if self.hold is not None:
-            self.hold.set()
+        for event in (self.hold, self.pause_after_first):
+            if event is not None:
+                event.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -101,8 +120,8 @@ class FakeInstance:
             pid=1,
             model=MODEL,
             kv_addresses=["tcp://127.0.0.1:9"],
-            control_address=None,
-            max_model_len=MAX_MODEL_LEN,
+            control_address=self.control_address,
+            max_model_len=self.max_model_len,
             started_at=0.0,
         )
 
@@ -113,7 +132,7 @@ class FakeInstance:
             num_running=0,
             num_waiting=0,
             num_loading=0,
-            free_blocks=1000,
+            free_blocks=self.free_blocks,
             total_blocks=1000,
             block_size=16,
             waiting_prompt_tokens=0,
@@ -173,24 +192,48 @@ class FakeInstance:
             return _vllm_error(400, prompt_ids)
         budget = body.get("max_tokens") or body.get("max_completion_tokens")
         if budget is None:
-            budget = MAX_MODEL_LEN - len(prompt_ids)
-        if len(prompt_ids) + budget > MAX_MODEL_LEN:
+            budget = self.max_model_len - len(prompt_ids)
+        if len(prompt_ids) + budget > self.max_model_len:
             return _vllm_error(
                 400,
-                f"This model's maximum context length is {MAX_MODEL_LEN} tokens; "
+                f"This model's maximum context length is {self.max_model_len} tokens; "
                 f"{len(prompt_ids)} prompt + {budget} output tokens requested",
             )
         count = min(budget, TOKENS_PER_ANSWER)
         tokens = [100 + i for i in range(count)]
         if not body.get("stream"):
-            return web.json_response(self._answer(chat, prompt_ids, tokens[:1]))
+            answer = self._answer(chat, prompt_ids, tokens[:1])
+            if self.exports:
+                answer["kv_transfer_params"] = self._export(body, prompt_ids)
+            return web.json_response(answer)
+        if self.refuse_streams:
+            return _vllm_error(503, "the engine is not ready")
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for event in self._events(chat, prompt_ids, tokens):
             await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+            first_token = bool(event.get("choices")) and event["choices"][0].get("token_ids")
+            if self.pause_after_first is not None and first_token:
+                await self.pause_after_first.wait()
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    def _export(self, body: dict[str, Any], prompt_ids: list[int]) -> dict[str, Any] | None:
+        """The KV source a prefill leg's answer names, as pdserve's connector writes it."""
+        export = ((body.get("kv_transfer_params") or {}).get(PARAMS_KEY) or {}).get("export")
+        if not export:
+            return None
+        source = SourceSpec(
+            transfer_id=export["transfer_id"],
+            instance_id=self.name,
+            addresses=["tcp://127.0.0.1:9"],
+            num_tokens=len(prompt_ids),
+            block_size=16,
+            layout="fake",
+            tokens_digest=tokens_digest(prompt_ids),
+        )
+        return params_to_json(TransferParams(source=source))
 
     def _answer(self, chat: bool, prompt_ids: list[int], tokens: list[int]) -> dict[str, Any]:
         choice: dict[str, Any] = {

@@ -3,11 +3,14 @@
 The benchmarks that need to know more than the endpoint use it: the cluster secret (to send
 requests straight to an instance, past the gateway) and the launcher's pid (to find every
 process of the cluster). ``instances`` reads the gateway's ``GET /admin/instances``, the one
-place that lists each instance's URL, pid and KV blocks, for clusters started here or not.
+place that lists each instance's URL, pid and KV blocks, for clusters started here or not; it is
+the benchmarks' only reader of that table (``pdserve.cluster.launcher`` has its own, below
+benchmark in the layers).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -19,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdserve.cluster.launcher import ServeSettings
 from pdserve.cluster.processes import ManagedProcess, free_port, pdserve_argv, wait_until
 from pdserve.protocol.net import is_loopback
 from pdserve.protocol.wire import SECRET_ENV, cluster_secret, new_secret
+from pdserve.settings import add_arguments, from_args
+
+INSTANCES_PATH = "/admin/instances"
 
 
 @dataclass
@@ -45,12 +52,18 @@ def get_json(url: str, api_key: str | None = None, timeout: float = 5.0) -> Any:
         return json.load(response)
 
 
+def instances_url(gateway_url: str) -> str:
+    return gateway_url.rstrip("/") + INSTANCES_PATH
+
+
 def instances(url: str, api_key: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The gateway's instance table (``/admin/instances``); [] while it does not answer."""
+    """The instance table of the gateway at ``url`` (its base URL, ``GET /admin/instances``);
+    [] while it does not answer."""
     try:
-        return list(get_json(url.rstrip("/") + "/admin/instances", api_key, timeout))
+        rows = get_json(instances_url(url), api_key, timeout)
     except (OSError, ValueError):
         return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def healthy(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,6 +75,15 @@ def secret_for(url: str) -> bytes:
     development default that a cluster on loopback uses without one."""
     host = urllib.parse.urlsplit(url).hostname or ""
     return cluster_secret(loopback_only=is_loopback(host))
+
+
+def expected_instances(serve_args: Sequence[str]) -> int:
+    """How many instances ``pdserve serve SERVE_ARGS`` starts, read by its own settings model."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_arguments(parser, ServeSettings)
+    namespace, _ = parser.parse_known_args(list(serve_args))
+    serve = from_args(ServeSettings, namespace)
+    return serve.prefill + serve.decode + serve.both
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -41,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from benchmark.local_cluster import healthy, instances, instances_url
 from pdserve.cluster.launcher import ServeSettings, assign_cores
 from pdserve.cluster.processes import (
     ManagedProcess,
@@ -295,7 +295,7 @@ def plan_pdserve(
     serve = ProcessSpec(
         "pdserve-serve",
         argv,
-        ready_url=endpoint + "/admin/instances",
+        ready_url=instances_url(endpoint),
         expect_instances=spec.instances,
         port=gateway_port,
     )
@@ -316,15 +316,6 @@ def fetch_text(url: str, timeout: float = 5.0) -> str | None:
             return str(response.read().decode("utf-8", errors="replace"))
     except (urllib.error.URLError, OSError, ValueError):
         return None
-
-
-def healthy_instances(url: str) -> list[dict[str, Any]]:
-    text = fetch_text(url, timeout=2.0)
-    try:
-        rows = json.loads(text) if text else []
-    except ValueError:
-        return []
-    return [r for r in rows if isinstance(r, dict) and r.get("healthy")]
 
 
 _SAMPLE = re.compile(r"^([A-Za-z_:][A-Za-z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
@@ -377,7 +368,7 @@ class RunningSetup:
 
     def _ready(self, spec: ProcessSpec) -> bool:
         if spec.expect_instances:
-            return len(healthy_instances(spec.ready_url)) >= spec.expect_instances
+            return len(healthy(instances(self.endpoint, timeout=2.0))) >= spec.expect_instances
         return http_ok(spec.ready_url)
 
     def start(self, timeout_s: float) -> None:
@@ -412,7 +403,7 @@ class RunningSetup:
             )
             if spec.expect_instances:
                 self.instance_urls = [
-                    str(r["url"]) for r in healthy_instances(spec.ready_url) if r.get("url")
+                    str(r["url"]) for r in healthy(instances(self.endpoint)) if r.get("url")
                 ]
 
     def check_alive(self) -> None:

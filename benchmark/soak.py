@@ -47,7 +47,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from benchmark.arrivals import ClosedLoop, poisson_times
 from benchmark.client import ClientSettings, Target, drive, resolve_target, send
-from benchmark.local_cluster import LocalCluster, healthy, instances, local_cluster
+from benchmark.local_cluster import (
+    LocalCluster,
+    expected_instances,
+    healthy,
+    instances,
+    local_cluster,
+)
 from benchmark.metrics import RequestRecord, Summary, latency_stats, summarize
 from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
 from pdserve.settings import add_arguments, from_args
@@ -579,16 +585,6 @@ async def soak(settings: SoakSettings, url: str, launcher_pid: int | None) -> di
         "summary": summary.model_dump(mode="json"),
         "samples": [s.model_dump(mode="json") for s in sampler.samples],
     }
-
-
-def expected_instances(serve_args: Sequence[str]) -> int:
-    """How many instances ``pdserve serve SERVE_ARGS`` starts, by pdserve's own parser."""
-    from pdserve.cli import build_parser
-    from pdserve.cluster.launcher import ServeSettings
-
-    namespace, _ = build_parser().parse_known_args(["serve", *serve_args])
-    serve = from_args(ServeSettings, namespace)
-    return serve.prefill + serve.decode + serve.both
 
 
 @contextlib.contextmanager

@@ -20,7 +20,9 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from pdserve.cluster.launcher import ServeSettings
 from pdserve.cluster.processes import ManagedProcess, free_port, pdserve_argv, wait_until
@@ -29,6 +31,7 @@ from pdserve.protocol.wire import SECRET_ENV, cluster_secret, new_secret
 from pdserve.settings import add_arguments, from_args
 
 INSTANCES_PATH = "/admin/instances"
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -77,12 +80,22 @@ def secret_for(url: str) -> bytes:
     return cluster_secret(loopback_only=is_loopback(host))
 
 
-def expected_instances(serve_args: Sequence[str]) -> int:
-    """How many instances ``pdserve serve SERVE_ARGS`` starts, read by its own settings model."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_arguments(parser, ServeSettings)
+def serve_settings(model: type[M], serve_args: Sequence[str]) -> M:
+    """The ``model`` settings (``ServeSettings``, ``DispatchSettings``...) that ``pdserve serve
+    SERVE_ARGS`` runs with, read by the model's own flags; other arguments are left alone.
+
+    Raises ``argparse.ArgumentError`` or pydantic's ``ValidationError`` where pdserve serve
+    would refuse the arguments.
+    """
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    add_arguments(parser, model)
     namespace, _ = parser.parse_known_args(list(serve_args))
-    serve = from_args(ServeSettings, namespace)
+    return from_args(model, namespace)
+
+
+def expected_instances(serve_args: Sequence[str]) -> int:
+    """How many instances ``pdserve serve SERVE_ARGS`` starts."""
+    serve = serve_settings(ServeSettings, serve_args)
     return serve.prefill + serve.decode + serve.both
 
 

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from benchmark import compare, setups
 from benchmark.compare import (
+    CompareResults,
     CompareSettings,
     Comparison,
     cross_check_rows,
@@ -46,6 +47,7 @@ from tests.unit import compare_fakes
 from tests.unit.compare_fakes import Fake, serve_in_thread
 
 FIXTURE = Path(__file__).parent / "data" / "vllm_bench_serve.json"
+COMMITTED = Path(__file__).resolve().parents[2] / "benchmark" / "results" / "compare-2core"
 FAKES = Path(compare_fakes.__file__)
 
 
@@ -657,3 +659,12 @@ def test_run_vllm_bench_reads_the_json_or_reports_the_failure(tmp_path: Path) ->
 def test_setups_module_reads_the_build_from_metadata() -> None:
     assert isinstance(setups.is_cpu_build(), bool)
     assert setups.available_cores()
+
+
+def test_committed_results_read_back_into_the_models_unchanged() -> None:
+    """results.json written before the typed models reads into them and is written again
+    byte for byte; its report.md is rendered again from it."""
+    text = (COMMITTED / "results.json").read_text()
+    results = CompareResults.model_validate_json(text)
+    assert json.dumps(results.to_json(), indent=1) == text.rstrip("\n")
+    assert render_report(results) == (COMMITTED / "report.md").read_text()

@@ -22,23 +22,20 @@ starts, and takes ``$PDSERVE_CLUSTER_SECRET`` for ``--url``.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from benchmark.arrivals import ClosedLoop
 from benchmark.client import ClientSettings, Target, drive, resolve_target
+from benchmark.command import Bench, ClusterBenchSettings, write_json
 from benchmark.local_cluster import healthy, instances, local_cluster, secret_for
 from benchmark.metrics import LatencyStats, RequestRecord, Summary, latency_stats, summarize
 from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
-from pdserve.settings import add_arguments, from_args
 
 Side = Literal["direct", "gateway"]
 SIDES: tuple[Side, Side] = ("direct", "gateway")
@@ -47,9 +44,7 @@ WARMUP_SEED_OFFSET = 10_000
 PASS_SEED_OFFSET = 1
 
 
-class OverheadSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class OverheadSettings(ClusterBenchSettings):
     requests: int = Field(32, ge=1, description="requests per pass (one pass = one side)")
     concurrency: int = Field(4, ge=1, description="requests in flight at once (closed loop)")
     prompt_tokens: int = Field(128, ge=1, description="prompt length of every request")
@@ -69,19 +64,10 @@ class OverheadSettings(BaseModel):
     instance_url: str | None = Field(
         None, description="the instance to compare with (default: the only healthy instance)"
     )
-    api_key: str | None = Field(None, description="the gateway's --api-key, if it has one")
     model: str | None = Field(
         None, description="model of the started instance (default: the bundled one)"
     )
-    log_dir: str | None = Field(
-        None, description="logs of the started cluster (default: a temp dir)"
-    )
-    start_timeout_s: float = Field(900.0, gt=0, description="seconds to wait for the cluster")
-    request_timeout_s: float = Field(600.0, gt=0, description="limit on one request")
     time_limit_s: float = Field(1800.0, gt=0, description="limit on one pass")
-    seed: int = Field(0, description="seed of the prompts")
-    progress: bool = Field(True, description="progress bar on stderr")
-    json_out: str | None = Field(None, description="write the result as JSON to this file")
 
 
 class PassResult(BaseModel):
@@ -285,10 +271,7 @@ def run(settings: OverheadSettings, vllm_args: Sequence[str] = ()) -> dict[str, 
             print(f"cluster ready: {cluster.url} (logs in {cluster.log_dir})", file=sys.stderr)
             result = asyncio.run(run_against(settings, cluster.url, cluster.secret))
             result["serve_args"] = args
-    if settings.json_out:
-        path = Path(settings.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    write_json(settings.json_out, result)
     return result
 
 
@@ -320,37 +303,9 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_overhead_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Flags of every ``OverheadSettings`` field (``json_out`` is ``--json``)."""
-    add_arguments(parser, OverheadSettings, exclude={"json_out"})
-    field = OverheadSettings.model_fields["json_out"]
-    parser.add_argument(
-        "--json", dest="json_out", default=argparse.SUPPRESS, metavar="PATH", help=field.description
-    )
-
-
-def settings_from_args(namespace: argparse.Namespace) -> OverheadSettings:
-    return from_args(OverheadSettings, namespace)
-
-
 def ok(result: dict[str, Any]) -> bool:
     """Every request of every pass completed."""
     return all(p["summary"]["failed"] == 0 for p in result["passes"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmark.gateway_overhead",
-        description="TTFT and throughput through the gateway vs straight to the same instance. "
-        "Unknown arguments go to the started vLLM instance.",
-    )
-    add_overhead_arguments(parser)
-    args, vllm_args = parser.parse_known_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        parser.error(str(error))
-    return report(settings, vllm_args)
 
 
 def report(settings: OverheadSettings, vllm_args: Sequence[str] = ()) -> int:
@@ -367,6 +322,18 @@ def report(settings: OverheadSettings, vllm_args: Sequence[str] = ()) -> int:
     if settings.json_out:
         print(settings.json_out)
     return 0 if ok(result) else 1
+
+
+BENCH = Bench(OverheadSettings, lambda settings, extra, argv: report(settings, extra))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return BENCH.main(
+        "python -m benchmark.gateway_overhead",
+        "TTFT and throughput through the gateway vs straight to the same instance. "
+        "Unknown arguments go to the started vLLM instance.",
+        argv,
+    )
 
 
 if __name__ == "__main__":

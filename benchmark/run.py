@@ -23,17 +23,18 @@ import re
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import aiohttp
 from pydantic import Field, ValidationError
 
 from benchmark.arrivals import ArrivalKind, make_schedule
 from benchmark.client import ClientSettings, Target, drive, resolve_target
+from benchmark.command import Bench, add_settings_arguments
 from benchmark.metrics import PointResult, Summary, summarize
 from benchmark.plots import plot_results
 from benchmark.workloads import BenchRequest, WorkloadSettings, build_workload
-from pdserve.settings import _unwrap_optional, add_arguments, from_args
+from pdserve.settings import from_args
 
 # Fields with several values; pdserve.settings handles scalar fields only.
 LIST_FIELDS = ("rate", "concurrency")
@@ -186,32 +187,48 @@ def add_run_arguments(
     Mounted as ``pdserve bench run``; ``pdserve bench compare`` mounts its subclass.
     ``list_fields`` (lists, or lists or None) take several values.
     """
-    add_arguments(parser, model, exclude={*exclude, *list_fields})
-    for name in list_fields:
-        if name in exclude:
-            continue
-        field = model.model_fields[name]
-        (item,) = get_args(_unwrap_optional(field.annotation))
-        default = (
-            "" if field.default is None else f" (default: {' '.join(map(str, field.default))})"
-        )
-        parser.add_argument(
-            "--" + name.replace("_", "-"),
-            dest=name,
-            nargs="+",
-            type=item,
-            default=argparse.SUPPRESS,
-            metavar={float: "X", int: "N"}.get(item, "TEXT"),
-            help=f"{field.description}{default}",
-        )
+    add_settings_arguments(parser, model, exclude, list_fields)
 
 
 def settings_from_args(namespace: argparse.Namespace) -> RunSettings:
     return from_args(RunSettings, namespace)
 
 
+def report(settings: RunSettings, paths: bool = False) -> int:
+    """Runs and prints the table (and the files written); exit status 1 when the run failed
+    or some load point completed no request."""
+    try:
+        result = run(settings)
+    except (aiohttp.ClientError, OSError, RuntimeError, ValueError) as error:
+        print(f"benchmark failed: {error}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if paths:
+        for path in [p["file"] for p in result["points"]] + result["plots"]:
+            print(path)
+    return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
+
+
+def command(settings: RunSettings, extra: Sequence[str], argv: Sequence[str]) -> int:
+    """``pdserve bench run``: the bundled model's tokenizer where it is the model served."""
+    from pdserve import bundled_model
+
+    bundled = settings.model in (None, bundled_model.MODEL_NAME)
+    # Exact prompt lengths for the bundled model without asking for its path.
+    if (
+        settings.tokenizer is None
+        and bundled
+        and bundled_model.verify(bundled_model.model_dir()) is None
+    ):
+        settings = settings.model_copy(update={"tokenizer": str(bundled_model.model_dir())})
+    return report(settings)
+
+
+BENCH = Bench(RunSettings, command, list_fields=LIST_FIELDS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the benchmark; exit status 1 when some load point completed no request."""
+    """``python -m benchmark.run``: no unknown arguments, the files written are listed."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmark.run",
         description="Load an OpenAI-compatible endpoint and measure TTFT, TPOT, ITL, goodput.",
@@ -221,15 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings_from_args(parser.parse_args(argv))
     except ValidationError as error:
         parser.error(str(error))
-    try:
-        result = run(settings)
-    except (aiohttp.ClientError, OSError, RuntimeError, ValueError) as error:
-        print(f"benchmark failed: {error}", file=sys.stderr)
-        return 1
-    print(format_table(result))
-    for path in [p["file"] for p in result["points"]] + result["plots"]:
-        print(path)
-    return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
+    return report(settings, paths=True)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ process grew by more than ``--max-rss-growth-mib``. Not part of CI: it runs for 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -39,14 +38,14 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from benchmark.arrivals import ClosedLoop, poisson_times
 from benchmark.client import ClientSettings, Target, drive, resolve_target, send
+from benchmark.command import Bench, ClusterBenchSettings, write_json
 from benchmark.local_cluster import (
     LocalCluster,
     expected_instances,
@@ -56,7 +55,6 @@ from benchmark.local_cluster import (
 )
 from benchmark.metrics import RequestRecord, Summary, latency_stats, summarize
 from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
-from pdserve.settings import add_arguments, from_args
 
 MIB = 1024 * 1024
 PROBE_SEED_OFFSET = 7_919
@@ -65,9 +63,7 @@ DRAIN_POLL_S = 1.0
 Phase = Literal["load", "drain"]
 
 
-class SoakSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SoakSettings(ClusterBenchSettings):
     minutes: float = Field(10.0, gt=0, description="duration of the steady load")
     fraction: float = Field(0.7, gt=0, description="load as a fraction of measured capacity")
     probe_concurrency: int = Field(8, ge=1, description="closed-loop concurrency of the probe")
@@ -90,15 +86,7 @@ class SoakSettings(BaseModel):
         description="a running gateway to soak (default: start pdserve serve with the "
         "remaining flags, e.g. --prefill 1 --decode 1 --max-num-seqs 16)",
     )
-    api_key: str | None = Field(None, description="the gateway's --api-key, if it has one")
-    log_dir: str | None = Field(
-        None, description="logs of the started cluster (default: a temp dir)"
-    )
-    start_timeout_s: float = Field(900.0, gt=0, description="seconds to wait for the cluster")
     request_timeout_s: float = Field(300.0, gt=0, description="limit on one request")
-    seed: int = Field(0, description="seed of prompts and arrival times")
-    progress: bool = Field(True, description="a line on stderr at every sample")
-    json_out: str | None = Field(None, description="write samples and summary as JSON to this file")
 
 
 # --- what a sample holds ------------------------------------------------------------------
@@ -608,10 +596,7 @@ def run(settings: SoakSettings, serve_args: Sequence[str] = ()) -> dict[str, Any
             raise RuntimeError(f"{url}/admin/instances lists no healthy instance")
         result = asyncio.run(soak(settings, url, cluster.pid if cluster else None))
         result["serve_args"] = list(serve_args) if cluster else None
-    if settings.json_out:
-        path = Path(settings.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    write_json(settings.json_out, result)
     return result
 
 
@@ -645,19 +630,6 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def add_soak_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Flags of every ``SoakSettings`` field (``json_out`` is ``--json``)."""
-    add_arguments(parser, SoakSettings, exclude={"json_out"})
-    field = SoakSettings.model_fields["json_out"]
-    parser.add_argument(
-        "--json", dest="json_out", default=argparse.SUPPRESS, metavar="PATH", help=field.description
-    )
-
-
-def settings_from_args(namespace: argparse.Namespace) -> SoakSettings:
-    return from_args(SoakSettings, namespace)
-
-
 def report(settings: SoakSettings, serve_args: Sequence[str] = ()) -> int:
     if serve_args and settings.url:
         print(f"soak: with --url no cluster is started; unused: {serve_args}", file=sys.stderr)
@@ -673,20 +645,16 @@ def report(settings: SoakSettings, serve_args: Sequence[str] = ()) -> int:
     return 0 if result["summary"]["ok"] else 1
 
 
+BENCH = Bench(SoakSettings, lambda settings, extra, argv: report(settings, extra))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmark.soak",
-        description="Steady Poisson load at a fraction of measured capacity; reports errors, "
-        "KV blocks not freed, memory growth. Other arguments go to pdserve serve.",
-        allow_abbrev=False,
+    return BENCH.main(
+        "python -m benchmark.soak",
+        "Steady Poisson load at a fraction of measured capacity; reports errors, KV blocks not "
+        "freed, memory growth. Other arguments go to pdserve serve.",
+        argv,
     )
-    add_soak_arguments(parser)
-    args, serve_args = parser.parse_known_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        parser.error(str(error))
-    return report(settings, serve_args)
 
 
 if __name__ == "__main__":

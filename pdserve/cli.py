@@ -135,111 +135,77 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=_serve, accepts_extra=True)
 
 
-def _bench_run(args: argparse.Namespace, extra: list[str]) -> int:
-    from benchmark.run import format_table, run, settings_from_args
-    from pdserve import bundled_model
-
-    settings = settings_from_args(args)
-    bundled = settings.model in (None, bundled_model.MODEL_NAME)
-    # Exact prompt lengths for the bundled model without asking for its path.
-    if (
-        settings.tokenizer is None
-        and bundled
-        and bundled_model.verify(bundled_model.model_dir()) is None
-    ):
-        settings = settings.model_copy(update={"tokenizer": str(bundled_model.model_dir())})
-    result = run(settings)
-    print(format_table(result))
-    return 0 if all(p["summary"]["completed"] for p in result["points"]) else 1
-
-
-def _bench_compare(args: argparse.Namespace, extra: list[str]) -> int:
-    from pydantic import ValidationError
-
-    from benchmark.compare import main, settings_from_args
-
-    try:
-        settings = settings_from_args(args)
-    except ValidationError as error:
-        print(f"pdserve bench compare: {error}", file=sys.stderr)
-        return 2
-    return main(settings, extra, sys.argv)
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    from benchmark.compare import add_compare_arguments
-    from benchmark.run import add_run_arguments
-
-    bench = sub.add_parser("bench", help="benchmarks: load any OpenAI endpoint, compare setups")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    run = bench_sub.add_parser(
+# The bench subcommands: (name, module, help, description, usage, unknown arguments allowed).
+# Each module offers BENCH (benchmark.command.Bench): its settings model, whose fields are
+# the flags, and its command.
+_BENCHES = (
+    (
         "run",
-        help="load an OpenAI-compatible endpoint; TTFT/TPOT/ITL/goodput, JSON and plots",
-        allow_abbrev=False,
-    )
-    add_run_arguments(run)
-    run.set_defaults(handler=_bench_run)
-    compare = bench_sub.add_parser(
+        "benchmark.run",
+        "load an OpenAI-compatible endpoint; TTFT/TPOT/ITL/goodput, JSON and plots",
+        None,
+        None,
+        False,
+    ),
+    (
         "compare",
-        help="start setups one after another (vllm-router, pdserve colocated, xPyD, xPyD "
+        "benchmark.compare",
+        "start setups one after another (vllm-router, pdserve colocated, xPyD, xPyD "
         "with rescheduling), run the same sweep on each; report.md, JSON and plots",
-        description="Starts each setup alone on this machine, warms it up, measures it at "
+        "Starts each setup alone on this machine, warms it up, measures it at "
         "every load with the same requests, stops it, and writes report.md, results.json, "
         "per-request JSON and PNG figures. Arguments pdserve does not know are passed to "
         "every vLLM instance of every setup.",
-        usage="pdserve bench compare [--setups NAME ...] [--instances N] [--rate X ...] "
+        "pdserve bench compare [--setups NAME ...] [--instances N] [--rate X ...] "
         "[--workload W] [--num-requests N] [--slo-ttft-ms X] [--slo-tpot-ms X] "
         "[--cross-check] [--output-dir DIR] ... [vLLM args]",
-        allow_abbrev=False,
-    )
-    add_compare_arguments(compare)
-    compare.set_defaults(handler=_bench_compare, accepts_extra=True)
-    _add_reporting_benches(bench_sub)
-
-
-# Benchmarks whose module offers add_*_arguments, settings_from_args and report(settings, extra).
-_REPORTING_BENCHES = (
+        True,
+    ),
     (
         "overhead",
         "benchmark.gateway_overhead",
-        "add_overhead_arguments",
         "TTFT and throughput through the gateway vs straight to the same instance",
         "Starts pdserve serve with one 'both' instance (or uses --url) and sends interleaved "
         "passes of the same shape to the instance and to the gateway. Arguments pdserve does "
         "not know go to the instance.",
+        None,
+        True,
     ),
     (
         "soak",
         "benchmark.soak",
-        "add_soak_arguments",
         "minutes of Poisson load at a fraction of capacity: errors, KV leaks, memory",
         "Starts pdserve serve with the flags it does not know (or uses --url), probes "
         "capacity, loads it at --fraction for --minutes, then checks that every KV block is "
         "freed and how much each process grew.",
+        None,
+        True,
     ),
 )
 
 
-def _bench_report(module_name: str, args: argparse.Namespace, extra: list[str]) -> int:
+def _bench(module_name: str, args: argparse.Namespace, extra: list[str]) -> int:
     from pydantic import ValidationError
 
-    module = importlib.import_module(module_name)
+    bench = importlib.import_module(module_name).BENCH
     try:
-        settings = module.settings_from_args(args)
+        settings = bench.settings_from_args(args)
     except ValidationError as error:
         print(f"pdserve bench {args.bench_command}: {error}", file=sys.stderr)
         return 2
-    return int(module.report(settings, extra))
+    return int(bench.command(settings, extra, sys.argv))
 
 
-def _add_reporting_benches(bench_sub: argparse._SubParsersAction) -> None:
-    for name, module_name, adder, help_text, description in _REPORTING_BENCHES:
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: load any OpenAI endpoint, compare setups")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    for name, module_name, help_text, description, usage, accepts_extra in _BENCHES:
         parser = bench_sub.add_parser(
-            name, help=help_text, description=description, allow_abbrev=False
+            name, help=help_text, description=description, usage=usage, allow_abbrev=False
         )
-        getattr(importlib.import_module(module_name), adder)(parser)
+        importlib.import_module(module_name).BENCH.add_arguments(parser)
         parser.set_defaults(
-            handler=functools.partial(_bench_report, module_name), accepts_extra=True
+            handler=functools.partial(_bench, module_name), accepts_extra=accepts_extra
         )
 
 

@@ -67,7 +67,7 @@ from benchmark.compare.models import (
     VllmBenchResult,
 )
 from benchmark.compare.report import render_report, results_table
-from benchmark.compare.runner import Comparison, main, make_launch
+from benchmark.compare.runner import BENCH, Comparison, main, make_launch
 from benchmark.compare.settings import (
     CompareSettings,
     add_compare_arguments,
@@ -82,6 +82,7 @@ from benchmark.compare.targets import (
 )
 
 __all__ = [
+    "BENCH",
     "CROSS_METRICS",
     "GOODPUT_TARGET",
     "ITL_TARGET",

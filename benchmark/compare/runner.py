@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from benchmark.command import Bench
 from benchmark.compare.crosscheck import (
     CROSS_DIR,
     LOG_FILE,
@@ -46,7 +47,13 @@ from benchmark.compare.measure import (
 )
 from benchmark.compare.models import CompareResults, CrossCheck, ModelInfo, PointEntry, SetupResult
 from benchmark.compare.report import load_text, num, render_report
-from benchmark.compare.settings import REPORT_FILE, RESULTS_FILE, CompareSettings
+from benchmark.compare.settings import (
+    COMPARE_LIST_FIELDS,
+    EXCLUDED,
+    REPORT_FILE,
+    RESULTS_FILE,
+    CompareSettings,
+)
 from benchmark.compare.targets import evaluate_targets
 from benchmark.metrics import PointResult, summarize
 from benchmark.run import load_points, result_path, write_result
@@ -321,3 +328,6 @@ def main(settings: CompareSettings, vllm_args: Sequence[str], argv: Sequence[str
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if comparison.ok() else 1
+
+
+BENCH = Bench(CompareSettings, main, exclude=EXCLUDED, list_fields=COMPARE_LIST_FIELDS)

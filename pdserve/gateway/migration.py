@@ -42,6 +42,7 @@ from pdserve.gateway.session import Cut, RequestSession, SessionRegistry
 from pdserve.gateway.upstream import UpstreamBroken
 from pdserve.kv.messages import (
     Failed,
+    KVFailure,
     Pin,
     Pinned,
     SourceSpec,
@@ -286,9 +287,9 @@ class Migrator:
         )
         if isinstance(reply, Pinned):
             return reply
-        error = reply.error if isinstance(reply, Failed) else repr(reply)
-        if "waiting" in error:
+        if isinstance(reply, Failed) and reply.code == KVFailure.REQUEST_WAITING:
             return None  # still queued there: nothing to copy, it simply moves
+        error = reply.error if isinstance(reply, Failed) else repr(reply)
         raise _Abort(MigrationFailure.EXPORT_REFUSED, f"{source} refused to export: {error}")
 
     async def _unpin(self, source: str, pinned: Pinned | None, transfer_id: str) -> None:
@@ -335,7 +336,7 @@ class Migrator:
                 addresses=pinned.addresses,
                 num_tokens=len(prompt),
                 block_size=block_size,
-                layout=pinned.layout,
+                cache_fingerprint=pinned.cache_fingerprint,
                 tokens_digest=tokens_digest(prompt),
                 keep=True,
             )

@@ -421,7 +421,7 @@ class RequestSession:
             addresses=cut.export.addresses,
             num_tokens=covered,
             block_size=cut.export.block_size,
-            layout=cut.export.layout,
+            cache_fingerprint=cut.export.cache_fingerprint,
             tokens_digest=tokens_digest(tokens[:covered]),
         )
 

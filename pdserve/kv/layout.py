@@ -5,6 +5,12 @@ vLLM gives a connector one tensor per attention layer. On CPU (layout LBHNC) it 
 backends may put K and V in two planes ``[2, num_blocks, ...]``. Either way a *plane* here is
 a tensor whose first dimension indexes blocks, so a run of consecutive blocks is one
 contiguous slice, sent as one message without any copy.
+
+The *plane digest* (``KVLayout.plane_digest``) digests that ordered plane list: per plane the
+layer name, the shape of one block and the dtype. Two workers pair only if their digests
+agree (``PairOpen.plane_digest``), so that message i of a transfer lands in plane i on both
+sides. It is not the scheduler side's *cache fingerprint* (``SourceSpec.cache_fingerprint``),
+which digests vLLM's cache configuration (see ``pdserve.kv.messages``).
 """
 
 from __future__ import annotations
@@ -26,10 +32,11 @@ def _natural_key(name: str) -> list[object]:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Planes of the cache in a fixed order both ends agree on, and its fingerprint."""
+    """Planes of the cache in a fixed order both ends agree on, and their digest."""
 
     planes: tuple[torch.Tensor, ...]
-    fingerprint: str
+    # Digest of the ordered planes (layer name, block shape, dtype each), see the docstring.
+    plane_digest: str
     num_blocks: int
 
     @property
@@ -147,7 +154,7 @@ def build_layout(kv_caches: dict[str, torch.Tensor], num_blocks: int | None = No
             planes.append(plane)
             description.append([name, list(plane.shape[1:]), str(plane.dtype)])
     digest = hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
-    return KVLayout(planes=tuple(planes), fingerprint=digest, num_blocks=blocks)
+    return KVLayout(planes=tuple(planes), plane_digest=digest, num_blocks=blocks)
 
 
 def block_runs(src: Sequence[int], dst: Sequence[int]) -> list[Run]:

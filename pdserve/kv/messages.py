@@ -9,11 +9,27 @@ Two kinds of data cross instance boundaries:
   ``pdserve.protocol.wire``: pair set-up (the rendezvous of a torch.distributed process group
   of two), pulls, and releases.
 
+Every refusal or failure carries a ``KVFailure``: a stable code to branch on, next to a text
+for logs and people. Nobody branches on the text.
+
+Two digests say whether two instances' caches fit together, at two levels:
+
+- the *cache fingerprint* (``SourceSpec.cache_fingerprint``, ``Pinned.cache_fingerprint``,
+  computed by the scheduler side from vLLM's ``KVCacheConfig``): the cache geometry an
+  instance promises — TP size, cache layout, per layer group the layer names, spec type,
+  block size, KV heads, head size, dtype. A decode instance refuses a source whose
+  fingerprint differs from its own before any block moves;
+- the *plane digest* (``PairOpen.plane_digest``, computed by each worker from the tensors it
+  registered, ``KVLayout.plane_digest``): the ordered list of block planes a worker sends or
+  receives — layer name, shape of one block, dtype per plane. Two workers only pair if their
+  plane lists agree, so that message i of a transfer lands in plane i on both sides.
+
 This module imports no torch, so the gateway can use it.
 """
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 from collections.abc import Sequence
@@ -43,7 +59,8 @@ class SourceSpec(msgspec.Struct, frozen=True):
     # Tokens whose KV the export holds (a prefix of the request's tokens).
     num_tokens: int
     block_size: int
-    layout: str
+    # The exporter's cache fingerprint (see the module docstring), checked by the importer.
+    cache_fingerprint: str
     # SHA-256 prefix of the token ids covered, checked by the importer.
     tokens_digest: str
     # Keep the export after this pull (a migration's pre-copy stage).
@@ -85,20 +102,95 @@ def params_to_json(params: TransferParams) -> dict[str, Any]:
     return {PARAMS_KEY: msgspec.to_builtins(params)}
 
 
+# --- outcomes -------------------------------------------------------------------------------
+
+
+class KVFailure(enum.StrEnum):
+    """Why a KV operation was refused or failed: the stable code of ``Failed`` and ``KVError``.
+
+    The value is part of the wire protocol (and may appear in logs and metrics): never change
+    one, only add new ones.
+    """
+
+    # A pull refused by the exporting worker.
+    UNKNOWN_TRANSFER = "unknown_transfer"  # never registered here (within the pull's wait)
+    ALREADY_PULLED = "already_pulled"  # its last pull has been served (or is being served)
+    RELEASED = "released"  # the gateway or an importer released it
+    LEASE_EXPIRED = "lease_expired"  # nobody pulled it within --kv-lease-s
+    EXPORT_VOID = "export_void"  # a live export that was unpinned or preempted
+    OUT_OF_RANGE = "out_of_range"  # the pull names blocks the export does not have
+    UNKNOWN_PAIR = "unknown_pair"  # the pull names a pair this worker does not know
+    BLOCKS_CHANGED = "blocks_changed"  # the exported blocks were freed during the read
+    # Pair set-up between two workers.
+    PROTOCOL_MISMATCH = "protocol_mismatch"  # the peers speak other PROTOCOL_VERSIONs
+    PLANE_MISMATCH = "plane_mismatch"  # their plane digests differ (see the module docstring)
+    PAIR_FAILED = "pair_failed"  # the process group of two did not form
+    # Any KV exchange.
+    TIMEOUT = "timeout"  # no answer, or the transfer, within its deadline
+    TRANSPORT_ERROR = "transport_error"  # the connection failed (torch.distributed, ZeroMQ)
+    FAULTS_DISABLED = "faults_disabled"  # InjectFault without PDSERVE_FAULT_INJECTION=1
+    UNEXPECTED_MESSAGE = "unexpected_message"
+    # A source a decode instance does not trust (nothing is pulled; prefilled locally).
+    BLOCK_SIZE_MISMATCH = "block_size_mismatch"
+    CACHE_MISMATCH = "cache_mismatch"  # other cache fingerprint: model, dtype, TP or layout
+    TP_MISMATCH = "tp_mismatch"
+    TOKENS_MISMATCH = "tokens_mismatch"  # the source covers other tokens than the prompt
+    # Engine control (migration: Pin, Unpin).
+    UNKNOWN_REQUEST = "unknown_request"  # no request with that key on this engine
+    REQUEST_WAITING = "request_waiting"  # still queued there: it holds no KV yet
+    NOT_RUNNING = "not_running"  # preempted or finishing: nothing to export
+    ALREADY_PINNED = "already_pinned"
+    NOT_PINNED = "not_pinned"  # Unpin of a request that is not pinned (it has ended)
+
+
+class KVError(Exception):
+    """A KV operation failed in a known way; ``failure`` says which, the text says more."""
+
+    def __init__(self, failure: KVFailure, message: str) -> None:
+        super().__init__(message)
+        self.failure = failure
+
+
+class KVTimeout(KVError, TimeoutError):
+    """A deadline of a KV exchange passed (also a ``TimeoutError``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(KVFailure.TIMEOUT, message)
+
+
+def failure_of(error: BaseException) -> KVFailure:
+    """The code of an exception raised by a KV operation; unknown errors are transport errors."""
+    if isinstance(error, KVError):
+        return error.failure
+    if isinstance(error, TimeoutError):
+        return KVFailure.TIMEOUT
+    return KVFailure.TRANSPORT_ERROR
+
+
 # --- worker-to-worker messages -------------------------------------------------------------
 
 
 class PairOpen(msgspec.Struct, tag=True, frozen=True):
-    """Initiator asks the KV server to form a process group of two (server is rank 0)."""
+    """Initiator asks the KV server to form a process group of two (server is rank 0).
+
+    The server refuses (``Failed``) a peer of another ``protocol`` (PROTOCOL_MISMATCH) or
+    ``plane_digest`` (PLANE_MISMATCH). Both default so that a ``PairOpen`` of a peer from
+    before versioning still decodes (as protocol 0) and gets a clear refusal.
+    """
 
     rid: int
     pair_id: str
     backend: Literal["gloo", "nccl"]
-    layout: str
+    plane_digest: str = ""
+    # The initiator's pdserve.kv.metadata.PROTOCOL_VERSION.
+    protocol: int = 0
 
 
 class PairOpened(msgspec.Struct, tag=True, frozen=True):
+    """The server accepts the pair; the initiator checks the server's protocol version too."""
+
     rid: int
+    protocol: int = 0
 
 
 class StoreSet(msgspec.Struct, tag=True, frozen=True):
@@ -144,7 +236,10 @@ class PullFinished(msgspec.Struct, tag=True, frozen=True):
 
 
 class Failed(msgspec.Struct, tag=True, frozen=True):
+    """A request was refused or failed: ``code`` to branch on, ``error`` for logs."""
+
     rid: int
+    code: KVFailure
     error: str
 
 
@@ -189,7 +284,7 @@ class Pinned(msgspec.Struct, tag=True, frozen=True):
     num_computed_tokens: int
     block_size: int
     bytes_per_block: int
-    layout: str
+    cache_fingerprint: str
     addresses: list[str]
     instance_id: str
 

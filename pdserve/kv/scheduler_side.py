@@ -1,7 +1,13 @@
 """The scheduler half of the connector: decides what to export, what to load, and from where.
 
-It runs inside vLLM's EngineCore, on the engine's own thread, and does no I/O: its decisions
-travel to the workers in the step's connector metadata.
+It runs inside vLLM's EngineCore process. vLLM's ``Scheduler`` calls it on the engine's own
+thread; those calls never wait on the network: their decisions travel to the workers in the
+step's connector metadata (``StepOrders``, see ``pdserve.kv.metadata``). It does do I/O of
+its own, though: with a ``control_port`` it runs the engine control server (a ZeroMQ
+``Messenger`` with its own I/O thread) that the gateway pins and unpins requests through
+for migration. Commands arriving there are queued and answered on the engine thread, once
+per step, in ``build_orders`` (replies are handed to the messenger's thread, not sent inline).
+It imports no torch.
 
 Producer (prefill instance): a request carrying ``{"pdserve": {"export": ...}}`` keeps its
 blocks when it finishes (``request_finished`` returns ``delay_free=True``), and the response
@@ -18,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pdserve.kv.messages import (
     Ack,
     Failed,
+    KVFailure,
     KVMessage,
     Pin,
     Pinned,
@@ -34,9 +41,9 @@ from pdserve.kv.messages import (
     parse_params,
     tokens_digest,
 )
+from pdserve.kv.messenger import Messenger
+from pdserve.kv.metadata import ExportOrder, ExportUpdate, LoadOrder, ReleaseOrder, StepOrders
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.transport import Messenger
-from pdserve.kv.worker_side import ExportOrder, ExportUpdate, LoadOrder, ReleaseOrder
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.wire import Codec
@@ -52,19 +59,6 @@ logger = get_logger(__name__)
 
 
 @dataclass
-class StepOrders:
-    """What the workers must do this step (the connector metadata's payload)."""
-
-    exports: list[ExportOrder] = field(default_factory=list)
-    updates: list[ExportUpdate] = field(default_factory=list)
-    loads: list[LoadOrder] = field(default_factory=list)
-    releases: list[ReleaseOrder] = field(default_factory=list)
-
-    def __bool__(self) -> bool:
-        return bool(self.exports or self.updates or self.loads or self.releases)
-
-
-@dataclass
 class LiveExport:
     """A running request pinned for migration, and how many of its blocks the worker knows."""
 
@@ -72,8 +66,13 @@ class LiveExport:
     known_blocks: int
 
 
-def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
-    """What two instances must share for their blocks to be interchangeable."""
+def cache_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
+    """What two instances must share for their blocks to be interchangeable.
+
+    A digest of the cache geometry vLLM configured (TP size, cache layout, per group the
+    layer names, spec type, block size, KV heads, head size, dtype). Sources carry it
+    (``SourceSpec.cache_fingerprint``); it is not the workers' plane digest (``KVLayout``).
+    """
     description: list[Any] = [tp_size, kv_cache_config.kv_cache_layout]
     for group in kv_cache_config.kv_cache_groups:
         spec = group.kv_cache_spec
@@ -91,6 +90,12 @@ def layout_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
 
 
 class SchedulerSide:
+    """The connector's scheduler role, one per EngineCore (see the module docstring).
+
+    Every method but ``_receive_control`` runs on the engine thread, called by vLLM's
+    ``Scheduler`` through ``PdConnector``; none of them blocks.
+    """
+
     def __init__(
         self,
         vllm_config: VllmConfig,
@@ -109,7 +114,7 @@ class SchedulerSide:
         self.settings = settings
         self.block_size = groups[0].kv_cache_spec.block_size
         self.tp_size = parallel.tensor_parallel_size
-        self.layout = layout_fingerprint(kv_cache_config, self.tp_size)
+        self.cache_fingerprint = cache_fingerprint(kv_cache_config, self.tp_size)
         self.addresses = [settings.address_of_rank(r) for r in range(self.tp_size)]
         self._orders = StepOrders()
         self._local_hits: dict[str, int] = {}
@@ -134,39 +139,68 @@ class SchedulerSide:
             )
 
     def bind(self, kv_cache_manager: KVCacheManager) -> None:
+        """Once, from the scheduler's constructor: the manager that knows running blocks."""
         self._kv_cache_manager = kv_cache_manager
 
     # --- consumer --------------------------------------------------------------------------
 
-    def _untrusted_reason(self, request: Request, source: SourceSpec) -> str | None:
+    def _untrusted_reason(
+        self, request: Request, source: SourceSpec
+    ) -> tuple[KVFailure, str] | None:
         if source.block_size != self.block_size:
-            return f"block size {source.block_size} != {self.block_size}"
-        if source.layout != self.layout:
-            return "KV layout differs (other model, dtype or tensor parallelism)"
+            return (
+                KVFailure.BLOCK_SIZE_MISMATCH,
+                f"block size {source.block_size} != {self.block_size}",
+            )
+        if source.cache_fingerprint != self.cache_fingerprint:
+            return (
+                KVFailure.CACHE_MISMATCH,
+                f"cache fingerprint {source.cache_fingerprint} != {self.cache_fingerprint} "
+                "(other model, dtype, cache layout or tensor parallelism)",
+            )
         if len(source.addresses) != self.tp_size:
-            return f"source has {len(source.addresses)} TP ranks, this instance {self.tp_size}"
+            return (
+                KVFailure.TP_MISMATCH,
+                f"source has {len(source.addresses)} TP ranks, this instance {self.tp_size}",
+            )
         if not request.num_tokens - 1 <= source.num_tokens <= request.num_tokens:
-            return f"source covers {source.num_tokens} of {request.num_tokens} tokens"
+            return (
+                KVFailure.TOKENS_MISMATCH,
+                f"source covers {source.num_tokens} of {request.num_tokens} tokens",
+            )
         covered = request.all_token_ids[: source.num_tokens]
         if tokens_digest(covered) != source.tokens_digest:
-            return "source computed other tokens than this request's prompt"
+            return (
+                KVFailure.TOKENS_MISMATCH,
+                "source computed other tokens than this request's prompt",
+            )
         return None
 
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int, bool]:
+        """Tokens of a waiting request to load from its source, and whether asynchronously.
+
+        Called by ``Scheduler.schedule`` for a waiting request each step it is considered
+        for admission (so possibly several times, e.g. while no blocks are free). A trusted
+        source yields every token beyond the local prefix-cache hit, loaded asynchronously;
+        an untrusted one yields 0 once, queues a release of the export for this step's
+        orders, and the request is prefilled locally. Only in-memory state changes.
+        """
         params = parse_params(request.kv_transfer_params)
         if params is None or params.source is None:
             return 0, False
         if request.request_id in self._import_decided:
             return 0, False
         source = params.source
-        reason = self._untrusted_reason(request, source)
-        if reason is not None:
+        untrusted = self._untrusted_reason(request, source)
+        if untrusted is not None:
+            failure, reason = untrusted
             logger.warning(
-                "pdserve kv: not loading %s from %s (%s); prefilling locally",
+                "pdserve kv: not loading %s from %s (%s: %s); prefilling locally",
                 request.request_id,
                 source.instance_id,
+                failure,
                 reason,
             )
             self._import_decided.add(request.request_id)
@@ -178,6 +212,13 @@ class SchedulerSide:
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
+        """Orders the load of a request that was just given blocks (``num_external_tokens``).
+
+        Called by ``Scheduler.schedule`` for every request it allocates blocks to; only calls
+        with external tokens (after ``get_num_new_matched_tokens`` said so) order anything:
+        one ``LoadOrder`` for this step's metadata, of the blocks between the local hit and
+        the block holding the last prompt token (that one is recomputed here).
+        """
         if num_external_tokens == 0:
             return
         params = parse_params(request.kv_transfer_params)
@@ -213,6 +254,14 @@ class SchedulerSide:
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        """Whether vLLM must keep a finished request's blocks, and the params to return.
+
+        Called by the scheduler exactly once per request when it finishes or is aborted,
+        before its blocks are freed. An export request that finished normally keeps its
+        blocks (``ExportOrder`` with a lease) and answers with the ``SourceSpec`` a decode
+        instance pulls from; a pinned request's blocks go over to its live export. Anything
+        else (no export asked, aborted, no blocks) frees at once. Only in-memory state.
+        """
         from vllm.v1.request import RequestStatus
 
         req_id = request.request_id
@@ -246,7 +295,7 @@ class SchedulerSide:
             addresses=self.addresses,
             num_tokens=num_tokens,
             block_size=self.block_size,
-            layout=self.layout,
+            cache_fingerprint=self.cache_fingerprint,
             tokens_digest=tokens_digest(request.all_token_ids[:num_tokens]),
         )
         return True, params_to_json(TransferParams(source=source))
@@ -254,6 +303,7 @@ class SchedulerSide:
     # --- migration: live exports of running requests ----------------------------------------
 
     def on_new_request(self, request: Request) -> None:
+        """Once per request, when vLLM adds it: remembers its gateway key (for ``Pin``)."""
         params = parse_params(request.kv_transfer_params)
         if params is not None and params.request_key:
             self._by_key[params.request_key] = request
@@ -279,7 +329,11 @@ class SchedulerSide:
             elif isinstance(message, Unpin):
                 reply = self._unpin(message)
             else:
-                reply = Failed(rid=getattr(message, "rid", 0), error="unexpected command")
+                reply = Failed(
+                    rid=getattr(message, "rid", 0),
+                    code=KVFailure.UNEXPECTED_MESSAGE,
+                    error=f"unexpected command {type(message).__name__}",
+                )
             assert self._control is not None
             self._control.reply(identity, reply)
 
@@ -288,11 +342,21 @@ class SchedulerSide:
 
         request = self._by_key.get(message.request_key)
         if request is None:
-            return Failed(rid=message.rid, error="no such request here")
+            return Failed(
+                rid=message.rid, code=KVFailure.UNKNOWN_REQUEST, error="no such request here"
+            )
         if request.status != RequestStatus.RUNNING:
-            return Failed(rid=message.rid, error=f"request is {request.status.name.lower()}")
+            # Still waiting (queued, or loading its KV): it holds no blocks worth copying.
+            waiting = request.status < RequestStatus.RUNNING
+            return Failed(
+                rid=message.rid,
+                code=KVFailure.REQUEST_WAITING if waiting else KVFailure.NOT_RUNNING,
+                error=f"request is {request.status.name.lower()}",
+            )
         if request.request_id in self._live:
-            return Failed(rid=message.rid, error="request is already pinned")
+            return Failed(
+                rid=message.rid, code=KVFailure.ALREADY_PINNED, error="request is already pinned"
+            )
         assert self._kv_cache_manager is not None
         blocks = list(self._kv_cache_manager.get_block_ids(request.request_id)[0])
         self._live[request.request_id] = LiveExport(message.transfer_id, len(blocks))
@@ -306,7 +370,7 @@ class SchedulerSide:
             num_computed_tokens=request.num_computed_tokens,
             block_size=self.block_size,
             bytes_per_block=self.bytes_per_block,
-            layout=self.layout,
+            cache_fingerprint=self.cache_fingerprint,
             addresses=self.addresses,
             instance_id=self.settings.instance_id,
         )
@@ -317,7 +381,11 @@ class SchedulerSide:
                 del self._live[req_id]
                 self._orders.updates.append(ExportUpdate(live.transfer_id, req_id, void=True))
                 return Ack(rid=message.rid)
-        return Failed(rid=message.rid, error="not pinned (the request has ended)")
+        return Failed(
+            rid=message.rid,
+            code=KVFailure.NOT_PINNED,
+            error="not pinned (the request has ended)",
+        )
 
     def _track_live(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.preempted_req_ids or ():
@@ -338,6 +406,12 @@ class SchedulerSide:
     # --- every step ------------------------------------------------------------------------
 
     def build_orders(self, scheduler_output: SchedulerOutput) -> StepOrders:
+        """This step's orders for the workers; called once per step at the end of schedule.
+
+        First answers the engine control commands that arrived since the last step (replies
+        are queued to the control server's thread), then follows pinned requests (grown,
+        preempted), then hands over and resets everything decided since the last call.
+        """
         self._handle_control()
         if self._live:
             self._track_live(scheduler_output)
@@ -345,5 +419,6 @@ class SchedulerSide:
         return orders
 
     def shutdown(self) -> None:
+        """Once, when the engine shuts down: stops the control server (joins its thread)."""
         if self._control is not None:
             self._control.stop()

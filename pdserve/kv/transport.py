@@ -2,8 +2,9 @@
 
 Pieces, bottom up:
 
-- ``Messenger``: one thread owns every ZeroMQ socket of a worker (a ROUTER for peers'
-  requests, one DEALER per peer it calls); other threads hand it frames through a queue.
+- ``Messenger`` (``pdserve.kv.messenger``, torch-free): one thread owns every ZeroMQ socket of
+  a worker (a ROUTER for peers' requests, one DEALER per peer it calls); other threads hand it
+  frames through a queue.
 - ``PairStore``: the rendezvous store of a process group of two, mirrored to the other member
   over the messenger, so no unauthenticated TCPStore port is ever opened.
 - ``Pair``: that process group (gloo for CPU caches, NCCL for CUDA caches), created on demand
@@ -14,15 +15,17 @@ Pieces, bottom up:
 
 If a transfer stalls, the pair is aborted before anything else happens: gloo then drops the
 pending receives, so no late write can land in blocks that were given back to vLLM.
+
+Failures are typed (``KVTimeout`` for a deadline, ``KVError`` with a ``KVFailure`` code for
+the rest), never recognised by their text. Whether a pair may form at all (protocol version,
+plane digest) is decided by the worker in ``PairOpen``/``PairOpened`` before ``Pair``
+rendezvous starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,186 +34,27 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import zmq
 
-from pdserve.kv.messages import KVMessage, StoreSet
+from pdserve.kv.messages import KVError, KVFailure, KVTimeout, StoreSet
+
+# The messenger moved to its own torch-free module; importers of these names here keep working.
+from pdserve.kv.messenger import Messenger, kv_codec
 from pdserve.logs import get_logger
-from pdserve.protocol.wire import AuthError, Codec
+
+__all__ = [
+    "Messenger",
+    "Pair",
+    "PairStore",
+    "backend_for",
+    "kv_codec",
+    "post_transfer",
+    "tag_of",
+    "wait_all",
+]
 
 logger = get_logger(__name__)
 
 MESSAGES_PER_TRANSFER = 1 << 16
-
-RequestHandler = Callable[[bytes, Any], None]
-
-
-class Messenger:
-    """Owns the ZeroMQ sockets of one worker; thread-safe through its outbox."""
-
-    def __init__(
-        self,
-        codec: Codec[Any],
-        bind_address: str | None,
-        on_request: RequestHandler,
-        on_store_set: Callable[[StoreSet], None],
-        name: str = "pdserve-kv-messenger",
-    ) -> None:
-        self._codec = codec
-        self._on_request = on_request
-        self._on_store_set = on_store_set
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-        self._router: zmq.Socket | None = None
-        if bind_address:
-            self._router = self._ctx.socket(zmq.ROUTER)
-            self._router.setsockopt(zmq.LINGER, 0)
-            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-            self._router.bind(bind_address)
-        self._dealers: dict[str, zmq.Socket] = {}
-        self._outbox: queue.SimpleQueue[tuple[str, Any, list[bytes]]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        self._mailboxes: dict[int, queue.SimpleQueue[Any]] = {}
-        self._mailbox_lock = threading.Lock()
-        self._rids = itertools.count(1)
-        self._stopped = threading.Event()
-        self._debug = logger.isEnabledFor(logging.DEBUG)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    # --- API for other threads -------------------------------------------------------------
-
-    def new_request(self) -> tuple[int, queue.SimpleQueue[Any]]:
-        """A request id and the mailbox where replies carrying it will arrive."""
-        rid = next(self._rids)
-        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        with self._mailbox_lock:
-            self._mailboxes[rid] = box
-        return rid, box
-
-    def forget(self, rid: int) -> None:
-        with self._mailbox_lock:
-            self._mailboxes.pop(rid, None)
-
-    def send(self, address: str, message: Any) -> None:
-        """Sends to the ROUTER of the peer at ``address`` (tcp://host:port)."""
-        self._enqueue("dealer", address, message)
-
-    def reply(self, identity: bytes, message: Any) -> None:
-        """Sends back to a peer that sent us a request on our ROUTER."""
-        self._enqueue("router", identity, message)
-
-    def drop_peer(self, address: str) -> None:
-        """Discards what is queued for an unresponsive peer; the next send reconnects."""
-        self._enqueue("drop", address, None)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._wake()
-        self._thread.join(timeout=5)
-
-    # --- the I/O thread --------------------------------------------------------------------
-
-    def _enqueue(self, kind: str, target: Any, message: Any) -> None:
-        frames = self._codec.encode(message) if message is not None else []
-        self._outbox.put((kind, target, frames))
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.write(self._wake_w, b"x")
-
-    def _dealer(self, address: str) -> zmq.Socket:
-        sock = self._dealers.get(address)
-        if sock is None:
-            sock = self._ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 10000)
-            sock.connect(address)
-            self._dealers[address] = sock
-            self._poller.register(sock, zmq.POLLIN)
-        return sock
-
-    def _flush_outbox(self) -> None:
-        while True:
-            try:
-                kind, target, frames = self._outbox.get_nowait()
-            except queue.Empty:
-                return
-            if self._debug and kind != "drop":
-                logger.debug("pdserve kv: -> %s %s", kind, target)
-            try:
-                if kind == "dealer":
-                    self._dealer(target).send_multipart(frames, flags=zmq.NOBLOCK)
-                elif kind == "router" and self._router is not None:
-                    self._router.send_multipart([target, *frames], flags=zmq.NOBLOCK)
-                elif kind == "drop" and target in self._dealers:
-                    sock = self._dealers.pop(target)
-                    self._poller.unregister(sock)
-                    sock.close(linger=0)
-            except zmq.ZMQError as e:
-                logger.warning("pdserve kv: could not send to %r: %s", target, e)
-
-    def _deliver(self, message: Any, identity: bytes | None) -> None:
-        if self._debug:
-            logger.debug("pdserve kv: <- %s %s", type(message).__name__, identity)
-        if isinstance(message, StoreSet):
-            self._on_store_set(message)
-            return
-        rid = getattr(message, "rid", None)
-        if identity is None:
-            # A reply on one of our DEALERs.
-            with self._mailbox_lock:
-                box = self._mailboxes.get(rid) if rid is not None else None
-            if box is not None:
-                box.put(message)
-            return
-        try:
-            self._on_request(identity, message)
-        except Exception:  # a handler bug must not kill the I/O thread
-            logger.exception("pdserve kv: handler failed for %s", type(message).__name__)
-
-    def _decode(self, frames: list[bytes]) -> Any | None:
-        try:
-            return self._codec.decode(frames)
-        except AuthError as e:
-            logger.warning("pdserve kv: refused a message: %s", e)
-            return None
-
-    def _run(self) -> None:
-        self._poller = zmq.Poller()
-        if self._router is not None:
-            self._poller.register(self._router, zmq.POLLIN)
-        self._poller.register(self._wake_r, zmq.POLLIN)
-        while not self._stopped.is_set():
-            events = dict(self._poller.poll(1000))
-            if self._wake_r in events:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            self._flush_outbox()
-            for sock, _ in events.items():
-                if sock is self._wake_r:
-                    continue
-                assert isinstance(sock, zmq.Socket)
-                while True:
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if sock is self._router:
-                        identity, body = frames[0], frames[1:]
-                        message = self._decode(body)
-                        if message is not None:
-                            self._deliver(message, identity)
-                    else:
-                        message = self._decode(frames)
-                        if message is not None:
-                            self._deliver(message, None)
-        for sock in [*self._dealers.values(), self._router]:
-            if sock is not None:
-                sock.close(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
 
 
 class PairStore(dist.Store):
@@ -246,7 +90,7 @@ class PairStore(dist.Store):
         with self._changed:
             ok = self._changed.wait_for(lambda: all(k in self._data for k in keys), timeout_s)
         if not ok:
-            raise TimeoutError(f"pair {self.pair_id}: peer never set {keys}")
+            raise KVTimeout(f"pair {self.pair_id}: peer never set {keys}")
 
     def get(self, key: str) -> bytes:
         self._wait_for([key], self._timeout_s)
@@ -328,7 +172,11 @@ class Pair:
         except Exception as e:
             self.error = f"{type(e).__name__}: {e}"
             self.broken = True
-            raise
+            if isinstance(e, KVError):
+                raise
+            raise KVError(
+                KVFailure.PAIR_FAILED, f"pair {self.pair_id} failed to form: {self.error}"
+            ) from e
         finally:
             self.setup_s = time.perf_counter() - start
             self.ready.set()
@@ -341,10 +189,13 @@ class Pair:
         )
 
     def wait_ready(self, timeout_s: float) -> None:
+        """Blocks until the pair formed; ``KVTimeout`` past ``timeout_s``, ``KVError`` if not."""
         if not self.ready.wait(timeout_s):
-            raise TimeoutError(f"pair {self.pair_id} not ready after {timeout_s:.1f} s")
+            raise KVTimeout(f"pair {self.pair_id} not ready after {timeout_s:.1f} s")
         if self.error is not None:
-            raise RuntimeError(f"pair {self.pair_id} failed to form: {self.error}")
+            raise KVError(
+                KVFailure.PAIR_FAILED, f"pair {self.pair_id} failed to form: {self.error}"
+            )
 
     def abort(self) -> None:
         """Closes the connection so that no pending operation can touch memory again."""
@@ -372,19 +223,30 @@ def post_transfer(pair: Pair, tensors: Iterable[torch.Tensor], seq: int, send: b
     return works
 
 
+# torch measures a wait's timeout in whole milliseconds: a wait that raised within this
+# much of its deadline used up its allowance.
+_WAIT_SLACK_S = 0.005
+
+
 def wait_all(works: list[Any], deadline: float) -> None:
-    """Waits for every operation, raising TimeoutError past the deadline."""
-    for work in works:
+    """Waits for every operation: ``KVTimeout`` past the deadline, ``KVError`` if one failed.
+
+    torch raises the same plain ``RuntimeError`` for a timed-out wait and for a broken
+    connection, so which one happened is read from the clock, not from the message: a wait
+    that failed once its whole allowance had passed timed out (as does one that returns
+    False); one that failed earlier is a transport error.
+    """
+    for index, work in enumerate(works):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("transfer deadline passed")
+            raise KVTimeout(f"transfer deadline passed before operation {index} of {len(works)}")
         try:
-            work.wait(timedelta(seconds=remaining))
+            done = work.wait(timedelta(seconds=remaining))
         except RuntimeError as e:
-            if "Timed out" in str(e) or "timed out" in str(e):
-                raise TimeoutError(str(e)) from e
-            raise
-
-
-def kv_codec(secret: bytes) -> Codec[Any]:
-    return Codec(KVMessage, secret)
+            if time.monotonic() >= deadline - _WAIT_SLACK_S:
+                raise KVTimeout(f"operation {index} of {len(works)} timed out: {e}") from e
+            raise KVError(
+                KVFailure.TRANSPORT_ERROR, f"operation {index} of {len(works)} failed: {e}"
+            ) from e
+        if done is False:
+            raise KVTimeout(f"operation {index} of {len(works)} timed out")

@@ -2,9 +2,16 @@
 
 Every worker runs a KV server (a ``Messenger`` bound to ``port + tp_rank``). An *export* is a
 set of blocks the scheduler side asked to keep for a pull (a finished prefill, or a request
-that is moving away). A *load* is a pull of another instance's export into blocks that vLLM
-allocated here. Both finish exactly once, and the scheduler hears of it through
-``get_transfer_results``; that is what lets vLLM free (or start using) the blocks.
+that is moving away; see ``pdserve.kv.exports``). A *load* is a pull of another instance's
+export into blocks that vLLM allocated here. Both finish exactly once, and the scheduler
+hears of it through ``get_transfer_results``; that is what lets vLLM free (or start using)
+the blocks.
+
+Threads: the model runner's thread calls the order methods (``add_export``, ``start_load``,
+...) and ``poll``/``take_stats`` once per step, and they never block on the network. The
+messenger's I/O thread receives requests; serving threads (``pdserve-kv-serve``) run pulls
+served to peers and loading threads (``pdserve-kv-load``) run pulls from peers; those two
+pools block on torch.distributed and ZeroMQ round trips, within the transfer timeouts.
 """
 
 from __future__ import annotations
@@ -14,17 +21,20 @@ import queue
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
+from pdserve.kv.exports import ExportRegistry, Refusal
 from pdserve.kv.layout import KVLayout, block_runs, run_blocks
 from pdserve.kv.messages import (
     Ack,
     Failed,
     InjectFault,
+    KVError,
+    KVFailure,
+    KVTimeout,
     PairOpen,
     PairOpened,
     PullFinished,
@@ -33,239 +43,36 @@ from pdserve.kv.messages import (
     Release,
     Run,
     StoreSet,
+    failure_of,
+)
+from pdserve.kv.messenger import Messenger, kv_codec
+from pdserve.kv.metadata import (
+    PROTOCOL_VERSION,
+    ExportOrder,
+    ExportUpdate,
+    LoadOrder,
+    ReleaseOrder,
 )
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.transport import (
-    Messenger,
-    Pair,
-    backend_for,
-    kv_codec,
-    post_transfer,
-    wait_all,
-)
+from pdserve.kv.transport import Pair, backend_for, post_transfer, wait_all
 from pdserve.logs import get_logger
+from pdserve.protocol.reports import TransferCounters
+
+__all__ = [
+    "ExportOrder",
+    "ExportRegistry",
+    "ExportUpdate",
+    "KVWorker",
+    "LoadOrder",
+    "LoadResult",
+    "ReleaseOrder",
+]
 
 logger = get_logger(__name__)
 
 
-@dataclass
-class ExportOrder:
-    """Scheduler → worker: keep these blocks of a request for pulls.
-
-    ``owns``: the request has ended and vLLM keeps its blocks for this export (a finished
-    prefill). A *live* export (``owns=False``) is a request that is still decoding: its blocks
-    can be read as they fill, but only vLLM may free them, until an ``ExportUpdate`` hands
-    them over when the request ends.
-    """
-
-    transfer_id: str
-    req_id: str
-    block_ids: list[int]
-    lease_s: float
-    owns: bool = True
-
-
-@dataclass
-class ExportUpdate:
-    """Scheduler → worker: a live export grew, took over its blocks, or became void."""
-
-    transfer_id: str
-    req_id: str
-    block_ids: list[int] | None = None
-    # The request ended and its blocks are kept for this export from now on.
-    owns: bool = False
-    # Stop exporting without freeing anything (unpinned, or preempted: blocks invalid).
-    void: bool = False
-
-
-@dataclass
-class LoadOrder:
-    """Scheduler → worker: pull blocks first, first + 1, ... of an export into ``dst``.
-
-    No destination blocks means nothing needs copying; a last pull then releases the export.
-    """
-
-    req_id: str
-    transfer_id: str
-    # KV server of each TP rank of the exporter; worker r pulls from addresses[r].
-    addresses: list[str]
-    first: int
-    dst: list[int]
-    # After this pull the exporter may free the blocks (False: a migration pre-copy).
-    last: bool = True
-
-
-@dataclass
-class ReleaseOrder:
-    """Scheduler → worker: tell the exporting instance its blocks will not be pulled."""
-
-    transfer_id: str
-    addresses: list[str]
-
-
-@dataclass
-class TransferStats:
-    """Counters since the last report, carried to the scheduler side."""
-
-    loads_ok: int = 0
-    loads_failed: int = 0
-    bytes_received: int = 0
-    bytes_sent: int = 0
-    load_seconds: float = 0.0
-    pairs_opened: int = 0
-    pair_setup_seconds: float = 0.0
-    leases_expired: int = 0
-
-    def merge(self, other: TransferStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-FINISHED_IDS_KEPT = 4096
 # A load may wait this many transfer timeouts for its turn on a busy pair.
 QUEUE_PATIENCE = 6
-
-
-@dataclass
-class _Export:
-    transfer_id: str
-    req_id: str
-    blocks: list[int]
-    lease_s: float
-    owns: bool
-    deadline: float | None = None
-    pulls_in_flight: int = 0
-    closing: bool = False
-    valid: bool = True
-    void: bool = False
-
-
-class ExportRegistry:
-    """Exports waiting to be pulled.
-
-    Invariant: a request is reported finished (so that vLLM frees its blocks) exactly once,
-    and only if its export owns the blocks; a live export is never reported, since its
-    request still runs and vLLM owns its blocks.
-    """
-
-    def __init__(self) -> None:
-        self._exports: dict[str, _Export] = {}
-        # Releases that arrived before their export was registered (transfer id → expiry).
-        self._tombstones: dict[str, float] = {}
-        # Recently finished transfers, so a late pull is refused at once instead of waiting.
-        self._finished_ids: OrderedDict[str, None] = OrderedDict()
-        self._changed = threading.Condition()
-        self.finished: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.expired_count = 0
-
-    def __len__(self) -> int:
-        return len(self._exports)
-
-    def add(self, order: ExportOrder) -> None:
-        with self._changed:
-            export = _Export(
-                order.transfer_id,
-                order.req_id,
-                list(order.block_ids),
-                order.lease_s,
-                owns=order.owns,
-            )
-            self._exports[order.transfer_id] = export
-            if order.owns:
-                export.deadline = time.monotonic() + order.lease_s
-            if self._tombstones.pop(order.transfer_id, None) is not None:
-                export.closing = True
-                self._finish_if_idle(export)
-            self._changed.notify_all()
-
-    def update(self, update: ExportUpdate) -> None:
-        with self._changed:
-            export = self._exports.get(update.transfer_id)
-            if export is None:
-                if update.owns:
-                    # Nothing left to pull for: free the blocks vLLM just handed over.
-                    self.finished.put(update.req_id)
-                return
-            if update.block_ids is not None:
-                export.blocks = list(update.block_ids)
-            if update.void:
-                export.valid = False
-                export.void = True
-                export.closing = True
-            elif update.owns:
-                export.owns = True
-                export.deadline = time.monotonic() + export.lease_s
-            self._finish_if_idle(export)
-            self._changed.notify_all()
-
-    def begin_pull(self, request: PullRequest) -> tuple[_Export, list[int]] | str:
-        """Claims an export for one pull and resolves the blocks; else an error text."""
-        with self._changed:
-            if request.transfer_id in self._finished_ids:
-                return f"transfer {request.transfer_id} was already pulled, released or expired"
-            self._changed.wait_for(
-                lambda: (
-                    request.transfer_id in self._exports or request.transfer_id in self._tombstones
-                ),
-                timeout=request.wait_s,
-            )
-            export = self._exports.get(request.transfer_id)
-            if export is None:
-                return f"unknown or released transfer {request.transfer_id}"
-            if export.closing:
-                return f"transfer {request.transfer_id} is being released"
-            end = request.first + len(request.dst)
-            if request.first < 0 or end > len(export.blocks):
-                return f"pull asks for blocks {request.first}..{end} of {len(export.blocks)}"
-            export.pulls_in_flight += 1
-            if request.last:
-                export.closing = True
-            return export, export.blocks[request.first : end]
-
-    def end_pull(self, export: _Export) -> None:
-        with self._changed:
-            export.pulls_in_flight -= 1
-            self._finish_if_idle(export)
-
-    def release(self, transfer_id: str, tombstone_s: float) -> None:
-        with self._changed:
-            export = self._exports.get(transfer_id)
-            if export is None:
-                self._tombstones[transfer_id] = time.monotonic() + tombstone_s
-                return
-            export.closing = True
-            self._finish_if_idle(export)
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        with self._changed:
-            for export in list(self._exports.values()):
-                expired = export.deadline is not None and export.deadline < now
-                if expired and export.pulls_in_flight == 0:
-                    logger.warning(
-                        "pdserve kv: lease of transfer %s expired unpulled; freeing %d blocks",
-                        export.transfer_id,
-                        len(export.blocks),
-                    )
-                    self.expired_count += 1
-                    export.closing = True
-                    self._finish_if_idle(export)
-            for transfer_id, expiry in list(self._tombstones.items()):
-                if expiry < now:
-                    del self._tombstones[transfer_id]
-
-    def _finish_if_idle(self, export: _Export) -> None:
-        if not export.closing or export.pulls_in_flight:
-            return
-        if not (export.owns or export.void):
-            return  # pulled or released while live: finished once vLLM hands the blocks over
-        if self._exports.pop(export.transfer_id, None) is None:
-            return
-        if export.owns:
-            self.finished.put(export.req_id)
-        self._finished_ids[export.transfer_id] = None
-        while len(self._finished_ids) > FINISHED_IDS_KEPT:
-            self._finished_ids.popitem(last=False)
 
 
 @dataclass
@@ -273,6 +80,7 @@ class LoadResult:
     req_id: str
     ok: bool
     error: str = ""
+    failure: KVFailure | None = None
     nbytes: int = 0
     seconds: float = 0.0
 
@@ -297,7 +105,7 @@ class KVWorker:
         self.exports = ExportRegistry()
         self._pairs = _PairTable()
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
-        self._stats = TransferStats()
+        self._stats = TransferCounters()
         self._stats_lock = threading.Lock()
         self._faults_enabled = os.environ.get("PDSERVE_FAULT_INJECTION") == "1"
         self._pull_delays: list[float] = []
@@ -323,24 +131,38 @@ class KVWorker:
     # --- orders from the scheduler side (model thread) -------------------------------------
 
     def add_export(self, order: ExportOrder) -> None:
+        """Keeps a request's blocks for pulls (from ``bind_connector_metadata``, per step).
+
+        Wakes serving threads whose pull waits for this export; never blocks long.
+        """
         logger.debug(
             "pdserve kv: export %s (%d blocks) registered", order.transfer_id, len(order.block_ids)
         )
         self.exports.add(order)
 
     def update_export(self, update: ExportUpdate) -> None:
+        """A live export grew, took over its blocks or became void (model thread, per step)."""
         self.exports.update(update)
 
     def start_load(self, order: LoadOrder) -> None:
+        """Submits a pull to the loading threads (model thread, per step); returns at once.
+
+        Its outcome is reported exactly once by a later ``poll``.
+        """
         logger.debug("pdserve kv: load %s (%d blocks) ordered", order.transfer_id, len(order.dst))
         self._load_pool.submit(self._run_load, order)
 
     def send_release(self, order: ReleaseOrder) -> None:
+        """Tells this rank's exporter its blocks will not be pulled (queued, non-blocking)."""
         address = order.addresses[self.tp_rank]
         self.messenger.send(address, Release(transfer_id=order.transfer_id))
 
     def poll(self) -> tuple[set[str], set[str], set[str]]:
-        """(finished sending, finished receiving, failed receiving) since the last call."""
+        """(finished sending, finished receiving, failed receiving) since the last call.
+
+        Model thread, once per step (``get_transfer_results``): expires leases that passed
+        and drains the result queues; never blocks on the network.
+        """
         self.exports.expire()
         sending = set()
         while not self.exports.finished.empty():
@@ -353,13 +175,15 @@ class KVWorker:
                 failed.add(result.req_id)
         return sending, recving, failed
 
-    def take_stats(self) -> TransferStats:
+    def take_stats(self) -> TransferCounters:
+        """Counters since the last call (model thread, once per step; never blocks long)."""
         with self._stats_lock:
-            stats, self._stats = self._stats, TransferStats()
-        stats.leases_expired, self.exports.expired_count = self.exports.expired_count, 0
-        return stats
+            stats, self._stats = self._stats, TransferCounters()
+        expired, self.exports.expired_count = self.exports.expired_count, 0
+        return stats + TransferCounters(leases_expired=expired) if expired else stats
 
     def shutdown(self) -> None:
+        """Stops the KV server and the pools, and aborts every pair (pending transfers end)."""
         self.messenger.stop()
         self._serve_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
@@ -380,7 +204,8 @@ class KVWorker:
         elif isinstance(message, InjectFault):
             if not self._faults_enabled:
                 error = "fault injection is disabled (PDSERVE_FAULT_INJECTION=1 enables it)"
-                self.messenger.reply(identity, Failed(rid=message.rid, error=error))
+                failed = Failed(rid=message.rid, code=KVFailure.FAULTS_DISABLED, error=error)
+                self.messenger.reply(identity, failed)
                 return
             logger.warning(
                 "pdserve kv: injected fault: next %d pulls stall %.1f s",
@@ -398,9 +223,12 @@ class KVWorker:
             pair.store.receive(message)
 
     def _open_server_pair(self, identity: bytes, message: PairOpen) -> None:
-        if message.layout != self.layout.fingerprint:
-            error = f"KV layouts differ ({message.layout} vs {self.layout.fingerprint})"
-            self.messenger.reply(identity, Failed(rid=message.rid, error=error))
+        refusal = self._refuse_pair(message)
+        if refusal is not None:
+            logger.warning("pdserve kv: refused pair %s: %s", message.pair_id, refusal)
+            self.messenger.reply(
+                identity, Failed(rid=message.rid, code=refusal.failure, error=str(refusal))
+            )
             return
         pair = Pair(
             message.pair_id,
@@ -412,8 +240,24 @@ class KVWorker:
         )
         with self._pairs.lock:
             self._pairs.by_id[message.pair_id] = pair
-        self.messenger.reply(identity, PairOpened(rid=message.rid))
+        self.messenger.reply(identity, PairOpened(rid=message.rid, protocol=PROTOCOL_VERSION))
         self._serve_pool.submit(self._establish, pair)
+
+    def _refuse_pair(self, message: PairOpen) -> Refusal | None:
+        """Why this worker cannot pair with the initiator, if it cannot."""
+        if message.protocol != PROTOCOL_VERSION:
+            return Refusal(
+                KVFailure.PROTOCOL_MISMATCH,
+                f"KV protocol versions differ: the peer speaks version {message.protocol}, "
+                f"this worker version {PROTOCOL_VERSION}",
+            )
+        if message.plane_digest != self.layout.plane_digest:
+            return Refusal(
+                KVFailure.PLANE_MISMATCH,
+                f"KV plane digests differ: the peer has {message.plane_digest}, "
+                f"this worker {self.layout.plane_digest}",
+            )
+        return None
 
     def _establish(self, pair: Pair) -> None:
         try:
@@ -425,11 +269,15 @@ class KVWorker:
     def _serve_pull(self, identity: bytes, request: PullRequest) -> None:
         pair = self._pairs.by_id.get(request.pair_id)
         claimed = self.exports.begin_pull(request)
-        if isinstance(claimed, str) or pair is None:
-            error = claimed if isinstance(claimed, str) else f"unknown pair {request.pair_id}"
-            if not isinstance(claimed, str):
+        if isinstance(claimed, Refusal) or pair is None:
+            if isinstance(claimed, Refusal):
+                refusal = claimed
+            else:
+                refusal = Refusal(KVFailure.UNKNOWN_PAIR, f"unknown pair {request.pair_id}")
                 self.exports.end_pull(claimed[0])
-            self.messenger.reply(identity, Failed(rid=request.rid, error=error))
+            self.messenger.reply(
+                identity, Failed(rid=request.rid, code=refusal.failure, error=str(refusal))
+            )
             return
         export, src = claimed
         runs = block_runs(src, request.dst)
@@ -446,13 +294,14 @@ class KVWorker:
             wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
             # The blocks were pinned for the whole read; say whether they stayed valid.
             self.messenger.reply(identity, PullFinished(rid=request.rid, valid=export.valid))
-            self._add_stats(TransferStats(bytes_sent=sum(t.nbytes for t in tensors)))
+            self._add_stats(TransferCounters(bytes_sent=sum(t.nbytes for t in tensors)))
             logger.debug("pdserve kv: served %s (%d messages)", request.transfer_id, len(tensors))
         except Exception as e:
             logger.warning("pdserve kv: sending %s failed: %s", request.transfer_id, e)
             pair.abort()
             self._forget_pair(pair)
-            self.messenger.reply(identity, Failed(rid=request.rid, error=str(e)))
+            failed = Failed(rid=request.rid, code=failure_of(e), error=f"{type(e).__name__}: {e}")
+            self.messenger.reply(identity, failed)
         finally:
             self.exports.end_pull(export)
 
@@ -487,7 +336,7 @@ class KVWorker:
             pair.ready.set()
             self._forget_pair(pair)
             raise
-        self._add_stats(TransferStats(pairs_opened=1, pair_setup_seconds=pair.setup_s))
+        self._add_stats(TransferCounters(pairs_opened=1, pair_setup_seconds=pair.setup_s))
         return pair
 
     def _open_client_pair(self, pair: Pair, address: str, deadline: float) -> None:
@@ -499,17 +348,25 @@ class KVWorker:
                     rid=rid,
                     pair_id=pair.pair_id,
                     backend=pair.backend,
-                    layout=self.layout.fingerprint,
+                    plane_digest=self.layout.plane_digest,
+                    protocol=PROTOCOL_VERSION,
                 ),
             )
             reply = box.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             self.messenger.drop_peer(address)
-            raise TimeoutError(f"no answer from KV server {address}") from None
+            raise KVTimeout(f"no answer from KV server {address}") from None
         finally:
             self.messenger.forget(rid)
         if isinstance(reply, Failed):
-            raise RuntimeError(f"{address} refused the pair: {reply.error}")
+            raise KVError(reply.code, f"{address} refused the pair: {reply.error}")
+        if not isinstance(reply, PairOpened) or reply.protocol != PROTOCOL_VERSION:
+            protocol = getattr(reply, "protocol", "unknown")
+            raise KVError(
+                KVFailure.PROTOCOL_MISMATCH,
+                f"KV protocol versions differ: {address} speaks version {protocol}, "
+                f"this worker version {PROTOCOL_VERSION}",
+            )
         pair.establish()
 
     def _forget_pair(self, pair: Pair) -> None:
@@ -522,7 +379,9 @@ class KVWorker:
     def _run_load(self, order: LoadOrder) -> None:
         """Runs one load and reports it exactly once, whatever happens."""
         start = time.perf_counter()
-        result = LoadResult(order.req_id, ok=False, error="load did not run")
+        result = LoadResult(
+            order.req_id, ok=False, error="load did not run", failure=KVFailure.TRANSPORT_ERROR
+        )
         try:
             if not order.dst:
                 if order.last:
@@ -532,12 +391,14 @@ class KVWorker:
                 nbytes = self._pull(order)
                 result = LoadResult(order.req_id, ok=True, nbytes=nbytes)
         except Exception as e:
-            result = LoadResult(order.req_id, ok=False, error=f"{type(e).__name__}: {e}")
+            result = LoadResult(
+                order.req_id, ok=False, error=f"{type(e).__name__}: {e}", failure=failure_of(e)
+            )
         finally:
             result.seconds = time.perf_counter() - start
             if result.ok:
                 self._add_stats(
-                    TransferStats(
+                    TransferCounters(
                         loads_ok=1, bytes_received=result.nbytes, load_seconds=result.seconds
                     )
                 )
@@ -548,12 +409,13 @@ class KVWorker:
                     result.seconds * 1e3,
                 )
             else:
-                self._add_stats(TransferStats(loads_failed=1))
+                self._add_stats(TransferCounters(loads_failed=1))
                 logger.warning(
-                    "pdserve kv: load of %s from %s failed after %.2f s: %s",
+                    "pdserve kv: load of %s from %s failed after %.2f s (%s): %s",
                     order.transfer_id,
                     order.addresses[self.tp_rank],
                     result.seconds,
+                    result.failure,
                     result.error,
                 )
             self._results.put(result)
@@ -565,7 +427,7 @@ class KVWorker:
         # Transfers on a pair run one at a time (NCCL needs both ends to agree on the order);
         # waiting for the pair is queueing, not a stall, so it has its own, longer patience.
         if not pair.lock.acquire(timeout=QUEUE_PATIENCE * timeout):
-            raise TimeoutError(f"pair with {address} busy for {QUEUE_PATIENCE * timeout:.0f} s")
+            raise KVTimeout(f"pair with {address} busy for {QUEUE_PATIENCE * timeout:.0f} s")
         try:
             return self._pull_on(pair, order, address, time.monotonic() + timeout)
         finally:
@@ -592,16 +454,18 @@ class KVWorker:
             )
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
-                raise RuntimeError(f"exporter refused the pull: {reply.error}")
+                raise KVError(reply.code, f"exporter refused the pull: {reply.error}")
             assert isinstance(reply, PullStarted)
             runs = block_runs(reply.src, order.dst)
             posted = True  # from here on receives may be pending: a failure aborts the pair
             nbytes = self._receive(pair, runs, seq, reply.staged, deadline)
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
-                raise RuntimeError(f"exporter failed: {reply.error}")
+                raise KVError(reply.code, f"exporter failed: {reply.error}")
             if isinstance(reply, PullFinished) and not reply.valid:
-                raise RuntimeError("the exported blocks changed during the read")
+                raise KVError(
+                    KVFailure.BLOCKS_CHANGED, "the exported blocks changed during the read"
+                )
             return nbytes
         except BaseException:
             if posted:
@@ -642,13 +506,13 @@ class KVWorker:
     def _index(self, blocks: list[int]) -> torch.Tensor:
         return torch.tensor(blocks, dtype=torch.long, device=self.layout.device)
 
-    def _add_stats(self, stats: TransferStats) -> None:
+    def _add_stats(self, stats: TransferCounters) -> None:
         with self._stats_lock:
-            self._stats.merge(stats)
+            self._stats = self._stats + stats
 
 
 def _next_reply(box: queue.SimpleQueue[object], deadline: float) -> object:
     try:
         return box.get(timeout=max(0.0, deadline - time.monotonic()))
     except queue.Empty:
-        raise TimeoutError("the exporting worker did not answer in time") from None
+        raise KVTimeout("the exporting worker did not answer in time") from None

@@ -48,7 +48,12 @@ class RunningRequest(msgspec.Struct, array_like=True, frozen=True):
 
 
 class TransferCounters(msgspec.Struct, frozen=True):
-    """Cumulative KV transfer counters of the instance's workers."""
+    """KV transfer counters: the one struct for every stage of their way to the gateway.
+
+    A worker counts what happened since its last step (``KVWorker.take_stats``), the
+    connector carries that to the scheduler side in the step's worker metadata, adds up
+    every worker's share there (``+``), and the load report carries the instance's totals.
+    """
 
     loads_ok: int = 0
     loads_failed: int = 0
@@ -58,6 +63,20 @@ class TransferCounters(msgspec.Struct, frozen=True):
     pairs_opened: int = 0
     pair_setup_seconds: float = 0.0
     leases_expired: int = 0
+
+    def __add__(self, other: TransferCounters) -> TransferCounters:
+        """Field-by-field sum (counters are frozen: adding makes a new one)."""
+        if not isinstance(other, TransferCounters):
+            return NotImplemented
+        return TransferCounters(
+            *(getattr(self, name) + getattr(other, name) for name in self.__struct_fields__)
+        )
+
+    def is_zero(self) -> bool:
+        return self == _NO_TRANSFERS
+
+
+_NO_TRANSFERS = TransferCounters()
 
 
 class LoadReport(msgspec.Struct, tag=True, frozen=True):

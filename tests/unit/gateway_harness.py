@@ -230,7 +230,7 @@ class FakeInstance:
             addresses=["tcp://127.0.0.1:9"],
             num_tokens=len(prompt_ids),
             block_size=16,
-            layout="fake",
+            cache_fingerprint="fake",
             tokens_digest=tokens_digest(prompt_ids),
         )
         return params_to_json(TransferParams(source=source))

@@ -333,7 +333,7 @@ def test_gateway_refuses_and_logs_engine_replies_without_the_secret(
             num_computed_tokens=1,
             block_size=16,
             bytes_per_block=1,
-            layout="l",
+            cache_fingerprint="l",
             addresses=["tcp://evil:1"],
             instance_id="d",
         )

@@ -257,7 +257,7 @@ class FakeEngineControl:
                         num_computed_tokens=40,
                         block_size=16,
                         bytes_per_block=1,
-                        layout="fake",
+                        cache_fingerprint="fake",
                         addresses=["tcp://127.0.0.1:9"],
                         instance_id="decode-0",
                     )

@@ -1,4 +1,4 @@
-"""Blocks as runs, and the order and fingerprint both ends of a transfer agree on."""
+"""Blocks as runs, and the order and plane digest both ends of a transfer agree on."""
 
 from __future__ import annotations
 
@@ -47,11 +47,11 @@ def test_slices_are_contiguous_views_into_the_cache() -> None:
     assert dest.data_ptr() == cache[3].data_ptr()
 
 
-def test_fingerprint_changes_with_shape_or_dtype() -> None:
-    a = build_layout({"l0": torch.zeros(4, 2, 8)}, 4).fingerprint
-    assert a == build_layout({"l0": torch.ones(4, 2, 8)}, 4).fingerprint
-    assert a != build_layout({"l0": torch.zeros(4, 2, 16)}, 4).fingerprint
-    assert a != build_layout({"l0": torch.zeros(4, 2, 8, dtype=torch.float16)}, 4).fingerprint
+def test_plane_digest_changes_with_shape_or_dtype() -> None:
+    a = build_layout({"l0": torch.zeros(4, 2, 8)}, 4).plane_digest
+    assert a == build_layout({"l0": torch.ones(4, 2, 8)}, 4).plane_digest
+    assert a != build_layout({"l0": torch.zeros(4, 2, 16)}, 4).plane_digest
+    assert a != build_layout({"l0": torch.zeros(4, 2, 8, dtype=torch.float16)}, 4).plane_digest
 
 
 def test_missing_block_dimension_is_an_error() -> None:

@@ -26,7 +26,7 @@ def source(prompt: list[int]) -> SourceSpec:
         addresses=["tcp://127.0.0.1:1"],
         num_tokens=len(prompt),
         block_size=16,
-        layout="x",
+        cache_fingerprint="x",
         tokens_digest=tokens_digest(prompt),
         keep=True,
     )

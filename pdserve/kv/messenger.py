@@ -1,0 +1,204 @@
+"""The ZeroMQ side of KV control: one I/O thread per process owns every socket (torch-free).
+
+Workers' KV servers and the scheduler side's engine control server both use a ``Messenger``:
+a ROUTER bound to their address for requests from peers, one DEALER per peer they call.
+Other threads never touch a socket: they hand frames to the I/O thread through a queue and
+a wake-up pipe, and replies to their requests come back in per-request mailboxes. Every
+frame carries the cluster secret's MAC (``pdserve.protocol.wire``); one that fails it is
+dropped and logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from pdserve.kv.messages import KVMessage, StoreSet
+from pdserve.logs import get_logger
+from pdserve.protocol.wire import AuthError, Codec
+
+logger = get_logger(__name__)
+
+RequestHandler = Callable[[bytes, Any], None]
+
+
+class Messenger:
+    """Owns the ZeroMQ sockets of one worker; thread-safe through its outbox."""
+
+    def __init__(
+        self,
+        codec: Codec[Any],
+        bind_address: str | None,
+        on_request: RequestHandler,
+        on_store_set: Callable[[StoreSet], None],
+        name: str = "pdserve-kv-messenger",
+    ) -> None:
+        self._codec = codec
+        self._on_request = on_request
+        self._on_store_set = on_store_set
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._router: zmq.Socket | None = None
+        if bind_address:
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            self._router.bind(bind_address)
+        self._dealers: dict[str, zmq.Socket] = {}
+        self._outbox: queue.SimpleQueue[tuple[str, Any, list[bytes]]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._mailboxes: dict[int, queue.SimpleQueue[Any]] = {}
+        self._mailbox_lock = threading.Lock()
+        self._rids = itertools.count(1)
+        self._stopped = threading.Event()
+        self._debug = logger.isEnabledFor(logging.DEBUG)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    # --- API for other threads -------------------------------------------------------------
+
+    def new_request(self) -> tuple[int, queue.SimpleQueue[Any]]:
+        """A request id and the mailbox where replies carrying it will arrive."""
+        rid = next(self._rids)
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self._mailbox_lock:
+            self._mailboxes[rid] = box
+        return rid, box
+
+    def forget(self, rid: int) -> None:
+        with self._mailbox_lock:
+            self._mailboxes.pop(rid, None)
+
+    def send(self, address: str, message: Any) -> None:
+        """Sends to the ROUTER of the peer at ``address`` (tcp://host:port)."""
+        self._enqueue("dealer", address, message)
+
+    def reply(self, identity: bytes, message: Any) -> None:
+        """Sends back to a peer that sent us a request on our ROUTER."""
+        self._enqueue("router", identity, message)
+
+    def drop_peer(self, address: str) -> None:
+        """Discards what is queued for an unresponsive peer; the next send reconnects."""
+        self._enqueue("drop", address, None)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake()
+        self._thread.join(timeout=5)
+
+    # --- the I/O thread --------------------------------------------------------------------
+
+    def _enqueue(self, kind: str, target: Any, message: Any) -> None:
+        frames = self._codec.encode(message) if message is not None else []
+        self._outbox.put((kind, target, frames))
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def _dealer(self, address: str) -> zmq.Socket:
+        sock = self._dealers.get(address)
+        if sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 10000)
+            sock.connect(address)
+            self._dealers[address] = sock
+            self._poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def _flush_outbox(self) -> None:
+        while True:
+            try:
+                kind, target, frames = self._outbox.get_nowait()
+            except queue.Empty:
+                return
+            if self._debug and kind != "drop":
+                logger.debug("pdserve kv: -> %s %s", kind, target)
+            try:
+                if kind == "dealer":
+                    self._dealer(target).send_multipart(frames, flags=zmq.NOBLOCK)
+                elif kind == "router" and self._router is not None:
+                    self._router.send_multipart([target, *frames], flags=zmq.NOBLOCK)
+                elif kind == "drop" and target in self._dealers:
+                    sock = self._dealers.pop(target)
+                    self._poller.unregister(sock)
+                    sock.close(linger=0)
+            except zmq.ZMQError as e:
+                logger.warning("pdserve kv: could not send to %r: %s", target, e)
+
+    def _deliver(self, message: Any, identity: bytes | None) -> None:
+        if self._debug:
+            logger.debug("pdserve kv: <- %s %s", type(message).__name__, identity)
+        if isinstance(message, StoreSet):
+            self._on_store_set(message)
+            return
+        rid = getattr(message, "rid", None)
+        if identity is None:
+            # A reply on one of our DEALERs.
+            with self._mailbox_lock:
+                box = self._mailboxes.get(rid) if rid is not None else None
+            if box is not None:
+                box.put(message)
+            return
+        try:
+            self._on_request(identity, message)
+        except Exception:  # a handler bug must not kill the I/O thread
+            logger.exception("pdserve kv: handler failed for %s", type(message).__name__)
+
+    def _decode(self, frames: list[bytes]) -> Any | None:
+        try:
+            return self._codec.decode(frames)
+        except AuthError as e:
+            logger.warning("pdserve kv: refused a message: %s", e)
+            return None
+
+    def _run(self) -> None:
+        self._poller = zmq.Poller()
+        if self._router is not None:
+            self._poller.register(self._router, zmq.POLLIN)
+        self._poller.register(self._wake_r, zmq.POLLIN)
+        while not self._stopped.is_set():
+            events = dict(self._poller.poll(1000))
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            self._flush_outbox()
+            for sock, _ in events.items():
+                if sock is self._wake_r:
+                    continue
+                assert isinstance(sock, zmq.Socket)
+                while True:
+                    try:
+                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    if sock is self._router:
+                        identity, body = frames[0], frames[1:]
+                        message = self._decode(body)
+                        if message is not None:
+                            self._deliver(message, identity)
+                    else:
+                        message = self._decode(frames)
+                        if message is not None:
+                            self._deliver(message, None)
+        for sock in [*self._dealers.values(), self._router]:
+            if sock is not None:
+                sock.close(linger=0)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+def kv_codec(secret: bytes) -> Codec[Any]:
+    """The codec of every KV-control message (``pdserve.kv.messages.KVMessage``)."""
+    return Codec(KVMessage, secret)

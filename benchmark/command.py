@@ -21,20 +21,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar, get_args
 
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
 from pdserve.settings import _unwrap_optional, add_arguments, from_args
 
 S = TypeVar("S", bound=BaseModel)
+C = TypeVar("C", bound="ClusterBenchSettings")
+Result = dict[str, Any]
+# A benchmark that fails this way is reported in a line, not a traceback.
+RUN_ERRORS = (aiohttp.ClientError, OSError, RuntimeError, TimeoutError, ValueError)
 JSON_FIELD = "json_out"  # its flag is --json
 Parser = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 class ClusterBenchSettings(BaseModel):
-    """Where the cluster is, or how the benchmark starts one, and what it writes."""
+    """Fixed-length requests with random prompts; where the cluster is, or how the benchmark
+    starts one; what it writes."""
 
     model_config = ConfigDict(extra="forbid")
 
+    prompt_tokens: int = Field(128, ge=1, description="prompt length of every request")
+    output_tokens: int = Field(64, ge=1, description="tokens generated per request")
     url: str | None = Field(
         None, description="a running gateway (default: start pdserve serve with the other flags)"
     )
@@ -47,6 +56,19 @@ class ClusterBenchSettings(BaseModel):
     seed: int = Field(0, description="seed of the random prompts (and arrival times)")
     progress: bool = Field(True, description="progress on stderr")
     json_out: str | None = Field(None, description="write the result as JSON to this file")
+
+    def fixed_requests(self, count: int, seed: int) -> list[BenchRequest]:
+        """``count`` requests of the set lengths, with random prompts drawn from ``seed``: fresh
+        prompts, so that vLLM's prefix cache cannot hide any work."""
+        workload = WorkloadSettings(
+            workload="fixed",
+            num_requests=max(count, 1),
+            input_len=self.prompt_tokens,
+            output_len=self.output_tokens,
+            max_context=self.prompt_tokens + self.output_tokens,
+            seed=seed,
+        )
+        return synthetic_requests(workload)[:count]
 
 
 def add_settings_arguments(
@@ -91,6 +113,31 @@ def write_json(path: str | None, result: dict[str, Any]) -> None:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+
+
+def report_cluster_bench(
+    name: str,
+    settings: C,
+    extra: Sequence[str],
+    run: Callable[[C, Sequence[str]], Result],
+    describe: Callable[[Result], str],
+    ok: Callable[[Result], bool],
+) -> int:
+    """Runs a cluster benchmark (``extra``: arguments for the cluster it starts) and prints its
+    report and JSON file; exit status 2 for arguments that nothing would take (``--url``), 1
+    when it failed or ``ok`` says the result does not pass."""
+    if extra and settings.url:
+        print(f"{name}: with --url no cluster is started; unused: {extra}", file=sys.stderr)
+        return 2
+    try:
+        result = run(settings, extra)
+    except RUN_ERRORS as error:
+        print(f"{name} failed: {error}", file=sys.stderr)
+        return 1
+    print(describe(result))
+    if settings.json_out:
+        print(settings.json_out)
+    return 0 if ok(result) else 1
 
 
 @dataclass(frozen=True)

@@ -27,15 +27,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import aiohttp
 from pydantic import BaseModel, Field
 
 from benchmark.arrivals import ClosedLoop
 from benchmark.client import ClientSettings, Target, drive, resolve_target
-from benchmark.command import Bench, ClusterBenchSettings, write_json
+from benchmark.command import Bench, ClusterBenchSettings, report_cluster_bench, write_json
 from benchmark.local_cluster import healthy, instances, local_cluster, secret_for
 from benchmark.metrics import LatencyStats, RequestRecord, Summary, latency_stats, summarize
-from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
+from benchmark.workloads import BenchRequest
 
 Side = Literal["direct", "gateway"]
 SIDES: tuple[Side, Side] = ("direct", "gateway")
@@ -45,9 +44,10 @@ PASS_SEED_OFFSET = 1
 
 
 class OverheadSettings(ClusterBenchSettings):
+    # What it shares with soak is in ClusterBenchSettings; these fields only look alike to
+    # `duplicates` (Field declarations of the same shape), each is a setting of its own.
     requests: int = Field(32, ge=1, description="requests per pass (one pass = one side)")
     concurrency: int = Field(4, ge=1, description="requests in flight at once (closed loop)")
-    prompt_tokens: int = Field(128, ge=1, description="prompt length of every request")
     output_tokens: int = Field(32, ge=1, description="tokens generated per request")
     rounds: int = Field(4, ge=1, description="rounds; each sends one pass direct, one via gateway")
     warmup_requests: int = Field(
@@ -80,7 +80,10 @@ class PassResult(BaseModel):
 
 
 class SideStats(BaseModel):
-    """One side over every measured pass: TTFTs pooled, throughput over the summed time."""
+    """One side over every measured pass: TTFTs pooled, throughput over the summed time.
+
+    Some fields are ``Summary``'s, but this is no ``Summary``: no SLOs, no ITL, several passes.
+    """
 
     passes: int
     completed: int
@@ -116,15 +119,7 @@ def pass_order(rounds: int) -> list[tuple[int, Side]]:
 
 def pass_requests(settings: OverheadSettings, seed: int, count: int) -> list[BenchRequest]:
     """``count`` requests of the set lengths, with random prompts drawn from ``seed``."""
-    workload = WorkloadSettings(
-        workload="fixed",
-        num_requests=count,
-        input_len=settings.prompt_tokens,
-        output_len=settings.output_tokens,
-        max_context=settings.prompt_tokens + settings.output_tokens,
-        seed=seed,
-    )
-    return synthetic_requests(workload)
+    return settings.fixed_requests(count, seed)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -310,18 +305,9 @@ def ok(result: dict[str, Any]) -> bool:
 
 def report(settings: OverheadSettings, vllm_args: Sequence[str] = ()) -> int:
     """Runs, prints the report; exit status 1 if a request failed or nothing was measured."""
-    if vllm_args and settings.url:
-        print(f"overhead: with --url no instance is started; unused: {vllm_args}", file=sys.stderr)
-        return 2
-    try:
-        result = run(settings, vllm_args)
-    except (aiohttp.ClientError, OSError, RuntimeError, TimeoutError, ValueError) as error:
-        print(f"gateway overhead benchmark failed: {error}", file=sys.stderr)
-        return 1
-    print(format_report(result))
-    if settings.json_out:
-        print(settings.json_out)
-    return 0 if ok(result) else 1
+    return report_cluster_bench(
+        "gateway overhead benchmark", settings, vllm_args, run, format_report, ok
+    )
 
 
 BENCH = Bench(OverheadSettings, lambda settings, extra, argv: report(settings, extra))

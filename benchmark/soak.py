@@ -45,7 +45,7 @@ from pydantic import BaseModel, Field
 
 from benchmark.arrivals import ClosedLoop, poisson_times
 from benchmark.client import ClientSettings, Target, drive, resolve_target, send
-from benchmark.command import Bench, ClusterBenchSettings, write_json
+from benchmark.command import Bench, ClusterBenchSettings, report_cluster_bench, write_json
 from benchmark.local_cluster import (
     LocalCluster,
     expected_instances,
@@ -54,7 +54,6 @@ from benchmark.local_cluster import (
     local_cluster,
 )
 from benchmark.metrics import RequestRecord, Summary, latency_stats, summarize
-from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
 
 MIB = 1024 * 1024
 PROBE_SEED_OFFSET = 7_919
@@ -64,12 +63,11 @@ Phase = Literal["load", "drain"]
 
 
 class SoakSettings(ClusterBenchSettings):
+    # Like OverheadSettings: the shared fields are in ClusterBenchSettings, these are its own.
     minutes: float = Field(10.0, gt=0, description="duration of the steady load")
     fraction: float = Field(0.7, gt=0, description="load as a fraction of measured capacity")
     probe_concurrency: int = Field(8, ge=1, description="closed-loop concurrency of the probe")
     probe_requests: int = Field(32, ge=1, description="requests of the capacity probe")
-    prompt_tokens: int = Field(128, ge=1, description="prompt length of every request")
-    output_tokens: int = Field(64, ge=1, description="tokens generated per request")
     sample_interval_s: float = Field(5.0, gt=0, description="seconds between samples")
     warmup_s: float = Field(
         60.0, ge=0, description="samples before this (from the start of the load) are no baseline"
@@ -433,19 +431,6 @@ def arrival_times(rate: float, duration_s: float, seed: int) -> list[float]:
     return [t for t in times if t < duration_s]
 
 
-def soak_requests(settings: SoakSettings, count: int, seed: int) -> list[BenchRequest]:
-    return synthetic_requests(
-        WorkloadSettings(
-            workload="fixed",
-            num_requests=max(count, 1),
-            input_len=settings.prompt_tokens,
-            output_len=settings.output_tokens,
-            max_context=settings.prompt_tokens + settings.output_tokens,
-            seed=seed,
-        )
-    )[:count]
-
-
 # --- the run ------------------------------------------------------------------------------
 
 
@@ -495,7 +480,7 @@ def _progress_line(s: Sample) -> str:
 
 
 async def probe(settings: SoakSettings, target: Target) -> Summary:
-    requests = soak_requests(settings, settings.probe_requests, settings.seed + PROBE_SEED_OFFSET)
+    requests = settings.fixed_requests(settings.probe_requests, settings.seed + PROBE_SEED_OFFSET)
     outcome = await drive(
         target, requests, ClosedLoop(settings.probe_concurrency), 2 * settings.request_timeout_s,
         settings.progress, "capacity probe",
@@ -514,7 +499,7 @@ async def soak(settings: SoakSettings, url: str, launcher_pid: int | None) -> di
     rate = settings.fraction * capacity.request_throughput
     duration = settings.minutes * 60
     times = arrival_times(rate, duration, settings.seed)
-    requests = soak_requests(settings, len(times), settings.seed + 1)
+    requests = settings.fixed_requests(len(times), settings.seed + 1)
     print(
         f"capacity {capacity.request_throughput:.2f} req/s at concurrency "
         f"{settings.probe_concurrency}; soaking at {rate:.2f} req/s for {duration:.0f} s "
@@ -630,19 +615,13 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def passed(result: dict[str, Any]) -> bool:
+    return bool(result["summary"]["ok"])
+
+
 def report(settings: SoakSettings, serve_args: Sequence[str] = ()) -> int:
-    if serve_args and settings.url:
-        print(f"soak: with --url no cluster is started; unused: {serve_args}", file=sys.stderr)
-        return 2
-    try:
-        result = run(settings, serve_args)
-    except (aiohttp.ClientError, OSError, RuntimeError, TimeoutError, ValueError) as error:
-        print(f"soak failed: {error}", file=sys.stderr)
-        return 1
-    print(format_summary(result))
-    if settings.json_out:
-        print(settings.json_out)
-    return 0 if result["summary"]["ok"] else 1
+    """Runs, prints the summary; exit status 1 if it failed or did not pass."""
+    return report_cluster_bench("soak", settings, serve_args, run, format_summary, passed)
 
 
 BENCH = Bench(SoakSettings, lambda settings, extra, argv: report(settings, extra))

@@ -30,6 +30,7 @@ one load point), ``crosscheck`` (``vllm bench serve``), ``targets``, ``report`` 
 ``figures`` (PNGs) and ``runner`` (``Comparison``, ``main``).
 """
 
+# Re-exports for the callers (the cli, tests): they repeat runner's imports by name.
 from benchmark.compare.crosscheck import (
     CROSS_METRICS,
     cross_check_lengths,

@@ -174,6 +174,7 @@ class Comparison:
             running.stop()
             self.save()
 
+    # sweep and cross_check take the same arguments: both act on the running setup's entry.
     def sweep(
         self, spec: SetupSpec, running: Running, entry: SetupResult, loads: Sequence[float]
     ) -> None:

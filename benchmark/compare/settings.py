@@ -35,6 +35,7 @@ class CompareSettings(RunSettings, SetupSettings):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Fields of its own (like other settings models' in shape only).
     model: str | None = same_field(ServeSettings, "model")
     output_dir: str = Field(
         "bench-compare", description="where report.md, results.json, point JSONs and PNGs go"

@@ -91,14 +91,15 @@ def add_arguments(
         parser.add_argument(_flag(dest), **kwargs)
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         for old in typing.cast(list[str], extra.get("deprecated_flags", [])):
+            alias: dict[str, Any] = {"type": kwargs["type"]} if "type" in kwargs else {}
             parser.add_argument(
                 old,
                 dest=dest,
                 default=argparse.SUPPRESS,
-                type=kwargs.get("type"),
                 help=argparse.SUPPRESS,
                 action=_DeprecatedAlias,
                 replacement=_flag(dest),
+                **alias,
             )
 
 

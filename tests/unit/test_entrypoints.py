@@ -152,7 +152,11 @@ def test_instance_script_keeps_a_tcp_url_and_takes_any_role(tmp_path: Path) -> N
     }
     assert _run("instance.sh", env, "both").returncode == 0
     args, _ = build_parser().parse_known_args(record.read_text().splitlines())
-    assert (args.role, args.control_address, args.instance_id) == ("both", "tcp://gw:7000", "both-0")
+    assert (args.role, args.control_address, args.instance_id) == (
+        "both",
+        "tcp://gw:7000",
+        "both-0",
+    )
 
 
 @pytest.mark.parametrize(
@@ -161,7 +165,12 @@ def test_instance_script_keeps_a_tcp_url_and_takes_any_role(tmp_path: Path) -> N
         ("gateway.sh", {}, (), SECRET_ENV),
         ("decode.sh", {"PDSERVE_CONTROL_ADDRESS": "gw:7000"}, (), SECRET_ENV),
         ("prefill.sh", {SECRET_ENV: "s"}, (), "PDSERVE_CONTROL_ADDRESS"),
-        ("instance.sh", {SECRET_ENV: "s", "PDSERVE_CONTROL_ADDRESS": "gw:7000"}, ("primary",), "ROLE"),
+        (
+            "instance.sh",
+            {SECRET_ENV: "s", "PDSERVE_CONTROL_ADDRESS": "gw:7000"},
+            ("primary",),
+            "ROLE",
+        ),
     ],
 )
 def test_scripts_refuse_an_incomplete_setup(

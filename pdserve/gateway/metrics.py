@@ -77,6 +77,15 @@ class ClusterCollector(Collector):
         expired = CounterMetricFamily(
             "pdserve_kv_leases_expired", "exports freed unpulled", labels=labels
         )
+        held = GaugeMetricFamily(
+            "pdserve_kv_held_exports", "exports waiting for a pull or pinned", labels=labels
+        )
+        open_pairs = GaugeMetricFamily(
+            "pdserve_kv_open_pairs", "process-group pairs alive", labels=labels
+        )
+        inflight = GaugeMetricFamily(
+            "pdserve_kv_inflight_pulls", "KV transfers running (served and made)", labels=labels
+        )
         for instance_id, record in control.instances.items():
             key = [instance_id, record.info.role]
             healthy.add_metric(key, 1.0 if record.healthy else 0.0)
@@ -95,6 +104,9 @@ class ClusterCollector(Collector):
             pairs.add_metric(key, t.pairs_opened)
             setup.add_metric(key, t.pair_setup_seconds)
             expired.add_metric(key, t.leases_expired)
+            held.add_metric(key, load.holdings.held_exports)
+            open_pairs.add_metric(key, load.holdings.open_pairs)
+            inflight.add_metric(key, load.holdings.inflight_pulls)
         yield from (
             healthy,
             running,
@@ -106,6 +118,9 @@ class ClusterCollector(Collector):
             pairs,
             setup,
             expired,
+            held,
+            open_pairs,
+            inflight,
         )
 
 

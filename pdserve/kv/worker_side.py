@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -56,7 +57,7 @@ from pdserve.kv.metadata import (
 from pdserve.kv.settings import KVSettings
 from pdserve.kv.transport import Pair, backend_for, post_transfer, wait_all
 from pdserve.logs import get_logger
-from pdserve.protocol.reports import TransferCounters
+from pdserve.protocol.reports import KVHoldings, TransferCounters
 
 __all__ = [
     "ExportOrder",
@@ -107,6 +108,7 @@ class KVWorker:
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
         self._stats = TransferCounters()
         self._stats_lock = threading.Lock()
+        self._inflight = 0  # pulls served or made right now (under _stats_lock)
         self._faults_enabled = os.environ.get("PDSERVE_FAULT_INJECTION") == "1"
         self._pull_delays: list[float] = []
         # Serving and loading get their own threads, so that two instances pulling from each
@@ -150,7 +152,7 @@ class KVWorker:
         Its outcome is reported exactly once by a later ``poll``.
         """
         logger.debug("pdserve kv: load %s (%d blocks) ordered", order.transfer_id, len(order.dst))
-        self._load_pool.submit(self._run_load, order)
+        self._load_pool.submit(self._counted, self._run_load, order)
 
     def send_release(self, order: ReleaseOrder) -> None:
         """Tells this rank's exporter its blocks will not be pulled (queued, non-blocking)."""
@@ -175,6 +177,26 @@ class KVWorker:
                 failed.add(result.req_id)
         return sending, recving, failed
 
+    def _counted(self, transfer: Any, *args: Any) -> None:
+        """Runs a served or made pull on a pool thread, counted in ``inflight_pulls``."""
+        with self._stats_lock:
+            self._inflight += 1
+        try:
+            transfer(*args)
+        finally:
+            with self._stats_lock:
+                self._inflight -= 1
+
+    def holdings(self) -> KVHoldings:
+        """What this worker holds now (model thread, once per step; in-memory only)."""
+        with self._stats_lock:
+            inflight = self._inflight
+        return KVHoldings(
+            held_exports=len(self.exports),
+            open_pairs=len(self._pairs.by_id),
+            inflight_pulls=inflight,
+        )
+
     def take_stats(self) -> TransferCounters:
         """Counters since the last call (model thread, once per step; never blocks long)."""
         with self._stats_lock:
@@ -198,7 +220,7 @@ class KVWorker:
         if isinstance(message, PairOpen):
             self._open_server_pair(identity, message)
         elif isinstance(message, PullRequest):
-            self._serve_pool.submit(self._serve_pull, identity, message)
+            self._serve_pool.submit(self._counted, self._serve_pull, identity, message)
         elif isinstance(message, Release):
             self.exports.release(message.transfer_id, tombstone_s=2 * self.settings.lease_s)
         elif isinstance(message, InjectFault):

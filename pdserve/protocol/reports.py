@@ -79,6 +79,30 @@ class TransferCounters(msgspec.Struct, frozen=True):
 _NO_TRANSFERS = TransferCounters()
 
 
+class KVHoldings(msgspec.Struct, frozen=True):
+    """What an instance's KV data plane holds right now (gauges, not counters).
+
+    With nothing running, every field is 0 except ``open_pairs``, which stays at most one
+    per peer worker: anything above that is a leak, visible within a report interval.
+    """
+
+    # Exports registered for a pull (finished prefills under lease, pinned live exports).
+    held_exports: int = 0
+    # torch.distributed process groups of two that this instance's workers keep open.
+    open_pairs: int = 0
+    # Transfers running now: pulls this instance serves plus pulls it makes.
+    inflight_pulls: int = 0
+
+    def combine(self, other: KVHoldings) -> KVHoldings:
+        """Over tensor-parallel ranks: each rank holds a copy of the same export (max), and
+        its own pairs and transfers (sum)."""
+        return KVHoldings(
+            held_exports=max(self.held_exports, other.held_exports),
+            open_pairs=self.open_pairs + other.open_pairs,
+            inflight_pulls=self.inflight_pulls + other.inflight_pulls,
+        )
+
+
 class LoadReport(msgspec.Struct, tag=True, frozen=True):
     instance_id: str
     seq: int
@@ -100,6 +124,7 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""
     running: list[RunningRequest] = []
     transfers: TransferCounters = TransferCounters()
+    holdings: KVHoldings = KVHoldings()
 
 
 ControlMessage = Register | Deregister | LoadReport

@@ -247,9 +247,9 @@ def instance_summary(ctx: GatewayContext, sessions: SessionRegistry) -> list[dic
                 "free_blocks": load.free_blocks if load else None,
                 "total_blocks": load.total_blocks if load else None,
                 "num_preemptions": load.num_preemptions if load else 0,
-                "held_exports": load.holdings.held_exports if load else 0,
-                "open_pairs": load.holdings.open_pairs if load else 0,
-                "inflight_pulls": load.holdings.inflight_pulls if load else 0,
+                "held_exports": record.holdings().held_exports,
+                "open_pairs": record.holdings().open_pairs,
+                "inflight_pulls": record.holdings().inflight_pulls,
                 "step_ms": round(load.step_ms, 2) if load else None,
                 "last_report_age_s": round(now - record.last_report_at, 3)
                 if record.last_report_at

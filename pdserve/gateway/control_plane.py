@@ -20,7 +20,14 @@ import zmq.asyncio
 
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.logs import get_logger
-from pdserve.protocol.reports import ControlMessage, Deregister, LoadReport, Register
+from pdserve.protocol.reports import (
+    ControlMessage,
+    Deregister,
+    HoldingsReport,
+    KVHoldings,
+    LoadReport,
+    Register,
+)
 from pdserve.protocol.wire import AuthError, Codec
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy
 from pdserve.scheduler.snapshot import (
@@ -55,6 +62,15 @@ class InstanceRecord:
     # cannot show them (the request reaches this instance only after the prefill), so they
     # stay until the leg starts (``ControlPlane.decode_started``) or the request ends.
     held: dict[str, tuple[float, Pending]] = field(default_factory=dict)
+    # What each KV worker (tensor-parallel rank) last said it holds (``HoldingsReport``).
+    kv_holdings: dict[int, KVHoldings] = field(default_factory=dict)
+
+    def holdings(self) -> KVHoldings:
+        """The instance's KV holdings over its ranks (0s until a worker has reported)."""
+        total = KVHoldings()
+        for holdings in self.kv_holdings.values():
+            total = total.combine(holdings)
+        return total
 
     def pending_total(self, now: float) -> Pending:
         self.pending = [(t, p) for t, p in self.pending if now - t < PENDING_MAX_AGE_S]
@@ -143,6 +159,10 @@ class ControlPlane:
             self._register(message, now)
         elif isinstance(message, LoadReport):
             self._report(message, now)
+        elif isinstance(message, HoldingsReport):
+            record = self.instances.get(message.instance_id)
+            if record is not None and message.incarnation == record.info.incarnation:
+                record.kv_holdings[message.rank] = message.holdings
         elif isinstance(message, Deregister):
             record = self.instances.pop(message.instance_id, None)
             if record is not None:

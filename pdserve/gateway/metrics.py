@@ -104,9 +104,10 @@ class ClusterCollector(Collector):
             pairs.add_metric(key, t.pairs_opened)
             setup.add_metric(key, t.pair_setup_seconds)
             expired.add_metric(key, t.leases_expired)
-            held.add_metric(key, load.holdings.held_exports)
-            open_pairs.add_metric(key, load.holdings.open_pairs)
-            inflight.add_metric(key, load.holdings.inflight_pulls)
+            holdings = record.holdings()
+            held.add_metric(key, holdings.held_exports)
+            open_pairs.add_metric(key, holdings.open_pairs)
+            inflight.add_metric(key, holdings.inflight_pulls)
         yield from (
             healthy,
             running,

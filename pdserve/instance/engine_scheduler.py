@@ -22,7 +22,7 @@ from pdserve.kv.messages import parse_params
 from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv, is_loopback
-from pdserve.protocol.reports import KVHoldings, LoadReport, RunningRequest, TransferCounters
+from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
 from pdserve.protocol.wire import Codec, cluster_secret
 
 if TYPE_CHECKING:
@@ -90,12 +90,7 @@ class LoadReporter:
         self._time_step(output.total_num_scheduled_tokens > 0, prefill_tokens)
         self._preemptions += len(output.preempted_req_ids or ())
 
-    def observe(
-        self,
-        scheduler: Scheduler,
-        transfers: TransferCounters,
-        holdings: KVHoldings | None = None,
-    ) -> None:
+    def observe(self, scheduler: Scheduler, transfers: TransferCounters) -> None:
         """Snapshots the scheduler after a step (blocks freed in the step are free here)."""
         running = scheduler.running
         waiting = [*scheduler.waiting, *scheduler.kv_holding_waiting]
@@ -138,7 +133,6 @@ class LoadReporter:
             num_preemptions=self._preemptions,
             running=listed,
             transfers=transfers,
-            holdings=holdings or KVHoldings(),
             incarnation=self.incarnation,
         )
 
@@ -191,8 +185,7 @@ class PdserveScheduler(Scheduler):
         outputs = super().update_from_output(*args, **kwargs)
         if self.reporter is not None:
             counters = getattr(self.connector, "transfer_counters", None) or TransferCounters()
-            holdings = getattr(self.connector, "holdings", None)
-            self._guarded(self.reporter.observe, self, counters, holdings)
+            self._guarded(self.reporter.observe, self, counters)
         return outputs
 
     @staticmethod

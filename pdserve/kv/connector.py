@@ -42,7 +42,7 @@ from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.kv.worker_side import KVWorker
 from pdserve.logs import get_logger
 from pdserve.protocol.net import is_loopback
-from pdserve.protocol.reports import KVHoldings, TransferCounters
+from pdserve.protocol.reports import TransferCounters
 from pdserve.protocol.wire import cluster_secret
 
 if TYPE_CHECKING:
@@ -68,21 +68,15 @@ class PdConnectorMetadata(KVConnectorMetadata):
 
 @dataclass
 class PdWorkerMeta(KVConnectorWorkerMetadata):
-    """Worker → scheduler, every step: transfer counters since the last step, and what the
-    workers hold now (``holdings``; None when it did not change since the last step)."""
+    """Worker → scheduler, every step: transfer counters since the last step."""
 
     stats: TransferCounters = field(default_factory=TransferCounters)
-    holdings: KVHoldings | None = None
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
-        """vLLM's output aggregator folds the workers' metadata (TP ranks) into one."""
-        if not isinstance(other, PdWorkerMeta):
-            return PdWorkerMeta(self.stats, self.holdings)
-        if self.holdings is None or other.holdings is None:
-            holdings = self.holdings or other.holdings
-        else:
-            holdings = self.holdings.combine(other.holdings)
-        return PdWorkerMeta(self.stats + other.stats, holdings)
+        """vLLM's output aggregator sums the workers' metadata (TP ranks) into one."""
+        if isinstance(other, PdWorkerMeta):
+            return PdWorkerMeta(self.stats + other.stats)
+        return PdWorkerMeta(self.stats)
 
 
 class PdConnector(KVConnectorBase_V1):
@@ -106,8 +100,6 @@ class PdConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker: KVWorker | None = None
         self._transfer_totals = TransferCounters()
-        self._holdings = KVHoldings()  # scheduler role: the workers' latest
-        self._sent_holdings: KVHoldings | None = None  # worker role: the last one sent
         if role == KVConnectorRole.SCHEDULER:
             secret = cluster_secret(loopback_only=is_loopback(self.settings.host))
             self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings, secret)
@@ -197,8 +189,6 @@ class PdConnector(KVConnectorBase_V1):
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, PdWorkerMeta):
             self._transfer_totals = self._transfer_totals + meta.stats
-            if meta.holdings is not None:
-                self._holdings = meta.holdings
 
     @property
     def transfer_counters(self) -> TransferCounters:
@@ -207,14 +197,6 @@ class PdConnector(KVConnectorBase_V1):
         Read by ``PdserveScheduler`` once per step, on the engine thread.
         """
         return self._transfer_totals
-
-    @property
-    def holdings(self) -> KVHoldings:
-        """What the workers held at their last change (exports, pairs, transfers in flight).
-
-        Read by ``PdserveScheduler`` once per step, on the engine thread, for the load report.
-        """
-        return self._holdings
 
     # --- worker role -----------------------------------------------------------------------
     # All called in each worker process, on the model runner's thread.
@@ -290,23 +272,17 @@ class PdConnector(KVConnectorBase_V1):
         )
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
-        """This worker's transfer counters since the last step, and its holdings if they
-        changed (None if neither: most steps send nothing).
+        """This worker's transfer counters since the last step (None if nothing happened).
 
         Called once per step by the model runner, after ``get_transfer_results``. Side
-        effects: resets the worker's counters. With tensor parallelism each rank sends its
-        holdings only when its own changed, so the sum over ranks is exact at TP = 1 only
-        (documented in docs/kv-transfer.md).
+        effects: resets the worker's counters. (What the worker *holds* does not travel
+        here: steps stop when the engine idles, so the worker reports that itself, see
+        ``KVWorker``'s holdings reporter.)
         """
         if self.worker is None:
             return None
         stats = self.worker.take_stats()
-        holdings = self.worker.holdings()
-        changed = holdings != self._sent_holdings
-        if stats.is_zero() and not changed:
-            return None
-        self._sent_holdings = holdings
-        return PdWorkerMeta(stats, holdings if changed else None)
+        return None if stats.is_zero() else PdWorkerMeta(stats)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """The older form of ``get_transfer_results`` (without failures), for its callers.

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pdserve.kv.exports import ExportRegistry, Refusal
+from pdserve.kv.holdings import HoldingsReporter
 from pdserve.kv.layout import KVLayout, block_runs, run_blocks
 from pdserve.kv.messages import (
     Ack,
@@ -121,6 +122,11 @@ class KVWorker:
             on_request=self._on_request,
             on_store_set=self._on_store_set,
         )
+        self._holdings_reporter = (
+            HoldingsReporter(settings, tp_rank, self.holdings, secret)
+            if settings.control_address
+            else None
+        )
         logger.info(
             "pdserve kv: worker %d serving %d planes (%d bytes/block, %s) at %s",
             tp_rank,
@@ -206,6 +212,8 @@ class KVWorker:
 
     def shutdown(self) -> None:
         """Stops the KV server and the pools, and aborts every pair (pending transfers end)."""
+        if self._holdings_reporter is not None:
+            self._holdings_reporter.stop()
         self.messenger.stop()
         self._serve_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)

@@ -82,8 +82,9 @@ _NO_TRANSFERS = TransferCounters()
 class KVHoldings(msgspec.Struct, frozen=True):
     """What an instance's KV data plane holds right now (gauges, not counters).
 
-    With nothing running, every field is 0 except ``open_pairs``, which stays at most one
-    per peer worker: anything above that is a leak, visible within a report interval.
+    With nothing running, every field is 0 except ``open_pairs``, which stays at most two
+    per peer worker (a pair is one-way: one where this worker pulls, one where it serves):
+    anything above that is a leak, visible within a report interval.
     """
 
     # Exports registered for a pull (finished prefills under lease, pinned live exports).
@@ -124,7 +125,19 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""
     running: list[RunningRequest] = []
     transfers: TransferCounters = TransferCounters()
-    holdings: KVHoldings = KVHoldings()
 
 
-ControlMessage = Register | Deregister | LoadReport
+class HoldingsReport(msgspec.Struct, tag=True, frozen=True):
+    """A KV worker's holdings, sent by the worker itself when they change (and every second).
+
+    Not part of ``LoadReport``: those are built after engine steps, and an idle engine takes
+    none, so a pull that ended after the last step would stay "in flight" there forever.
+    """
+
+    instance_id: str
+    rank: int
+    incarnation: str
+    holdings: KVHoldings
+
+
+ControlMessage = Register | Deregister | LoadReport | HoldingsReport

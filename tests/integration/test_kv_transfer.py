@@ -114,7 +114,7 @@ def test_abort_during_transfer_frees_blocks_on_both_sides(cluster: ServeCluster)
     finally:
         sock.close()  # the client vanishes in the middle of the transfer
     started = time.monotonic()
-    wait_for(cluster.all_kv_free, 20, "every KV block to be given back")
+    cluster.assert_no_leaks()
     assert time.monotonic() - started < 20
 
 
@@ -131,6 +131,8 @@ def test_stalled_transfer_times_out_and_decode_recomputes(
     elapsed = time.monotonic() - started
     assert got == reference.complete(prompt, 12)["choices"][0]["token_ids"]
     assert elapsed >= 8, "the transfer should have been waited for until its timeout"
-    wait_for(cluster.all_kv_free, 30, "every KV block to be given back")
+    # The injected 14 s stall still sleeps in the exporter's serving thread (a pull in flight
+    # there) for up to 6 s after the request ended: the invariant allows for that, no more.
+    cluster.assert_no_leaks(within_s=10.0)
     decode_logs = cluster.log("decode-0") + cluster.log("decode-1")
     assert "failed after" in decode_logs

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import time
 from typing import Any
 
-from pdserve.kv.connector import PdConnector, PdWorkerMeta
-from pdserve.protocol.reports import KVHoldings, TransferCounters
-from tests.unit.test_transport import exporter, importer, load, wait_result  # noqa: F401
+import msgspec
+import zmq
+
+from pdserve.kv.holdings import HoldingsReporter
+from pdserve.kv.settings import KVSettings
+from pdserve.protocol.net import free_port
+from pdserve.protocol.reports import ControlMessage, HoldingsReport, KVHoldings
+from pdserve.protocol.wire import Codec
+from tests.unit.test_control_plane import plane, register
+from tests.unit.test_transport import SECRET, exporter, importer, load, wait_result  # noqa: F401
 
 
 def test_an_importer_holds_one_pair_and_nothing_else_after_pulls(exporter: Any) -> None:  # noqa: F811
@@ -32,25 +39,47 @@ def test_tensor_parallel_ranks_combine() -> None:
     a = KVHoldings(held_exports=2, open_pairs=1, inflight_pulls=1)
     b = KVHoldings(held_exports=2, open_pairs=3, inflight_pulls=0)
     assert a.combine(b) == KVHoldings(held_exports=2, open_pairs=4, inflight_pulls=1)
-    merged = PdWorkerMeta(TransferCounters(loads_ok=1), a).aggregate(PdWorkerMeta(holdings=None))
-    assert isinstance(merged, PdWorkerMeta) and merged.holdings == a
-    assert merged.stats.loads_ok == 1
 
 
-def _worker_connector(worker: Any) -> PdConnector:
-    connector = PdConnector.__new__(PdConnector)  # the worker role's state, without vLLM
-    connector.worker = worker
-    connector._sent_holdings = None
-    return connector
+def test_a_worker_reports_its_holdings_itself_when_they_change() -> None:
+    """No engine step needed: an idle engine takes none, and the gauge must still drop."""
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    settings = KVSettings(
+        instance_id="i",
+        port=free_port(),
+        control_address=f"tcp://127.0.0.1:{port}",
+        report_interval_s=0.02,
+        incarnation="inc",
+    )
+    state = {"holdings": KVHoldings(inflight_pulls=1)}
+    reporter = HoldingsReporter(settings, 0, lambda: state["holdings"], SECRET)
+    codec: Codec[Any] = Codec(ControlMessage, SECRET)
+    try:
+        assert pull.poll(2000)
+        first = codec.decode(pull.recv_multipart())
+        assert isinstance(first, HoldingsReport) and first.holdings.inflight_pulls == 1
+        state["holdings"] = KVHoldings()
+        deadline = time.monotonic() + 2
+        last = first
+        while last.holdings != KVHoldings() and time.monotonic() < deadline:
+            assert pull.poll(2000)
+            last = codec.decode(pull.recv_multipart())
+        assert last.holdings == KVHoldings() and last.incarnation == "inc"
+    finally:
+        reporter.stop()
+        pull.close(linger=0)
 
 
-def test_holdings_are_sent_when_they_change_and_only_then() -> None:
-    state = {"holdings": KVHoldings(held_exports=1)}
-    worker = SimpleNamespace(take_stats=TransferCounters, holdings=lambda: state["holdings"])
-    connector = _worker_connector(worker)
-    first = connector.build_connector_worker_meta()
-    assert isinstance(first, PdWorkerMeta) and first.holdings == KVHoldings(held_exports=1)
-    assert connector.build_connector_worker_meta() is None  # unchanged, nothing to say
-    state["holdings"] = KVHoldings()
-    last = connector.build_connector_worker_meta()
-    assert isinstance(last, PdWorkerMeta) and last.holdings == KVHoldings()
+def test_the_control_plane_keeps_each_rank_of_the_current_incarnation() -> None:
+    cp = plane()
+    cp.handle(register("d", incarnation="now"), now=0.0)
+    report = HoldingsReport(
+        instance_id="d", rank=0, incarnation="now", holdings=KVHoldings(1, 2, 0)
+    )
+    cp.handle(report, now=0.1)
+    cp.handle(msgspec.structs.replace(report, rank=1, holdings=KVHoldings(1, 1, 1)), now=0.1)
+    cp.handle(msgspec.structs.replace(report, incarnation="old", holdings=KVHoldings(9, 9, 9)))
+    assert cp.instances["d"].holdings() == KVHoldings(
+        held_exports=1, open_pairs=3, inflight_pulls=1
+    )

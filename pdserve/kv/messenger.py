@@ -16,6 +16,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -61,6 +62,10 @@ class Messenger:
         self._rids = itertools.count(1)
         self._stopped = threading.Event()
         self._debug = logger.isEnabledFor(logging.DEBUG)
+        # DEALERs dropped while a poll's results are being handled: closed once they are.
+        self._closing: list[zmq.Socket] = []
+        # How often the I/O loop crashed and was restarted (each crash is logged).
+        self.restarts = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -131,9 +136,11 @@ class Messenger:
                 elif kind == "router" and self._router is not None:
                     self._router.send_multipart([target, *frames], flags=zmq.NOBLOCK)
                 elif kind == "drop" and target in self._dealers:
+                    # Not closed yet: it may be in the poll results being handled; reading a
+                    # closed socket raises ENOTSOCK. ``_close_dropped`` closes it afterwards.
                     sock = self._dealers.pop(target)
                     self._poller.unregister(sock)
-                    sock.close(linger=0)
+                    self._closing.append(sock)
             except zmq.ZMQError as e:
                 logger.warning("pdserve kv: could not send to %r: %s", target, e)
 
@@ -164,39 +171,66 @@ class Messenger:
             return None
 
     def _run(self) -> None:
+        """Runs the I/O loop until ``stop``; a crash is logged, counted and the loop restarted."""
         self._poller = zmq.Poller()
         if self._router is not None:
             self._poller.register(self._router, zmq.POLLIN)
         self._poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._stopped.is_set():
+                try:
+                    self._loop()
+                except Exception:
+                    self.restarts += 1
+                    logger.exception(
+                        "pdserve kv: messenger I/O loop crashed (restart %d)", self.restarts
+                    )
+                    self._close_dropped()
+                    time.sleep(0.01)  # no busy loop if the crash repeats
+        finally:
+            self._close_dropped()
+            for sock in [*self._dealers.values(), self._router]:
+                if sock is not None:
+                    sock.close(linger=0)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+    def _loop(self) -> None:
         while not self._stopped.is_set():
             events = dict(self._poller.poll(1000))
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             self._flush_outbox()
-            for sock, _ in events.items():
+            for sock in events:
                 if sock is self._wake_r:
                     continue
                 assert isinstance(sock, zmq.Socket)
-                while True:
-                    try:
-                        frames = sock.recv_multipart(flags=zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    if sock is self._router:
-                        identity, body = frames[0], frames[1:]
-                        message = self._decode(body)
-                        if message is not None:
-                            self._deliver(message, identity)
-                    else:
-                        message = self._decode(frames)
-                        if message is not None:
-                            self._deliver(message, None)
-        for sock in [*self._dealers.values(), self._router]:
-            if sock is not None:
-                sock.close(linger=0)
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+                if sock is not self._router and (sock in self._closing or sock.closed):
+                    continue  # dropped during this iteration: its replies are discarded
+                self._read(sock)
+            self._close_dropped()
+
+    def _read(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock is self._router:
+                identity, body = frames[0], frames[1:]
+                message = self._decode(body)
+                if message is not None:
+                    self._deliver(message, identity)
+            else:
+                message = self._decode(frames)
+                if message is not None:
+                    self._deliver(message, None)
+
+    def _close_dropped(self) -> None:
+        while self._closing:
+            with contextlib.suppress(zmq.ZMQError):
+                self._closing.pop().close(linger=0)
 
 
 def kv_codec(secret: bytes) -> Codec[Any]:

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
-from pdserve.cluster.launcher import ServeSettings
+from pdserve.cluster.launcher import ServeSettings, gateway_instances
 from pdserve.cluster.processes import ManagedProcess, free_port, pdserve_argv, wait_until
 from pdserve.protocol.net import is_loopback
 from pdserve.protocol.wire import SECRET_ENV, cluster_secret, new_secret
@@ -60,13 +60,8 @@ def instances_url(gateway_url: str) -> str:
 
 
 def instances(url: str, api_key: str | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
-    """The instance table of the gateway at ``url`` (its base URL, ``GET /admin/instances``);
-    [] while it does not answer."""
-    try:
-        rows = get_json(instances_url(url), api_key, timeout)
-    except (OSError, ValueError):
-        return []
-    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+    """The instance table of the gateway at ``url``; [] while it does not answer."""
+    return gateway_instances(url, api_key, timeout)
 
 
 def healthy(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

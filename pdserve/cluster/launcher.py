@@ -135,15 +135,20 @@ def _log(message: str) -> None:
     print(f"[pdserve serve] {message}", flush=True)
 
 
-def _instances(gateway: GatewaySettings) -> list[dict[str, Any]]:
-    request = urllib.request.Request(f"http://{gateway.host}:{gateway.port}/admin/instances")
-    if gateway.api_key:
-        request.add_header("Authorization", f"Bearer {gateway.api_key}")
+def gateway_instances(
+    url: str, api_key: str | None = None, timeout: float = 2.0
+) -> list[dict[str, Any]]:
+    """The instance table of the gateway at ``url`` (``GET /admin/instances``); [] while it
+    does not answer. The one reader of that table (the benchmarks use it too)."""
+    request = urllib.request.Request(url.rstrip("/") + "/admin/instances")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
     try:
-        with urllib.request.urlopen(request, timeout=2) as response:
-            return list(json.load(response))
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            rows = json.load(response)
     except (OSError, ValueError):
         return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 class Cluster:
@@ -221,7 +226,9 @@ class Cluster:
         announced: set[str] = set()
 
         def ready() -> bool:
-            healthy = {row["id"] for row in _instances(self.gateway) if row.get("healthy")}
+            url = f"http://{self.gateway.host}:{self.gateway.port}"
+            rows = gateway_instances(url, self.gateway.api_key)
+            healthy = {row["id"] for row in rows if row.get("healthy")}
             for name in sorted(healthy - announced):
                 _log(f"{name}: ready after {time.monotonic() - started:.0f} s")
                 announced.add(name)

@@ -38,6 +38,8 @@ class KVControlClient:
     def _socket(self, address: str) -> zmq.asyncio.Socket:
         sock = self._sockets.get(address)
         if sock is None:
+            # Like the KV messenger's DEALERs (pdserve/kv/messenger.py), but on an asyncio
+            # context: the two share four setsockopt lines and no code that would help.
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, 1000)

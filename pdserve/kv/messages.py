@@ -193,6 +193,16 @@ class PairOpened(msgspec.Struct, tag=True, frozen=True):
     protocol: int = 0
 
 
+class PairClose(msgspec.Struct, tag=True, frozen=True):
+    """The initiator tore a broken pair down (timeout, transport error): close it too.
+
+    Refused pulls never close a pair. A worker that does not know the pair ignores it (and
+    one from before this message drops it as undecodable, keeping the pair as it used to).
+    """
+
+    pair_id: str
+
+
 class StoreSet(msgspec.Struct, tag=True, frozen=True):
     """One key of the rendezvous store, mirrored to the other member of the pair."""
 
@@ -299,6 +309,7 @@ class Unpin(msgspec.Struct, tag=True, frozen=True):
 KVMessage = (
     PairOpen
     | PairOpened
+    | PairClose
     | StoreSet
     | PullRequest
     | PullStarted

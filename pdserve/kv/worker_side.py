@@ -37,6 +37,7 @@ from pdserve.kv.messages import (
     KVError,
     KVFailure,
     KVTimeout,
+    PairClose,
     PairOpen,
     PairOpened,
     PullFinished,
@@ -75,6 +76,9 @@ logger = get_logger(__name__)
 
 # A load may wait this many transfer timeouts for its turn on a busy pair.
 QUEUE_PATIENCE = 6
+
+# Failures that mean the pair itself is unusable; any other refusal of a pull leaves it be.
+BROKEN_PAIR = frozenset({KVFailure.TIMEOUT, KVFailure.TRANSPORT_ERROR, KVFailure.PAIR_FAILED})
 
 
 @dataclass
@@ -227,6 +231,8 @@ class KVWorker:
     def _on_request(self, identity: bytes, message: object) -> None:
         if isinstance(message, PairOpen):
             self._open_server_pair(identity, message)
+        elif isinstance(message, PairClose):
+            self._close_server_pair(message.pair_id)
         elif isinstance(message, PullRequest):
             self._serve_pool.submit(self._counted, self._serve_pull, identity, message)
         elif isinstance(message, Release):
@@ -289,6 +295,16 @@ class KVWorker:
             )
         return None
 
+    def _close_server_pair(self, pair_id: str) -> None:
+        """The initiator tore the pair down: abort and forget our end of it."""
+        with self._pairs.lock:
+            pair = self._pairs.by_id.get(pair_id)
+        if pair is None or pair.rank != 0:
+            return
+        logger.info("pdserve kv: peer closed pair %s", pair_id)
+        pair.abort()
+        self._forget_pair(pair)
+
     def _establish(self, pair: Pair) -> None:
         try:
             pair.establish()
@@ -297,25 +313,22 @@ class KVWorker:
             self._forget_pair(pair)
 
     def _serve_pull(self, identity: bytes, request: PullRequest) -> None:
-        pair = self._pairs.by_id.get(request.pair_id)
-        claimed = self.exports.begin_pull(request)
-        if isinstance(claimed, Refusal) or pair is None:
-            if isinstance(claimed, Refusal):
-                refusal = claimed
-            else:
-                refusal = Refusal(KVFailure.UNKNOWN_PAIR, f"unknown pair {request.pair_id}")
-                self.exports.end_pull(claimed[0])
+        # Everything that can refuse the pull is checked before the export is claimed: a
+        # claimed last pull closes the export, so a refusal after it would lose its KV.
+        pair = self._pair_for_pull(request)
+        claimed = pair if isinstance(pair, Refusal) else self.exports.begin_pull(request)
+        if isinstance(claimed, Refusal):
             self.messenger.reply(
-                identity, Failed(rid=request.rid, code=refusal.failure, error=str(refusal))
+                identity, Failed(rid=request.rid, code=claimed.failure, error=str(claimed))
             )
             return
         export, src = claimed
-        runs = block_runs(src, request.dst)
-        staged = request.staging == "always" or (
-            request.staging == "auto" and self.layout.prefer_staged(runs)
-        )
+        assert isinstance(pair, Pair)
         try:
-            pair.wait_ready(self.settings.pair_setup_timeout_s)
+            runs = block_runs(src, request.dst)
+            staged = request.staging == "always" or (
+                request.staging == "auto" and self.layout.prefer_staged(runs)
+            )
             self.messenger.reply(identity, PullStarted(rid=request.rid, src=src, staged=staged))
             if self._pull_delays:
                 time.sleep(self._pull_delays.pop(0))
@@ -334,6 +347,19 @@ class KVWorker:
             self.messenger.reply(identity, failed)
         finally:
             self.exports.end_pull(export)
+
+    def _pair_for_pull(self, request: PullRequest) -> Pair | Refusal:
+        """The pair a pull names, formed; else why not (waits for a pair still forming)."""
+        pair = self._pairs.by_id.get(request.pair_id)
+        if pair is None or pair.broken or pair.rank != 0:
+            return Refusal(KVFailure.UNKNOWN_PAIR, f"unknown pair {request.pair_id}")
+        try:
+            pair.wait_ready(self.settings.pair_setup_timeout_s)
+        except KVError as e:
+            pair.abort()
+            self._forget_pair(pair)
+            return Refusal(e.failure, str(e))
+        return pair
 
     # --- the initiator half ---------------------------------------------------------------
 
@@ -362,9 +388,8 @@ class KVWorker:
             self._open_client_pair(pair, address, deadline)
         except Exception as e:
             pair.error = pair.error or str(e)
-            pair.broken = True
             pair.ready.set()
-            self._forget_pair(pair)
+            self._drop_pair(pair, address)
             raise
         self._add_stats(TransferCounters(pairs_opened=1, pair_setup_seconds=pair.setup_s))
         return pair
@@ -398,6 +423,12 @@ class KVWorker:
                 f"this worker version {PROTOCOL_VERSION}",
             )
         pair.establish()
+
+    def _drop_pair(self, pair: Pair, address: str) -> None:
+        """Tears a broken pair down here and tells the server to close its end too."""
+        pair.abort()
+        self._forget_pair(pair)
+        self.messenger.send(address, PairClose(pair_id=pair.pair_id))
 
     def _forget_pair(self, pair: Pair) -> None:
         with self._pairs.lock:
@@ -451,14 +482,30 @@ class KVWorker:
             self._results.put(result)
 
     def _pull(self, order: LoadOrder) -> int:
-        timeout = self.settings.transfer_timeout_s
+        """Pulls over the pair with the exporter; once more over a new pair if it lost ours.
+
+        An exporter that restarted (on the same address) refuses our old pair with
+        ``unknown_pair`` before claiming its export, so the second try still finds it.
+        """
         address = order.addresses[self.tp_rank]
+        try:
+            return self._pull_once(order, address)
+        except KVError as e:
+            if e.failure is not KVFailure.UNKNOWN_PAIR:
+                raise
+            logger.info("pdserve kv: %s lost our pair (%s); pairing again", address, e)
+            return self._pull_once(order, address)
+
+    def _pull_once(self, order: LoadOrder, address: str) -> int:
+        timeout = self.settings.transfer_timeout_s
         pair = self._pair_with(address, time.monotonic() + self.settings.pair_setup_timeout_s)
         # Transfers on a pair run one at a time (NCCL needs both ends to agree on the order);
         # waiting for the pair is queueing, not a stall, so it has its own, longer patience.
         if not pair.lock.acquire(timeout=QUEUE_PATIENCE * timeout):
             raise KVTimeout(f"pair with {address} busy for {QUEUE_PATIENCE * timeout:.0f} s")
         try:
+            if pair.broken:  # torn down by the pull before us
+                raise KVError(KVFailure.UNKNOWN_PAIR, f"pair {pair.pair_id} was torn down")
             return self._pull_on(pair, order, address, time.monotonic() + timeout)
         finally:
             pair.lock.release()
@@ -466,7 +513,7 @@ class KVWorker:
     def _pull_on(self, pair: Pair, order: LoadOrder, address: str, deadline: float) -> int:
         seq = pair.next_seq()
         rid, box = self.messenger.new_request()
-        posted = False
+        refused = False
         try:
             self.messenger.send(
                 address,
@@ -484,10 +531,11 @@ class KVWorker:
             )
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
+                # Nothing was sent: unless the pair itself failed, it carries the next pull.
+                refused = reply.code not in BROKEN_PAIR
                 raise KVError(reply.code, f"exporter refused the pull: {reply.error}")
             assert isinstance(reply, PullStarted)
             runs = block_runs(reply.src, order.dst)
-            posted = True  # from here on receives may be pending: a failure aborts the pair
             nbytes = self._receive(pair, runs, seq, reply.staged, deadline)
             reply = _next_reply(box, deadline)
             if isinstance(reply, Failed):
@@ -497,12 +545,15 @@ class KVWorker:
                     KVFailure.BLOCKS_CHANGED, "the exported blocks changed during the read"
                 )
             return nbytes
-        except BaseException:
-            if posted:
-                # Receives may still be pending: close the connection before the blocks go
-                # back to vLLM, so that nothing can write into them later.
-                pair.abort()
-            self._forget_pair(pair)
+        except BaseException as e:
+            if isinstance(e, KVError) and e.failure is KVFailure.UNKNOWN_PAIR:
+                pair.abort()  # the exporter does not know it: only our end is left
+                self._forget_pair(pair)
+            elif not refused:
+                # A broken pair (timeout, transport error): receives may still be pending, so
+                # close the connection before the blocks go back to vLLM (nothing can write
+                # into them later), on both sides, so that neither keeps the pair.
+                self._drop_pair(pair, address)
             raise
         finally:
             self.messenger.forget(rid)

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+# 1: the first versioned handshake. 2: PairClose (a broken pair is closed on both sides).
+PROTOCOL_VERSION = 2
 
 
 @dataclass

@@ -6,12 +6,15 @@ vLLM itself comes through an extra, because its distribution differs per machine
 known traps of the CPU build (see ``pdserve doctor``).
 """
 
+import os
 import re
 
 from setuptools import find_packages, setup
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # One source for both versions: pdserve/__init__.py (read, not imported: nothing is installed yet).
-with open("pdserve/__init__.py", encoding="utf-8") as init:
+with open(os.path.join(HERE, "pdserve", "__init__.py"), encoding="utf-8") as init:
     VERSIONS = dict(re.findall(r'^(__version__|VLLM_VERSION) = "([^"]+)"', init.read(), re.M))
 VLLM_VERSION = VERSIONS["VLLM_VERSION"]
 

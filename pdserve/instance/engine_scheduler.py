@@ -9,12 +9,10 @@ microseconds for a few hundred requests); a reporter thread sends the latest sna
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import zmq
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
@@ -22,8 +20,9 @@ from pdserve.kv.messages import parse_params
 from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv, is_loopback
+from pdserve.protocol.push import PeriodicPusher
 from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
-from pdserve.protocol.wire import Codec, cluster_secret
+from pdserve.protocol.wire import cluster_secret
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -39,20 +38,10 @@ class LoadReporter:
     """Builds snapshots on the engine thread; sends them from its own thread."""
 
     def __init__(self, settings: KVSettings, block_size: int) -> None:
-        from pdserve.protocol.reports import ControlMessage
-
         assert settings.control_address is not None
         self.instance_id = settings.instance_id
         self.incarnation = settings.incarnation
         self.block_size = block_size
-        self._interval = settings.report_interval_s
-        self._codec: Codec[Any] = Codec(
-            ControlMessage, cluster_secret(loopback_only=is_loopback(settings.host))
-        )
-        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.PUSH)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, 4)  # stale reports are worthless: drop, not queue
-        self._socket.connect(settings.control_address)
         self._latest: LoadReport | None = None
         self._seq = 0
         self._keys: dict[str, str | None] = {}
@@ -61,9 +50,13 @@ class LoadReporter:
         self._step_ms = 0.0
         self._prefill_rate = 0.0
         self._preemptions = 0
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pdserve-load-reporter", daemon=True)
-        self._thread.start()
+        self._pusher = PeriodicPusher(
+            settings.control_address,
+            cluster_secret(loopback_only=is_loopback(settings.host)),
+            settings.report_interval_s,
+            self._next_report,
+            name="pdserve-load-reporter",
+        )
 
     def _key_of(self, request: Request) -> str | None:
         if request.request_id not in self._keys:
@@ -136,24 +129,16 @@ class LoadReporter:
             incarnation=self.incarnation,
         )
 
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            report = self._latest
-            if report is None:
-                continue
-            self._seq += 1
-            try:
-                frames = self._codec.encode(msgspec.structs.replace(report, seq=self._seq))
-                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # the scheduler is away; the next report will do
-            except Exception:
-                logger.exception("pdserve: sending a load report failed")
+    def _next_report(self) -> LoadReport | None:
+        """The latest snapshot, numbered (reporter thread, every report interval)."""
+        report = self._latest
+        if report is None:
+            return None
+        self._seq += 1
+        return msgspec.structs.replace(report, seq=self._seq)
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join(timeout=2)
-        self._socket.close(linger=0)
+        self._pusher.stop()
 
 
 class PdserveScheduler(Scheduler):

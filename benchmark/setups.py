@@ -50,11 +50,9 @@ from pdserve.cluster.processes import (
     port_in_use,
     wait_until,
 )
-from pdserve.instance.environment import cpu_environment, cpu_vllm_flags, is_cpu_build
+from pdserve.instance.environment import cpu_environment, cpu_vllm_flags
 from pdserve.instance.settings import InstanceSettings
-from pdserve.protocol.net import available_cores, has_flag
-
-__all__ = ["available_cores", "is_cpu_build"]  # re-exported for the compare runner
+from pdserve.protocol.net import has_flag
 
 ROUTER = "vllm-router"
 PDSERVE_RR = "pdserve-rr"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from benchmark import compare, setups
+from benchmark import compare
 from benchmark.compare import (
     CompareResults,
     CompareSettings,
@@ -656,9 +656,12 @@ def test_run_vllm_bench_reads_the_json_or_reports_the_failure(tmp_path: Path) ->
         )
 
 
-def test_setups_module_reads_the_build_from_metadata() -> None:
-    assert isinstance(setups.is_cpu_build(), bool)
-    assert setups.available_cores()
+def test_the_build_is_read_from_metadata() -> None:
+    from pdserve.instance.environment import is_cpu_build
+    from pdserve.protocol.net import available_cores
+
+    assert isinstance(is_cpu_build(), bool)
+    assert available_cores()
 
 
 def test_committed_results_read_back_into_the_models_unchanged() -> None:

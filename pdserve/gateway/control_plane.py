@@ -98,9 +98,18 @@ InstanceListener = Callable[[str], Any]
 
 
 class ControlPlane:
-    def __init__(self, settings: GatewaySettings, secret: bytes, policy: DispatchPolicy) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        secret: bytes,
+        policy: DispatchPolicy,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """``clock``: the time every entry point uses when given none (the simulator passes
+        its simulated clock; nothing here opens a socket before ``start``)."""
         self.settings = settings
         self.policy = policy
+        self.clock = clock
         self.instances: dict[str, InstanceRecord] = {}
         self._codec: Codec[Any] = Codec(ControlMessage, secret)
         self._ctx = zmq.asyncio.Context.instance()
@@ -154,7 +163,7 @@ class ControlPlane:
             self.handle(message)
 
     def handle(self, message: Any, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         if isinstance(message, Register):
             self._register(message, now)
         elif isinstance(message, LoadReport):
@@ -261,7 +270,7 @@ class ControlPlane:
             self.check_health()
 
     def check_health(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         for instance_id, record in list(self.instances.items()):
             self._update_health(record, now)
             last = record.last_report_at or record.registered_at
@@ -277,13 +286,13 @@ class ControlPlane:
         """
         record = self.instances.get(instance_id)
         if record is not None:
-            record.suspect_until = time.monotonic() + self.settings.heartbeat_timeout_s
-            self._update_health(record, time.monotonic())
+            record.suspect_until = self.clock() + self.settings.heartbeat_timeout_s
+            self._update_health(record, self.clock())
 
     # --- what the rest of the gateway uses --------------------------------------------------
 
     def snapshot(self) -> ClusterSnapshot:
-        now = time.monotonic()
+        now = self.clock()
         return ClusterSnapshot(tuple(r.view(now) for r in self.instances.values()))
 
     def dispatch(self, estimate: RequestEstimate, key: str | None = None) -> Dispatch:
@@ -295,7 +304,7 @@ class ControlPlane:
         all picks the same decode instance).
         """
         choice = self.policy.choose(self.snapshot(), estimate)
-        now = time.monotonic()
+        now = self.clock()
         decode = self.instances[choice.decode]
         blocks = estimate.prompt_blocks(decode.load.block_size if decode.load else 16)
         if choice.prefill is not None:
@@ -321,13 +330,13 @@ class ControlPlane:
         record = self.instances[choice.decode]
         blocks = estimate.prompt_blocks(record.load.block_size if record.load else 16)
         tokens = 0 if prefilled else estimate.prompt_tokens
-        record.pending.append((time.monotonic(), Pending(1, tokens, blocks)))
+        record.pending.append((self.clock(), Pending(1, tokens, blocks)))
         return choice.decode
 
     def decode_started(self, key: str, instance_id: str) -> None:
         """The held decode share of ``key`` becomes ordinary pending work on the instance
         (its next reports show the request), and is dropped anywhere else."""
-        now = time.monotonic()
+        now = self.clock()
         for record_id, record in self.instances.items():
             entry = record.held.pop(key, None)
             if entry is not None and record_id == instance_id:

@@ -69,6 +69,25 @@ class NoInstance(Exception):
         self.role = role
 
 
+class NoCapacity(Exception):
+    """Every decode instance is full: hold the request until a load report shows room.
+
+    Prefilling it now would leave its KV exported on the prefill instance, waiting for a
+    decode slot, until the export's lease ran out and the decode instance recomputed it
+    (fault 8 of the KV audit). The gateway holds it instead (``--admission-wait-s``) and
+    asks again; the simulator does the same.
+    """
+
+    def __init__(self, decode: str, need_blocks: int, free_blocks: int) -> None:
+        super().__init__(
+            f"decode instance {decode} has {free_blocks} free KV blocks, the request needs "
+            f"{need_blocks}"
+        )
+        self.decode = decode
+        self.need_blocks = need_blocks
+        self.free_blocks = free_blocks
+
+
 class DispatchPolicy(Protocol):
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
 
@@ -112,7 +131,24 @@ class PdPolicy:
         wait = self.prefill_wait_s(prefill)
         if wait > self.settings.prefill_saturation_s and self.prefill_wait_s(decode) < wait:
             return Dispatch(decode=decode.instance_id)
+        self._check_room(decode, request)
         return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
+
+    def _check_room(self, decode: InstanceView, request: RequestEstimate) -> None:
+        """Raises ``NoCapacity`` when the best decode instance cannot take the request's KV.
+
+        Only for a disaggregated placement (a colocated request waits in the instance's own
+        queue, holding nothing elsewhere), and only for a request that fits an empty
+        instance: a larger one waits nowhere better.
+        """
+        load = decode.load
+        if load is None:
+            return
+        need = request.prompt_blocks(decode.block_size)
+        free = decode.virtual_free_blocks(self.settings.watermark)
+        capacity = load.total_blocks - int(self.settings.watermark * load.total_blocks)
+        if need > free and need <= capacity:
+            raise NoCapacity(decode.instance_id, need, free)
 
 
 class RoundRobinPolicy:

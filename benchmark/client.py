@@ -3,7 +3,7 @@
 Requests go to ``/v1/completions`` with ``stream: true`` and ``stream_options.include_usage``
 so the server's own token count arrives in the last chunk; chunk arrival times are taken
 with ``time.perf_counter()`` as each line is read, which is what TTFT and ITL are made of
-(definitions in ``benchmark.metrics``). A run always ends by itself: after the last request,
+(definitions in ``pdserve.workload.metrics``). A run always ends by itself: after the last request,
 or at ``time_limit_s``, when requests still in flight are cancelled and recorded as failed.
 """
 
@@ -21,9 +21,9 @@ import aiohttp
 from pydantic import BaseModel, Field
 from tqdm import tqdm
 
-from benchmark.arrivals import ClosedLoop, OpenLoop, Schedule
-from benchmark.metrics import RequestRecord
-from benchmark.workloads import BenchRequest
+from pdserve.workload.arrivals import ClosedLoop, OpenLoop, Schedule
+from pdserve.workload.metrics import RequestRecord
+from pdserve.workload.workloads import BenchRequest
 
 ERROR_TEXT_LIMIT = 500
 

@@ -24,8 +24,8 @@ from typing import Any, Generic, TypeVar, get_args
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from benchmark.workloads import BenchRequest, WorkloadSettings, synthetic_requests
 from pdserve.settings import _unwrap_optional, add_arguments, from_args
+from pdserve.workload.workloads import BenchRequest, WorkloadSettings, synthetic_requests
 
 S = TypeVar("S", bound=BaseModel)
 C = TypeVar("C", bound="ClusterBenchSettings")

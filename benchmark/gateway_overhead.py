@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from benchmark.arrivals import ClosedLoop
 from benchmark.client import ClientSettings, Target, drive, resolve_target
 from benchmark.command import Bench, ClusterBenchSettings, report_cluster_bench, write_json
 from benchmark.local_cluster import healthy, instances, local_cluster, secret_for
-from benchmark.metrics import LatencyStats, RequestRecord, Summary, latency_stats, summarize
-from benchmark.workloads import BenchRequest
+from pdserve.workload.arrivals import ClosedLoop
+from pdserve.workload.metrics import LatencyStats, RequestRecord, Summary, latency_stats, summarize
+from pdserve.workload.workloads import BenchRequest
 
 Side = Literal["direct", "gateway"]
 SIDES: tuple[Side, Side] = ("direct", "gateway")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.metrics import MS, PointResult, RequestRecord, Summary
+from pdserve.workload.metrics import MS, PointResult, RequestRecord, Summary
 
 CDF_FILE = "latency_cdf.png"
 SWEEP_FILE = "sweep.png"

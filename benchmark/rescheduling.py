@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.arrivals import OpenLoop, poisson_times
 from benchmark.client import ClientSettings, drive, resolve_target
 from benchmark.local_cluster import get_json, healthy, instances, local_cluster
-from benchmark.metrics import summarize
-from benchmark.workloads import BenchRequest
+from pdserve.workload.arrivals import OpenLoop, poisson_times
+from pdserve.workload.metrics import summarize
+from pdserve.workload.workloads import BenchRequest
 
 CLUSTER_ARGS = [
     "--prefill", "1", "--decode", "2", "--policy", "round-robin",

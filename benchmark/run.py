@@ -28,13 +28,13 @@ from typing import Any
 import aiohttp
 from pydantic import Field, ValidationError
 
-from benchmark.arrivals import ArrivalKind, make_schedule
 from benchmark.client import ClientSettings, Target, drive, resolve_target
 from benchmark.command import Bench, add_settings_arguments
-from benchmark.metrics import PointResult, Summary, summarize
 from benchmark.plots import plot_results
-from benchmark.workloads import BenchRequest, WorkloadSettings, build_workload
 from pdserve.settings import from_args
+from pdserve.workload.arrivals import ArrivalKind, make_schedule
+from pdserve.workload.metrics import PointResult, Summary, summarize
+from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload
 
 # Fields with several values; pdserve.settings handles scalar fields only.
 LIST_FIELDS = ("rate", "concurrency")

@@ -43,7 +43,6 @@ from typing import Any, Literal
 import aiohttp
 from pydantic import BaseModel, Field
 
-from benchmark.arrivals import ClosedLoop, poisson_times
 from benchmark.client import ClientSettings, Target, drive, resolve_target, send
 from benchmark.command import Bench, ClusterBenchSettings, report_cluster_bench, write_json
 from benchmark.local_cluster import (
@@ -53,7 +52,8 @@ from benchmark.local_cluster import (
     instances,
     local_cluster,
 )
-from benchmark.metrics import RequestRecord, Summary, latency_stats, summarize
+from pdserve.workload.arrivals import ClosedLoop, poisson_times
+from pdserve.workload.metrics import RequestRecord, Summary, latency_stats, summarize
 
 MIB = 1024 * 1024
 PROBE_SEED_OFFSET = 7_919

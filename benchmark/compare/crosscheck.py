@@ -18,9 +18,9 @@ from typing import Any
 
 from benchmark.compare.models import CrossRow, PercentileStats, VllmBenchResult
 from benchmark.compare.settings import CompareSettings
-from benchmark.metrics import RequestRecord, Summary
-from benchmark.workloads import cap_lengths
 from pdserve.cluster.processes import ManagedProcess
+from pdserve.workload.metrics import RequestRecord, Summary
+from pdserve.workload.workloads import cap_lengths
 
 CROSS_DIR = "cross-check"
 RESULT_FILE = "vllm-bench-serve.json"

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmark.metrics import PointResult, Summary
 from benchmark.plots import load_label, plot_cdfs, plot_sweep
+from pdserve.workload.metrics import PointResult, Summary
 
 SWEEP_FILE = "sweep.png"
 ITL_FILE = "itl_tpot.png"

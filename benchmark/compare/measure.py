@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmark.arrivals import ClosedLoop
 from benchmark.client import drive, resolve_target
 from benchmark.compare.settings import POINTS_DIR, WARMUP_OUTPUT_TOKENS, CompareSettings
-from benchmark.metrics import PointResult
 from benchmark.run import RunSettings, run_point
 from benchmark.setups import RunningSetup, SetupPlan
-from benchmark.workloads import BenchRequest
+from pdserve.workload.arrivals import ClosedLoop
+from pdserve.workload.metrics import PointResult
+from pdserve.workload.workloads import BenchRequest
 
 
 class Running(Protocol):

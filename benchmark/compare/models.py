@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 from typing_extensions import TypedDict
 
 from benchmark.compare.settings import CompareSettings
-from benchmark.metrics import Summary
+from pdserve.workload.metrics import Summary
 
 
 class ResultModel(BaseModel):

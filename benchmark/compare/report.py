@@ -14,8 +14,8 @@ from benchmark.compare.models import CompareResults, CrossCheck, SetupResult, Ta
 from benchmark.compare.settings import POINTS_DIR
 from benchmark.compare.targets import GOODPUT_TARGET, ITL_TARGET, KNEE_ATTAINMENT
 from benchmark.local_cluster import serve_settings
-from benchmark.metrics import LatencyStats
 from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.workload.metrics import LatencyStats
 
 
 def num(value: float | None, digits: int = 1) -> str:

@@ -55,13 +55,13 @@ from benchmark.compare.settings import (
     CompareSettings,
 )
 from benchmark.compare.targets import evaluate_targets
-from benchmark.metrics import PointResult, summarize
 from benchmark.run import load_points, result_path, write_result
 from benchmark.setups import ROUTER, Launch, SetupSpec, parse_setup, plan_setup, router_available
-from benchmark.workloads import BenchRequest, Tokenizer, build_workload, load_tokenizer
 from pdserve.cluster.processes import free_port
 from pdserve.instance.environment import is_cpu_build
 from pdserve.protocol.net import available_cores
+from pdserve.workload.metrics import PointResult, summarize
+from pdserve.workload.workloads import BenchRequest, Tokenizer, build_workload, load_tokenizer
 
 # A setup that fails this way is reported, and the comparison goes on with the next one.
 SETUP_ERRORS = (RuntimeError, TimeoutError, OSError, ValueError, aiohttp.ClientError)

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from benchmark.compare.models import GoodputTarget, ItlTarget, SetupResult, Targets
-from benchmark.metrics import Summary
+from pdserve.workload.metrics import Summary
 
 # DistServe's attainment target: the knee is the highest load still meeting it.
 KNEE_ATTAINMENT = 0.9

@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("instance", ("pdserve.instance",)),
     ("scheduler", ("pdserve.scheduler",)),
     ("gateway", ("pdserve.gateway",)),
-    ("cluster", ("pdserve.cluster", "pdserve.sim")),
+    ("cluster", ("pdserve.cluster", "pdserve.workload", "pdserve.sim")),
     ("door", ("pdserve.cli", "pdserve.doctor", "benchmark")),
 ]
 # The scheduler is pure policy: besides the base layer it may use no pdserve layer and no

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmark.arrivals import ClosedLoop, OpenLoop, gamma_times, make_schedule, poisson_times
+from pdserve.workload.arrivals import (
+    ClosedLoop,
+    OpenLoop,
+    gamma_times,
+    make_schedule,
+    poisson_times,
+)
 
 
 def gaps(times: tuple[float, ...]) -> np.ndarray:

@@ -29,7 +29,6 @@ from benchmark.compare import (
     settings_from_args,
     vllm_bench_argv,
 )
-from benchmark.metrics import LatencyStats, PointResult, Summary, summarize
 from benchmark.run import RunSettings
 from benchmark.setups import (
     Launch,
@@ -41,8 +40,9 @@ from benchmark.setups import (
     parse_setup,
     plan_setup,
 )
-from benchmark.workloads import BenchRequest
 from pdserve.cli import build_parser
+from pdserve.workload.metrics import LatencyStats, PointResult, Summary, summarize
+from pdserve.workload.workloads import BenchRequest
 from tests.unit import compare_fakes
 from tests.unit.compare_fakes import Fake, serve_in_thread
 

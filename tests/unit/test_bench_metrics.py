@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmark.metrics import RequestRecord, latency_stats, meets_slo, summarize
+from pdserve.workload.metrics import RequestRecord, latency_stats, meets_slo, summarize
 
 
 def record(

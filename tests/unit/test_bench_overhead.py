@@ -20,9 +20,9 @@ from benchmark.gateway_overhead import (
     run,
     serve_args,
 )
-from benchmark.metrics import RequestRecord, summarize
 from pdserve.cli import main as pdserve_main
 from pdserve.protocol.wire import SECRET_ENV, instance_api_key
+from pdserve.workload.metrics import RequestRecord, summarize
 from tests.unit.fake_endpoints import FakeEndpoint, serving, use_fake_serve
 
 SECRET = "test-cluster-secret"

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from benchmark.metrics import PointResult
 from benchmark.plots import main as plots_main
 from benchmark.run import RunSettings, add_run_arguments, main, run, settings_from_args
+from pdserve.workload.metrics import PointResult
 from tests.unit.compare_fakes import write_token_stream
 
 TOKEN_GAP_S = 0.005

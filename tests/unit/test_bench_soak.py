@@ -11,7 +11,6 @@ from typing import Any
 import psutil
 import pytest
 
-from benchmark.metrics import RequestRecord
 from benchmark.soak import (
     Counters,
     InstanceSample,
@@ -30,6 +29,7 @@ from benchmark.soak import (
     summarize_soak,
 )
 from pdserve.cli import main as pdserve_main
+from pdserve.workload.metrics import RequestRecord
 from tests.unit.fake_endpoints import TOTAL_BLOCKS, FakeEndpoint, serving, use_fake_serve
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmark.workloads import WorkloadSettings, build_workload, cap_lengths
+from pdserve.workload.workloads import WorkloadSettings, build_workload, cap_lengths
 
 
 class FakeTokenizer:

@@ -9,6 +9,7 @@ policies in ``pdserve.scheduler`` never see any of this machinery, only ``snapsh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from pdserve.protocol.reports import (
     Register,
 )
 from pdserve.protocol.wire import AuthError, Codec
-from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy
+from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity
 from pdserve.scheduler.snapshot import (
     ClusterSnapshot,
     InstanceView,
@@ -117,6 +118,8 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._down_listeners: list[InstanceListener] = []
         self.refused_messages = 0
+        # Set (and replaced) at every load report: requests held for decode room wait on it.
+        self._reported = asyncio.Event()
 
     @property
     def address(self) -> str:
@@ -219,6 +222,8 @@ class ControlPlane:
         record.last_report_at = now
         record.pending = [(t, p) for t, p in record.pending if now - t < PENDING_GRACE_S]
         self._update_health(record, now)
+        self._reported.set()
+        self._reported = asyncio.Event()
 
     # --- health ----------------------------------------------------------------------------
 
@@ -296,14 +301,51 @@ class ControlPlane:
         return ClusterSnapshot(tuple(r.view(now) for r in self.instances.values()))
 
     def dispatch(self, estimate: RequestEstimate, key: str | None = None) -> Dispatch:
-        """Asks the policy, then counts the request as pending where it goes.
+        """Asks the policy, then counts the request as pending where it goes (``place``).
+
+        Raises the policy's ``NoInstance`` (no instance for a role) and ``NoCapacity`` (every
+        decode instance full: see ``dispatch_with_room``).
+        """
+        choice = self.policy.choose(self.snapshot(), estimate)
+        self.place(choice, estimate, key)
+        return choice
+
+    async def dispatch_with_room(
+        self, estimate: RequestEstimate, key: str | None, wait_s: float
+    ) -> tuple[Dispatch, float]:
+        """``dispatch``, holding the request while every decode instance is full.
+
+        Back-pressure: a disaggregated request is not prefilled until a decode instance has
+        room for its KV (else its export waits on the prefill instance until the lease ends).
+        Each load report is a chance; after ``wait_s`` the request is placed whole on the
+        decode instance the policy preferred, where it queues holding nothing elsewhere.
+        Returns the choice and the seconds held.
+        """
+        started = self.clock()
+        held = False
+        while True:
+            try:
+                choice = self.dispatch(estimate, key)
+            except NoCapacity as full:
+                left = wait_s - (self.clock() - started)
+                if left <= 0 or full.decode not in self.instances:
+                    choice = Dispatch(decode=full.decode)
+                    self.place(choice, estimate, key)
+                else:
+                    held = True
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._reported.wait(), timeout=left)
+                    continue
+            return choice, (self.clock() - started if held else 0.0)
+
+    def place(self, choice: Dispatch, estimate: RequestEstimate, key: str | None = None) -> None:
+        """Counts a placed request as pending on its instances.
 
         With a request ``key``, a disaggregated request's decode share is *held* until
         ``decode_started`` / ``forget_held``: the decode instance sees the request only after
         the prefill, so its load reports cannot stand in for it (else a burst of long prompts
         all picks the same decode instance).
         """
-        choice = self.policy.choose(self.snapshot(), estimate)
         now = self.clock()
         decode = self.instances[choice.decode]
         blocks = estimate.prompt_blocks(decode.load.block_size if decode.load else 16)
@@ -316,7 +358,6 @@ class ControlPlane:
                 decode.pending.append((now, Pending(1, 0, blocks)))
         else:
             decode.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
-        return choice
 
     def dispatch_decode(self, estimate: RequestEstimate, prefilled: bool) -> str:
         """A decode-capable instance for a request whose decode instance went away.

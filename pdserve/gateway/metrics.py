@@ -147,6 +147,10 @@ class GatewayMetrics:
         self.prefill_seconds = latency(
             "pdserve_prefill_leg_seconds", "prefill leg on a prefill instance"
         )
+        self.held_for_room_seconds = latency(
+            "pdserve_held_for_decode_room_seconds",
+            "time a request waited at the gateway because every decode instance was full",
+        )
         self.dispatches = Counter("pdserve_dispatches", "placements by mode", ["mode"], registry=r)
         self.failovers = Counter(
             "pdserve_failovers", "requests continued after an instance failed", registry=r

@@ -212,9 +212,13 @@ class RequestSession:
         """Yields STARTED, then client-format chunks; raises APIError before STARTED."""
         estimate = RequestEstimate(estimate_prompt_tokens(self.request), self.budget or 256)
         try:
-            choice = self.ctx.control.dispatch(estimate, key=self.key)
+            choice, held_s = await self.ctx.control.dispatch_with_room(
+                estimate, self.key, self.ctx.settings.admission_wait_s
+            )
         except NoInstance as e:
             raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
+        if held_s > 0:
+            self.ctx.metrics.held_for_room_seconds.observe(held_s)
         target, source = choice.decode, None
         self.ctx.metrics.dispatches.labels("disaggregated" if choice.prefill else "local").inc()
         logger.debug(
@@ -398,7 +402,8 @@ class RequestSession:
         tokens = len(self.prompt_ids) if self.prompt_ids else estimate_prompt_tokens(self.request)
         estimate = RequestEstimate(tokens + len(self.output_ids), self.budget or 256)
         try:
-            choice = self.ctx.control.dispatch(estimate)
+            # No wait for room: the request is already streaming, so it goes on at once.
+            choice, _ = await self.ctx.control.dispatch_with_room(estimate, None, 0.0)
         except NoInstance as e:
             raise _Abandon(str(e)) from None
         logger.info(

@@ -40,6 +40,12 @@ class GatewaySettings(BaseModel):
     upstream_stall_timeout_s: float = Field(
         300.0, gt=0, description="longest silence of an instance inside one response"
     )
+    admission_wait_s: float = Field(
+        10.0,
+        ge=0,
+        description="longest a request is held while every decode instance is full, before "
+        "it is placed whole on one (where it queues)",
+    )
     max_failovers: int = Field(
         2, ge=0, description="times a request continues on another instance after a failure"
     )

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
+
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.reports import Deregister, LoadReport, Register
@@ -143,3 +147,44 @@ def test_a_restarted_instance_waits_for_its_registration() -> None:
     cp.handle(register("d", pid=2, incarnation="second"), now=0.4)
     cp.handle(report("d", 3, incarnation="second"), now=0.5)
     assert [v.instance_id for v in cp.snapshot().usable()] == ["d"]
+
+
+def full_report(name: str, seq: int, free: int) -> LoadReport:
+    return msgspec.structs.replace(report(name, seq), free_blocks=free)
+
+
+def test_a_request_is_held_while_every_decode_instance_is_full() -> None:
+    """Back-pressure (fault 8): no prefill until a decode instance has room for the KV."""
+    asyncio.run(_held_until_room())
+
+
+async def _held_until_room() -> None:
+    cp = ControlPlane(GatewaySettings(), b"k", PdPolicy(DispatchSettings()))
+    for name, role in (("p", "prefill"), ("d", "decode")):
+        cp.handle(register(name, role))
+        cp.handle(report(name, 1))
+    cp.handle(full_report("d", 2, free=2))
+    estimate = RequestEstimate(prompt_tokens=500, max_tokens=16)
+    held = asyncio.create_task(cp.dispatch_with_room(estimate, "r1", wait_s=5.0))
+    await asyncio.sleep(0.05)
+    assert not held.done(), "placed although the decode instance is full"
+    cp.handle(full_report("d", 3, free=90))
+    choice, held_s = await asyncio.wait_for(held, 1.0)
+    assert choice.prefill == "p" and choice.decode == "d" and held_s > 0
+    assert "r1" in cp.instances["d"].held
+
+
+def test_a_held_request_is_placed_whole_on_the_decode_instance_after_the_wait() -> None:
+    asyncio.run(_placed_after_wait())
+
+
+async def _placed_after_wait() -> None:
+    cp = ControlPlane(GatewaySettings(), b"k", PdPolicy(DispatchSettings()))
+    for name, role in (("p", "prefill"), ("d", "decode")):
+        cp.handle(register(name, role))
+        cp.handle(report(name, 1))
+    cp.handle(full_report("d", 2, free=2))
+    estimate = RequestEstimate(prompt_tokens=500, max_tokens=16)
+    choice, held_s = await cp.dispatch_with_room(estimate, "r1", wait_s=0.1)
+    assert choice.prefill is None and choice.decode == "d" and held_s >= 0.1
+    assert cp.instances["d"].pending_total(cp.clock()).prompt_tokens == 500

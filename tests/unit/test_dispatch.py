@@ -6,8 +6,10 @@ import pytest
 
 from pdserve.protocol.reports import LoadReport
 from pdserve.scheduler.dispatch import (
+    Dispatch,
     DispatchSettings,
     LeastRequestsPolicy,
+    NoCapacity,
     NoInstance,
     PdPolicy,
     RoundRobinPolicy,
@@ -184,3 +186,22 @@ def test_least_requests() -> None:
 def test_make_policy() -> None:
     assert isinstance(make_policy(DispatchSettings(policy="round-robin")), RoundRobinPolicy)
     assert isinstance(make_policy(DispatchSettings()), PdPolicy)
+
+
+def test_pd_holds_a_disaggregated_request_when_every_decode_instance_is_full() -> None:
+    """Fault 8: prefilling it would leave its export waiting for a decode slot until its
+    lease ran out; NoCapacity tells the gateway to hold it instead."""
+    full = ClusterSnapshot(
+        (view("p", "prefill"), view("d1", "decode", free=5), view("d2", "decode", free=3))
+    )
+    with pytest.raises(NoCapacity) as raised:
+        PdPolicy(DispatchSettings()).choose(full, LONG)
+    assert raised.value.decode == "d1" and raised.value.need_blocks > 5
+    roomy = ClusterSnapshot((view("p", "prefill"), view("d1", "decode", free=900)))
+    assert PdPolicy(DispatchSettings()).choose(roomy, LONG) == Dispatch("d1", "p")
+
+
+def test_pd_places_a_request_larger_than_any_instance_instead_of_holding_it_forever() -> None:
+    huge = RequestEstimate(prompt_tokens=20_000, max_tokens=16)  # 1251 blocks of 16 > 1000
+    snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=10)))
+    assert PdPolicy(DispatchSettings()).choose(snap, huge).decode == "d"

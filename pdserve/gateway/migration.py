@@ -242,6 +242,8 @@ class Migrator:
                 await cut.done.wait()
             if cut.failed_over:
                 raise _Abort(MigrationFailure.FAILED_OVER, cut.error or "failed over")
+            if cut.error is not None and not cut.taken:
+                raise _Abort(MigrationFailure.BETWEEN_INSTANCES, cut.error)
             if cut.error is not None:
                 raise _Abort(MigrationFailure.CONTINUATION_FAILED, cut.error)
             result.status = MigrationStatus.COMPLETED

@@ -58,6 +58,10 @@ logger = get_logger(__name__)
 STARTED: dict[str, Any] = {}  # first item of every session: the request was accepted
 
 
+# Longest a migration cut waits for the leg's next token before cutting mid-step.
+CUT_FALLBACK_S = 0.5
+
+
 @dataclass
 class Cut:
     """Why the current leg was cut, and how to go on.
@@ -81,6 +85,9 @@ class Cut:
     last_token_at: float | None = None
     leg: int | None = None
     failed_over: bool = False
+    # The session went on to the target (a migration cut waits for the leg's next token,
+    # and the request may finish first).
+    taken: bool = False
 
     def finish(self, error: str | None = None) -> None:
         if not self.done.is_set():
@@ -153,6 +160,9 @@ class RequestSession:
         self._stream: UpstreamStream | None = None
         self._cut: Cut | None = None
         self._migration: Cut | None = None
+        # A migration cut waits for the next token of the leg (see ``interrupt``); this
+        # cuts anyway if none comes in time.
+        self._cut_fallback: asyncio.TimerHandle | None = None
 
     # --- bodies ----------------------------------------------------------------------------
 
@@ -262,6 +272,7 @@ class RequestSession:
         finally:
             self.ctx.control.forget_held(self.key)
             self.registry.detach(self)
+            self._drop_untaken_cut()
             if self._migration is not None:
                 self._migration.finish("the request ended before its new instance answered")
 
@@ -355,9 +366,12 @@ class RequestSession:
                         # (pulled it, or released what it could not use): a Release now
                         # would only leave a tombstone on the exporter for every request.
                         released = True
+                    had_tokens = len(self.output_ids)
                     chunk = self._absorb(event)
                     if chunk is not None:
                         yield chunk
+                    if self._cut_due(had_tokens):
+                        break  # closing the stream aborts the request on the instance
         except UpstreamBroken as e:
             if self.finish_reason is None and self._cut is None:
                 logger.warning("pdserve: %s broke during request %s: %s", target, self.key, e)
@@ -365,6 +379,7 @@ class RequestSession:
                 self._cut = Cut("failover")
         finally:
             self._stream = None
+            self._cancel_cut_fallback()
             if not released:
                 self._release(source)
 
@@ -388,6 +403,7 @@ class RequestSession:
         cut = self._cut or Cut("failover")
         if cut.reason == "migration" and cut.target is not None:
             self._migration = cut
+            cut.taken = True
             self._cut = None  # taken: a failover from now on no longer overtakes it
             cut.last_token_at = self.last_token_at
             return cut.target, self._migration_source(cut)
@@ -559,6 +575,9 @@ class RequestSession:
         pending = self._cut
         if cut.reason == "failover" and pending is not None and pending.reason == "migration":
             self._cut = cut
+            self._cancel_cut_fallback()
+            if self._stream is not None:
+                self._stream.abort()  # the migration cut may still be waiting for a token
             pending.failed_over = True
             pending.finish(f"the request failed over from {self.instance_id} during the move")
             return True
@@ -567,8 +586,40 @@ class RequestSession:
         if self._stream is None or self.finish_reason is not None or self._cut is not None:
             return False
         self._cut = cut
-        self._stream.abort()
+        if cut.reason == "migration":
+            # Cut right after the next token: the pause the client sees then starts at a
+            # token, not somewhere inside the source's step (up to one step more).
+            stream = self._stream
+            self._cut_fallback = asyncio.get_running_loop().call_later(CUT_FALLBACK_S, stream.abort)
+        else:
+            self._stream.abort()
         return True
+
+    def _cut_due(self, tokens_before: int) -> bool:
+        """A migration cut is pending and the event just absorbed carried tokens."""
+        cut = self._cut
+        return (
+            cut is not None
+            and cut.reason == "migration"
+            and self.finish_reason is None
+            and len(self.output_ids) > tokens_before
+        )
+
+    def _cancel_cut_fallback(self) -> None:
+        if self._cut_fallback is not None:
+            self._cut_fallback.cancel()
+            self._cut_fallback = None
+
+    def _drop_untaken_cut(self) -> None:
+        """The request ended with a migration cut pending: the move is off, and the live
+        export on the instance left is released now (no leg will pull it)."""
+        cut = self._cut
+        if cut is None or cut.reason != "migration":
+            return
+        self._cut = None
+        if cut.export is not None and cut.transfer_id is not None:
+            self.ctx.kv.release(cut.export.addresses, cut.transfer_id)
+        cut.finish("the request finished before the cut")
 
 
 class _Abandon(Exception):

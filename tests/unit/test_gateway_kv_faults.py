@@ -21,7 +21,7 @@ from pdserve.cluster.processes import free_port
 from pdserve.gateway import upstream
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.openai_api import parse_request
-from pdserve.gateway.session import Cut, RequestSession, SessionRegistry
+from pdserve.gateway.session import CUT_FALLBACK_S, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.kv.messages import KVMessage, Pin, Pinned, Unpin
 from pdserve.protocol.reports import Deregister
@@ -311,16 +311,43 @@ def test_a_failover_during_a_migration_aborts_it_and_ignores_its_pin(
 
 
 def test_a_failover_overtakes_a_migration_cut_not_yet_taken() -> None:
+    asyncio.run(_failover_overtakes_migration())
+
+
+async def _failover_overtakes_migration() -> None:
     request = parse_request("completion", {"model": MODEL, "prompt": "hi"})
     session = RequestSession(SimpleNamespace(), SessionRegistry(), "completion", request)  # type: ignore[arg-type]
-    session._stream = SimpleNamespace(abort=lambda: None)  # type: ignore[assignment]
+    aborts: list[bool] = []
+    session._stream = SimpleNamespace(abort=lambda: aborts.append(True))  # type: ignore[assignment]
     session.legs = 1
     assert not session.interrupt(Cut("migration", target="decode-1", leg=0))  # planned earlier
     migration = Cut("migration", target="decode-1", leg=1)
     assert session.interrupt(migration)
+    assert not aborts, "a migration cut waits for the leg's next token"
     assert session.interrupt(Cut("failover"))
+    assert aborts == [True], "a failover cuts at once"
     assert migration.done.is_set() and migration.failed_over and migration.error
     assert session._cut is not None and session._cut.reason == "failover"
+    await asyncio.sleep(CUT_FALLBACK_S + 0.1)
+    assert aborts == [True], "the migration's fallback cut was cancelled"
+
+
+def test_a_migration_cut_waits_for_the_next_token_or_cuts_after_the_fallback() -> None:
+    asyncio.run(_migration_cut_fallback())
+
+
+async def _migration_cut_fallback() -> None:
+    request = parse_request("completion", {"model": MODEL, "prompt": "hi"})
+    session = RequestSession(SimpleNamespace(), SessionRegistry(), "completion", request)  # type: ignore[arg-type]
+    aborts: list[bool] = []
+    session._stream = SimpleNamespace(abort=lambda: aborts.append(True))  # type: ignore[assignment]
+    session.legs = 1
+    assert session.interrupt(Cut("migration", target="decode-1", leg=1))
+    assert not session._cut_due(0), "no token came yet"
+    session.output_ids.append(7)
+    assert session._cut_due(0), "the leg is cut right after its next token"
+    await asyncio.sleep(CUT_FALLBACK_S + 0.1)
+    assert aborts == [True], "no token in time: cut mid-step"
 
 
 def test_a_held_decode_share_outlives_reports_until_the_leg_starts() -> None:

@@ -34,7 +34,7 @@ setup(
     ],
     # The top-level patches/ folder (changes to vLLM, see its __init__) is pdserve.patches.
     package_dir={"pdserve.patches": "patches"},
-    package_data={"pdserve": ["py.typed"]},
+    package_data={"pdserve": ["py.typed", "sim/profiles/*.json"]},
     install_requires=[
         # What the gateway and the scheduler need; vLLM brings the same packages on an instance.
         "aiohttp>=3.9",

@@ -209,6 +209,35 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         )
 
 
+def _profile(args: argparse.Namespace, extra: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from pdserve.settings import from_args
+    from pdserve.sim.measure import ProfileSettings, command
+
+    try:
+        settings = from_args(ProfileSettings, args)
+    except ValidationError as error:
+        print(f"pdserve profile: {error}", file=sys.stderr)
+        return 2
+    return command(settings)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    from pdserve.settings import add_arguments
+    from pdserve.sim.measure import ProfileSettings
+
+    profile = sub.add_parser(
+        "profile",
+        help="measure a running vLLM instance's step times and write a profile for the simulator",
+        description="Sends timed prefill and decode requests to a running vLLM instance (nothing "
+        "is started), fits the step-time model of pdserve.sim.profile and writes a profile JSON.",
+        allow_abbrev=False,
+    )
+    add_arguments(profile, ProfileSettings)
+    profile.set_defaults(handler=_profile)
+
+
 def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="the bundled default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -244,6 +273,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_gateway,
     _add_instance,
     _add_bench,
+    _add_profile,
     _add_model,
     _add_doctor,
 ]

@@ -8,14 +8,30 @@ length is exactly the sampled input length. Requests are sent with ``ignore_eos`
 
 Built-in workloads (lengths in tokens, before the ``max_context`` cap):
 
-``chat``
+``sharegpt`` (alias ``chat``, its first name; both give the very same requests)
     ShareGPT-like. Input ~ lognormal with mean 250 (median ~150, P99 ~1.6k); output ~
     lognormal with mean 220 (median ~150, P99 ~1.1k). These are approximations of published
     ShareGPT statistics, not fits: vLLM's ``bench serve`` over
     ShareGPT_V3_unfiltered_cleaned_split (1000 prompts, Llama tokenizer) sends roughly
     200-250 input and ~200 output tokens per request on average, and the vLLM paper (Kwon et
     al., SOSP 2023, Fig. 11) reports means of ~161 input / ~338 output tokens for its
-    sample; both show a heavy right tail, which the lognormal reproduces.
+    sample; both show a heavy right tail, which the lognormal reproduces. For the dataset's
+    own lengths give its JSON file instead (below).
+``azure-conv``
+    The "conversation" trace of Azure's public LLM inference dataset 2023
+    (github.com/Azure/AzurePublicDataset, ``data/AzureLLMInferenceTrace_conv.csv``, the trace
+    of Patel et al., "Splitwise", ISCA 2024): 19,366 requests, whose statistics we computed
+    from the published CSV: input (ContextTokens) mean 1154.7, median 1020, P90 2735, P99 4142,
+    range 2-14,050; output (GeneratedTokens) mean 211.1, median 129, P90 424, P99 601, range
+    7-1000 (Splitwise's Table 2 gives the same medians, 1020 and 129). Synthesized as two
+    independent lognormals clipped to those ranges, each with the trace's median and mean
+    (sigma 0.498 for input, 1.0715 for output, solved for the clipped mean): means and medians
+    match; the tails do not quite, since the trace is multi-modal (inputs cluster near 1k and
+    4k, outputs near 100 and 400): input P90/P99 come out 1931/3250 (trace 2735/4142), output
+    509/1000 (trace 424/601). The trace's input/output correlation is not kept. Its long
+    prompts need ``max_context`` well above the default 2048 to keep these statistics. (The
+    2024 trace of Stojkovic et al., DynamoLLM, HPCA 2025, is a separate 27M-request download
+    whose statistics are not used here.)
 ``summarize``
     Long prompt, uniform 1000-2000, short output, uniform 50-100: prefill-heavy, like the
     summarization (LongBench) workload of DistServe (Zhong et al., OSDI 2024), truncated to a
@@ -28,21 +44,39 @@ Built-in workloads (lengths in tokens, before the ``max_context`` cap):
 A ShareGPT JSON file (a list of ``{"conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}, ...]}``) can be given instead of a name: the first human turn
 is the prompt and the length of the gpt turn that answers it is the output length.
+
+Optional features of every workload, each drawn from its own seeded stream so that turning
+one on leaves the lengths and prompts of the others unchanged:
+
+* priority and SLO class: ``high_priority_fraction`` of the requests, drawn at random, get
+  ``priority`` 1 and ``slo_class`` "interactive"; the rest 0 and "standard" (what the
+  simulator's and the gateway's priority-aware policies and per-class SLOs read).
+* shared prefixes: with ``prefix_groups`` N > 0, every request belongs to one of N tenants
+  (uniformly at random) whose "system prompt" of ``prefix_len`` token ids comes first in
+  its prompt; the sampled prompt follows, so ``input_len`` = ``prefix_len`` + the sampled
+  length (capped so that the whole request fits ``max_context``). The prefix is the same
+  token ids for every request of a group, so a real vLLM's prefix cache hits on it. Token-id
+  prompts only: a ShareGPT file with a prefix needs ``--tokenizer``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
-BUILTIN = ("chat", "summarize", "generate", "fixed")
+BUILTIN = ("sharegpt", "chat", "azure-conv", "summarize", "generate", "fixed")
+ALIASES = {"chat": "sharegpt"}
+HIGH_PRIORITY = 1
+SLO_CLASSES = ("standard", "interactive")  # of priority 0 and HIGH_PRIORITY
 # Token ids below this are, in most vocabularies, special or byte-fallback tokens.
 FIRST_PLAIN_ID = 100
 # ShareGPT turns shorter than this say nothing about lengths ("hi", "ok"); vLLM skips them too.
@@ -55,8 +89,9 @@ class WorkloadSettings(BaseModel):
     """What is sent; shared by every load point of a run, so all points get the same requests."""
 
     workload: str = Field(
-        "chat",
-        description="chat, summarize, generate, fixed, or the path of a ShareGPT JSON file",
+        "sharegpt",
+        description="sharegpt (alias chat), azure-conv, summarize, generate, fixed, or the "
+        "path of a ShareGPT JSON file",
     )
     tokenizer: str | None = Field(
         None,
@@ -75,15 +110,50 @@ class WorkloadSettings(BaseModel):
         description="without --tokenizer, prompt token ids are drawn from [100, vocab_size)",
     )
     seed: int = Field(0, description="seed of lengths, prompt tokens and arrival times")
+    # Off, the optional features are left out of the settings a result file records, so that
+    # files written before they existed read and write back unchanged.
+    high_priority_fraction: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="fraction of requests with priority 1 and SLO class 'interactive' "
+        "(the rest: 0, 'standard')",
+        exclude_if=lambda value: value == 0,
+    )
+    prefix_groups: int = Field(
+        0,
+        ge=0,
+        description="tenants sharing a system prompt of --prefix-len tokens (0: none)",
+        exclude_if=lambda value: value == 0,
+    )
+    prefix_len: int = Field(
+        0,
+        ge=0,
+        description="tokens of each tenant's shared prefix",
+        exclude_if=lambda value: value == 0,
+    )
+
+    @model_validator(mode="after")
+    def _prefix_fits(self) -> WorkloadSettings:
+        if self.prefix_groups and not self.prefix_len:
+            raise ValueError("--prefix-groups needs --prefix-len > 0")
+        if self.prefix_groups and self.prefix_len > self.max_context - 2:
+            raise ValueError("--prefix-len must leave room in --max-context for 1 + 1 tokens")
+        return self
 
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """One request: the prompt (token ids, or text without a tokenizer) and its lengths."""
+    """One request: the prompt (token ids, or text without a tokenizer) and its lengths;
+    its priority and SLO class, and the shared prefix it starts with, if any."""
 
     prompt: list[int] | str
     input_len: int
     output_len: int
+    priority: int = 0
+    slo_class: str = SLO_CLASSES[0]
+    prefix_group: int | None = None
+    prefix_len: int = 0
 
 
 class Tokenizer(Protocol):
@@ -105,6 +175,10 @@ class LogNormal:
     low: int
     high: int
 
+    @classmethod
+    def from_median(cls, median: float, sigma: float, low: int, high: int) -> LogNormal:
+        return cls(median * math.exp(sigma**2 / 2), sigma, low, high)
+
     def sample(self, rng: np.random.Generator, n: int) -> np.ndarray:
         mu = np.log(self.mean) - self.sigma**2 / 2
         return np.clip(np.rint(rng.lognormal(mu, self.sigma, n)), self.low, self.high).astype(int)
@@ -124,7 +198,12 @@ class Uniform:
 Distribution = LogNormal | Uniform
 
 SYNTHETIC: dict[str, tuple[Distribution, Distribution]] = {
-    "chat": (LogNormal(250, 1.0, 4, 8192), LogNormal(220, 0.9, 4, 4096)),
+    "sharegpt": (LogNormal(250, 1.0, 4, 8192), LogNormal(220, 0.9, 4, 4096)),
+    # Medians and means of the Azure 2023 conversation trace (see the module docstring).
+    "azure-conv": (
+        LogNormal.from_median(1020, 0.498, 2, 14_050),
+        LogNormal.from_median(129, 1.0715, 7, 1000),
+    ),
     "summarize": (Uniform(1000, 2000), Uniform(50, 100)),
     "generate": (Uniform(32, 64), Uniform(300, 500)),
 }
@@ -159,23 +238,61 @@ def synthetic_lengths(
     if settings.workload == "fixed":
         pairs = [(settings.input_len, settings.output_len)] * n
     else:
-        inputs, outputs = SYNTHETIC[settings.workload]
+        inputs, outputs = SYNTHETIC[ALIASES.get(settings.workload, settings.workload)]
         pairs = list(
             zip(inputs.sample(rng, n).tolist(), outputs.sample(rng, n).tolist(), strict=True)
         )
-    return [cap_lengths(i, o, settings.max_context) for i, o in pairs]
+    # A shared prefix comes on top of the sampled prompt; the rest must fit beside it.
+    room = settings.max_context - (settings.prefix_len if settings.prefix_groups else 0)
+    return [cap_lengths(i, o, room) for i, o in pairs]
 
 
 def synthetic_requests(
     settings: WorkloadSettings, tokenizer: Tokenizer | None = None
 ) -> list[BenchRequest]:
-    """Random-token prompts: no prefix is shared, so prefix caching cannot flatter a system."""
+    """Random-token prompts: no prefix is shared (unless ``prefix_groups`` asks for it), so
+    prefix caching cannot flatter a system."""
     rng = np.random.default_rng(settings.seed)
     vocab = plain_token_ids(tokenizer, settings.vocab_size)
-    return [
+    requests = [
         BenchRequest(rng.choice(vocab, i).tolist(), i, o)
         for i, o in synthetic_lengths(settings, rng)
     ]
+    return with_classes(settings, requests, vocab)
+
+
+def with_classes(
+    settings: WorkloadSettings, requests: list[BenchRequest], vocab: np.ndarray | None
+) -> list[BenchRequest]:
+    """Priorities, SLO classes and shared prefixes (module docstring), each from its own
+    seeded stream: the requests are otherwise unchanged."""
+    n = len(requests)
+    high = np.random.default_rng([settings.seed, 1]).random(n) < settings.high_priority_fraction
+    groups: list[int | None] = [None] * n
+    prefixes: list[list[int]] = []
+    if settings.prefix_groups:
+        if vocab is None or any(isinstance(r.prompt, str) for r in requests):
+            raise ValueError("shared prefixes need token-id prompts: give --tokenizer")
+        draw = np.random.default_rng([settings.seed, 2])
+        groups = draw.integers(0, settings.prefix_groups, n).tolist()
+        prefixes = [
+            draw.choice(vocab, settings.prefix_len).tolist() for _ in range(settings.prefix_groups)
+        ]
+    out = []
+    for request, is_high, group in zip(requests, high.tolist(), groups, strict=True):
+        changes: dict[str, Any] = {}
+        if is_high:
+            changes |= {"priority": HIGH_PRIORITY, "slo_class": SLO_CLASSES[1]}
+        if group is not None:
+            assert isinstance(request.prompt, list)
+            changes |= {
+                "prompt": prefixes[group] + request.prompt,
+                "input_len": settings.prefix_len + request.input_len,
+                "prefix_group": group,
+                "prefix_len": settings.prefix_len,
+            }
+        out.append(dataclasses.replace(request, **changes) if changes else request)
+    return out
 
 
 def first_exchange(conversation: dict[str, Any]) -> tuple[str, str] | None:
@@ -219,23 +336,26 @@ def sharegpt_requests(
     """
     conversations: list[dict[str, Any]] = json.loads(path.read_text())
     order = np.random.default_rng(settings.seed).permutation(len(conversations))
-    valid = _valid(conversations, order, tokenizer, settings)
+    room = settings.max_context - (settings.prefix_len if settings.prefix_groups else 0)
+    valid = _valid(conversations, order, tokenizer, room)
     chosen = list(itertools.islice(valid, settings.num_requests))
     if not chosen:
         raise ValueError(f"{path}: no conversation fits max_context={settings.max_context}")
-    return [chosen[i % len(chosen)] for i in range(settings.num_requests)]
+    requests = [chosen[i % len(chosen)] for i in range(settings.num_requests)]
+    vocab = plain_token_ids(tokenizer, settings.vocab_size) if settings.prefix_groups else None
+    return with_classes(settings, requests, vocab)
 
 
 def _valid(
     conversations: Sequence[dict[str, Any]],
     order: np.ndarray,
     tokenizer: Tokenizer | None,
-    settings: WorkloadSettings,
+    max_context: int,
 ) -> Iterator[BenchRequest]:
     for index in order:
         exchange = first_exchange(conversations[int(index)])
         if exchange is not None:
-            request = sharegpt_request(*exchange, tokenizer, settings.max_context)
+            request = sharegpt_request(*exchange, tokenizer, max_context)
             if request is not None:
                 yield request
 

@@ -94,3 +94,91 @@ def test_sharegpt_first_exchange_filtering_and_cycling(tmp_path: Path) -> None:
 def test_unknown_workload() -> None:
     with pytest.raises(ValueError, match="not one of"):
         build_workload(WorkloadSettings(workload="nope"))
+
+
+def test_sharegpt_is_the_documented_name_of_chat() -> None:
+    assert WorkloadSettings().workload == "sharegpt"
+    for seed in (0, 5):
+        chat = build_workload(WorkloadSettings(workload="chat", num_requests=30, seed=seed))
+        assert chat == build_workload(
+            WorkloadSettings(workload="sharegpt", num_requests=30, seed=seed)
+        )
+
+
+def test_azure_conv_has_the_traces_medians_and_means() -> None:
+    inputs, outputs = lengths("azure-conv", n=20_000, max_context=100_000)
+    # AzureLLMInferenceTrace_conv.csv (2023): input mean 1154.7, median 1020; output mean
+    # 211.1, median 129; outputs 7-1000.
+    assert inputs.mean() == pytest.approx(1154.7, rel=0.03)
+    assert np.median(inputs) == pytest.approx(1020, rel=0.03)
+    assert outputs.mean() == pytest.approx(211.1, rel=0.03)
+    assert np.median(outputs) == pytest.approx(129, rel=0.03)
+    assert outputs.min() >= 7 and outputs.max() <= 1000 and inputs.min() >= 2
+    # Long-prompted: a heavier prefill load than sharegpt.
+    assert inputs.mean() > 4 * lengths("sharegpt", n=2000, max_context=100_000)[0].mean()
+    one = build_workload(WorkloadSettings(workload="azure-conv", num_requests=20, seed=1))
+    assert one == build_workload(WorkloadSettings(workload="azure-conv", num_requests=20, seed=1))
+    assert one != build_workload(WorkloadSettings(workload="azure-conv", num_requests=20, seed=2))
+
+
+def test_priorities_and_slo_classes_leave_the_requests_unchanged() -> None:
+    plain = build_workload(WorkloadSettings(num_requests=2000, seed=4))
+    mixed = build_workload(WorkloadSettings(num_requests=2000, seed=4, high_priority_fraction=0.25))
+    assert [(r.prompt, r.output_len) for r in plain] == [(r.prompt, r.output_len) for r in mixed]
+    assert {(r.priority, r.slo_class) for r in plain} == {(0, "standard")}
+    high = [r for r in mixed if r.priority == 1]
+    assert {r.slo_class for r in high} == {"interactive"}
+    assert len(high) / len(mixed) == pytest.approx(0.25, abs=0.03)
+    assert mixed == build_workload(
+        WorkloadSettings(num_requests=2000, seed=4, high_priority_fraction=0.25)
+    )
+
+
+@pytest.mark.parametrize("tokenizer", [None, FakeTokenizer()])
+def test_shared_prefixes_are_real_in_the_token_ids(tokenizer: FakeTokenizer | None) -> None:
+    settings = WorkloadSettings(
+        workload="sharegpt", num_requests=300, prefix_groups=4, prefix_len=64, max_context=512
+    )
+    requests = build_workload(settings, tokenizer)
+    prefixes: dict[int, list[int]] = {}
+    for request in requests:
+        assert isinstance(request.prompt, list) and request.prefix_group is not None
+        assert request.prefix_len == 64 and len(request.prompt) == request.input_len
+        assert request.input_len + request.output_len <= 512
+        prefix = prefixes.setdefault(request.prefix_group, request.prompt[:64])
+        assert request.prompt[:64] == prefix  # the same ids: vLLM's prefix cache hits
+    assert sorted(prefixes) == [0, 1, 2, 3]
+    assert len({tuple(p) for p in prefixes.values()}) == 4
+    assert requests == build_workload(settings, tokenizer)
+    if tokenizer is not None:
+        assert set(np.concatenate([r.prompt for r in requests]).tolist()) <= set(range(3, 50))
+    # Where no cap binds, what follows the prefix is the request's own prompt, unchanged.
+    wide = settings.model_copy(update={"max_context": 100_000})
+    plain = build_workload(wide.model_copy(update={"prefix_groups": 0}), tokenizer)
+    for request, alone in zip(build_workload(wide, tokenizer), plain, strict=True):
+        assert request.prompt[64:] == alone.prompt and request.input_len == 64 + alone.input_len
+
+
+def long_exchange() -> dict[str, Any]:
+    return conversation(("human", " ".join(["word"] * 20)), ("gpt", " ".join(["reply"] * 20)))
+
+
+def test_shared_prefixes_on_a_sharegpt_file(tmp_path: Path) -> None:
+    data = [conversation(("human", "a b c d e"), ("gpt", "f g h i")), long_exchange()]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    settings = WorkloadSettings(workload=str(path), num_requests=4, prefix_groups=2, prefix_len=8)
+    requests = build_workload(settings, FakeTokenizer())
+    assert {r.input_len for r in requests} == {8 + 5, 8 + 20}
+    assert {r.prefix_len for r in requests} == {8}
+    first = {r.prefix_group: r.prompt[:8] for r in reversed(requests)}
+    assert all(r.prompt[:8] == first[r.prefix_group] for r in requests)
+    with pytest.raises(ValueError, match="token-id prompts"):
+        build_workload(settings)  # text prompts without a tokenizer
+
+
+def test_prefix_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="prefix-len"):
+        WorkloadSettings(prefix_groups=2)
+    with pytest.raises(ValueError, match="room"):
+        WorkloadSettings(prefix_groups=2, prefix_len=2047, max_context=2048)

@@ -46,7 +46,8 @@ A ShareGPT JSON file (a list of ``{"conversations": [{"from": "human", "value": 
 is the prompt and the length of the gpt turn that answers it is the output length.
 
 Optional features of every workload, each drawn from its own seeded stream so that turning
-one on leaves the lengths and prompts of the others unchanged:
+one on leaves the requests otherwise unchanged (but for the room a prefix takes in
+``max_context``):
 
 * priority and SLO class: ``high_priority_fraction`` of the requests, drawn at random, get
   ``priority`` 1 and ``slo_class`` "interactive"; the rest 0 and "standard" (what the

@@ -236,7 +236,9 @@ def test_the_fit_recovers_the_fake_engines_coefficients(fake: FakeVllm, tmp_path
     assert (profile.block_size, profile.num_blocks, profile.max_model_len) == (16, 4096, 4096)
     assert profile.kv_bytes_per_token == 1000 and profile.link_bandwidth_bytes_per_s == 1e9
     sent = fake.payloads[-1]
-    assert sent["ignore_eos"] is True and sent["stream"] is True and sent["max_tokens"] == 12
+    assert sent["ignore_eos"] is True and sent["stream"] is True
+    # The last decode point, 16 x 512: 4 chunks of prompts, so 12 + 4 + 1 tokens each.
+    assert sent["max_tokens"] == measure.stream_tokens(settings(fake, tmp_path), 16, 512) == 17
 
 
 def test_the_command_writes_a_loadable_profile(

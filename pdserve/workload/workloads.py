@@ -72,12 +72,19 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 BUILTIN = ("sharegpt", "chat", "azure-conv", "summarize", "generate", "fixed")
 ALIASES = {"chat": "sharegpt"}
 HIGH_PRIORITY = 1
 SLO_CLASSES = ("standard", "interactive")  # of priority 0 and HIGH_PRIORITY
+OPTIONAL_FEATURES = ("high_priority_fraction", "prefix_groups", "prefix_len")
 # Token ids below this are, in most vocabularies, special or byte-fallback tokens.
 FIRST_PLAIN_ID = 100
 # ShareGPT turns shorter than this say nothing about lengths ("hi", "ok"); vLLM skips them too.
@@ -111,28 +118,33 @@ class WorkloadSettings(BaseModel):
         description="without --tokenizer, prompt token ids are drawn from [100, vocab_size)",
     )
     seed: int = Field(0, description="seed of lengths, prompt tokens and arrival times")
-    # Off, the optional features are left out of the settings a result file records, so that
-    # files written before they existed read and write back unchanged.
     high_priority_fraction: float = Field(
         0.0,
         ge=0,
         le=1,
         description="fraction of requests with priority 1 and SLO class 'interactive' "
         "(the rest: 0, 'standard')",
-        exclude_if=lambda value: value == 0,
     )
     prefix_groups: int = Field(
         0,
         ge=0,
         description="tenants sharing a system prompt of --prefix-len tokens (0: none)",
-        exclude_if=lambda value: value == 0,
     )
     prefix_len: int = Field(
         0,
         ge=0,
         description="tokens of each tenant's shared prefix",
-        exclude_if=lambda value: value == 0,
     )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_what_is_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Optional features that are off are left out of the settings a result file records,
+        so that files written before they existed read and write back unchanged."""
+        data: dict[str, Any] = handler(self)
+        for name in OPTIONAL_FEATURES:
+            if data.get(name) == 0:
+                data.pop(name)
+        return data
 
     @model_validator(mode="after")
     def _prefix_fits(self) -> WorkloadSettings:

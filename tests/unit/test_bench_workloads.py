@@ -182,3 +182,10 @@ def test_prefix_settings_are_checked() -> None:
         WorkloadSettings(prefix_groups=2)
     with pytest.raises(ValueError, match="room"):
         WorkloadSettings(prefix_groups=2, prefix_len=2047, max_context=2048)
+
+
+def test_features_that_are_off_are_not_recorded() -> None:
+    off = WorkloadSettings().model_dump(mode="json")
+    assert not {"high_priority_fraction", "prefix_groups", "prefix_len"} & set(off)
+    on = WorkloadSettings(high_priority_fraction=0.5, prefix_groups=2, prefix_len=8)
+    assert WorkloadSettings.model_validate(on.model_dump(mode="json")) == on

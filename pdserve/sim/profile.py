@@ -93,7 +93,11 @@ class StepProfile(BaseModel):
     hardware: str = ""
     coefficients: StepCoefficients
     block_size: int = Field(16, ge=1)
-    num_blocks: int = Field(ge=1, description="KV cache blocks of one instance")
+    num_blocks: int = Field(
+        ge=1,
+        description="KV cache blocks requests can use on one instance (vLLM's num_gpu_blocks "
+        "less its null block: the total_blocks of pdserve's load reports)",
+    )
     kv_bytes_per_token: int = Field(ge=1, description="KV bytes of one token, all layers")
     link_bandwidth_bytes_per_s: float = Field(gt=0, description="KV transfer bandwidth")
     link_latency_s: float = Field(0.0, ge=0, description="fixed cost of one KV transfer")

@@ -32,7 +32,8 @@ KV capacity is vLLM's: ``GPU_MEMORY_UTILIZATION`` (0.9, vLLM's default) of the m
 driver reports (nvidia-smi's total), minus the weights and ``ACTIVATION_RESERVE_BYTES`` (2 GiB:
 the peak activations of vLLM's profiling run, CUDA graphs and non-torch allocations, 1-3 GiB for
 these models), divided by the bytes of a block (block size x KV bytes per token, KV bytes per
-token = 2 (K and V) x layers x KV heads x head dim x dtype bytes). ``max_num_batched_tokens``
+token = 2 (K and V) x layers x KV heads x head dim x dtype bytes), less vLLM's null block.
+``max_num_batched_tokens``
 and ``max_num_seqs`` are vLLM 0.32's API-server defaults for the GPU's memory (2048 / 256 below
 70 GiB, 8192 / 1024 for H100/H20-class GPUs: ``EngineArgs.get_batch_defaults``).
 
@@ -210,14 +211,15 @@ SETUPS: tuple[Setup, ...] = (
 
 
 def num_blocks(setup: Setup) -> int:
-    """vLLM's KV blocks: what is left of 90% of the memory after weights and activations."""
+    """Usable KV blocks: what is left of 90% of the memory after weights and activations."""
     tp = setup.tensor_parallel
     free = (
         GPU_MEMORY_UTILIZATION * setup.gpu.memory_bytes * tp
         - setup.model.weight_bytes
         - ACTIVATION_RESERVE_BYTES * tp
     )
-    blocks = math.floor(free / (setup.block_size * setup.model.kv_bytes_per_token))
+    # Less the null block vLLM keeps: the blocks requests can use, as load reports count them.
+    blocks = math.floor(free / (setup.block_size * setup.model.kv_bytes_per_token)) - 1
     if blocks < 1:
         raise ValueError(f"{setup.name}: the weights leave no room for a KV cache")
     return blocks

@@ -33,9 +33,9 @@ driver reports (nvidia-smi's total), minus the weights and ``ACTIVATION_RESERVE_
 the peak activations of vLLM's profiling run, CUDA graphs and non-torch allocations, 1-3 GiB for
 these models), divided by the bytes of a block (block size x KV bytes per token, KV bytes per
 token = 2 (K and V) x layers x KV heads x head dim x dtype bytes), less vLLM's null block.
-``max_num_batched_tokens``
-and ``max_num_seqs`` are vLLM 0.32's API-server defaults for the GPU's memory (2048 / 256 below
-70 GiB, 8192 / 1024 for H100/H20-class GPUs: ``EngineArgs.get_batch_defaults``).
+``max_num_batched_tokens`` and ``max_num_seqs`` are vLLM 0.32's API-server defaults for the
+GPU's memory (2048 / 256 below 70 GiB, 8192 / 1024 for H100/H20-class GPUs:
+``EngineArgs.get_batch_defaults``).
 
 Every figure used is recorded in the profile's ``inputs``. ``pdserve/sim/profiles/*.json`` are
 written from here (``python -m pdserve.sim.roofline``) and a unit test checks that they match.

@@ -3,8 +3,11 @@
 vLLM gives a connector one tensor per attention layer. On CPU (layout LBHNC) it is
 ``[num_blocks, kv_heads, block_size, 2 * head_size]``, one contiguous region per layer; GPU
 backends may put K and V in two planes ``[2, num_blocks, ...]``. Either way a *plane* here is
-a tensor whose first dimension indexes blocks, so a run of consecutive blocks is one
-contiguous slice, sent as one message without any copy.
+a tensor whose first dimension indexes blocks, and every block of it must be one contiguous
+region. Where consecutive blocks are also adjacent (the layer is one region), a run of
+blocks is one contiguous slice, sent as one message without any copy; where they are not
+(layouts with blocks outermost across layers, e.g. vLLM's ``BLHNC``, put the other layers'
+blocks in between), each block of a run is its own message, still without a copy.
 
 The *plane digest* (``KVLayout.plane_digest``) digests that ordered plane list: per plane the
 layer name, the shape of one block and the dtype. Two workers pair only if their digests
@@ -48,11 +51,24 @@ class KVLayout:
         return sum(p[0].numel() * p.element_size() for p in self.planes)
 
     def slices(self, runs: Sequence[Run], side: int) -> Iterator[torch.Tensor]:
-        """Contiguous slices, plane-major, for the source (side=0) or destination (side=1)."""
+        """Contiguous slices, plane-major, for the source (side=0) or destination (side=1).
+
+        One per run, or one per block of a run in a plane whose blocks are not adjacent.
+        """
         for plane in self.planes:
+            adjacent = plane.is_contiguous()
             for run in runs:
                 start, count = run[side], run[2]
-                yield plane[start : start + count]
+                if adjacent:
+                    yield plane[start : start + count]
+                else:
+                    for block in range(start, start + count):
+                        yield plane[block : block + 1]
+
+    def message_count(self, runs: Sequence[Run]) -> int:
+        """How many messages ``slices`` makes of these runs (per side)."""
+        blocks = sum(run[2] for run in runs)
+        return sum(len(runs) if p.is_contiguous() else blocks for p in self.planes)
 
     # --- staged transfers: few large messages for small or scattered payloads --------------
 
@@ -60,7 +76,7 @@ class KVLayout:
         """Direct transfers send one message per plane and run; this says whether those
         would be small (where a transport with a high per-message cost gains by gathering)."""
         blocks = sum(run[2] for run in runs)
-        messages = len(self.planes) * len(runs)
+        messages = self.message_count(runs)
         return blocks * self.bytes_per_block / max(1, messages) < STAGE_WHEN_MESSAGES_BELOW
 
     def stage_groups(self, num_blocks: int) -> list[range]:
@@ -77,9 +93,8 @@ class KVLayout:
         return groups
 
     def _rows(self, index: int) -> torch.Tensor:
-        """Plane ``index`` as raw bytes, one row per block."""
-        plane = self.planes[index]
-        return plane.reshape(plane.shape[0], -1).view(torch.uint8)
+        """Plane ``index`` as raw bytes, one row per block: a view, never a copy."""
+        return _rows_of(self.planes[index])
 
     def gather(self, group: range, blocks: torch.Tensor) -> torch.Tensor:
         """Copies the given blocks of a group of planes into one new contiguous buffer."""
@@ -122,6 +137,28 @@ def run_blocks(runs: Sequence[Run], side: int) -> list[int]:
     return [run[side] + i for run in runs for i in range(run[2])]
 
 
+def _rows_of(plane: torch.Tensor) -> torch.Tensor:
+    # ``view`` (not ``reshape``, which would silently copy a plane it cannot view: staged
+    # receives would then scatter into the copy) works for any plane of contiguous blocks.
+    return plane.view(plane.shape[0], -1).view(torch.uint8)
+
+
+def _check_plane(name: str, plane: torch.Tensor, device: torch.device) -> None:
+    """Everything the transfers rely on about a plane, for every block of it."""
+    if plane.device != device:
+        raise ValueError(f"layer {name} is on {plane.device}, the first layer on {device}")
+    # Every block has the strides of block 0: one block contiguous means all of them are.
+    if not plane[0].is_contiguous():
+        raise ValueError(
+            f"blocks of layer {name} are not contiguous in memory (plane shape "
+            f"{tuple(plane.shape)}, strides {plane.stride()})"
+        )
+    try:
+        _rows_of(plane)  # what staged transfers gather from and scatter into
+    except RuntimeError as e:
+        raise ValueError(f"layer {name}: its blocks cannot be viewed as rows of bytes") from e
+
+
 def _planes_of(tensor: torch.Tensor, num_blocks: int) -> list[torch.Tensor]:
     if tensor.shape[0] == num_blocks:
         return [tensor]
@@ -149,10 +186,13 @@ def build_layout(kv_caches: dict[str, torch.Tensor], num_blocks: int | None = No
             continue
         seen.add(key)
         for plane in _planes_of(tensor, blocks):
-            if not plane[0].is_contiguous():
-                raise ValueError(f"blocks of layer {name} are not contiguous in memory")
+            _check_plane(name, plane, planes[0].device if planes else plane.device)
             planes.append(plane)
-            description.append([name, list(plane.shape[1:]), str(plane.dtype)])
+            entry: list[object] = [name, list(plane.shape[1:]), str(plane.dtype)]
+            if not plane.is_contiguous():
+                # One message per block, not per run: both ends must split runs alike.
+                entry.append("blocks apart")
+            description.append(entry)
     digest = hashlib.sha256(json.dumps(description).encode()).hexdigest()[:16]
     return KVLayout(planes=tuple(planes), plane_digest=digest, num_blocks=blocks)
 

@@ -10,8 +10,11 @@ Pieces, bottom up:
 - ``Pair``: that process group (gloo for CPU caches, NCCL for CUDA caches), created on demand
   when two workers first exchange KV, so instances can join at any time and no world size is
   fixed. Its set-up cost is paid once per pair and logged.
-- ``post_transfer``: one send or receive per (plane, run of consecutive blocks), straight from
-  and into the KV cache: no staging copy on either side.
+- ``transfer``: one send or receive per (plane, run of consecutive blocks), straight from
+  and into the KV cache: no staging copy on either side. Any number of messages: they are
+  posted in windows of at most ``MESSAGES_PER_WINDOW`` (``post_transfer``), each waited for
+  (``wait_all``) before the next is posted, so no two operations outstanding on a pair ever
+  share a tag.
 
 If a transfer stalls, the pair is aborted before anything else happens: gloo then drops the
 pending receives, so no late write can land in blocks that were given back to vLLM.
@@ -28,7 +31,7 @@ import contextlib
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -49,12 +52,14 @@ __all__ = [
     "kv_codec",
     "post_transfer",
     "tag_of",
+    "transfer",
     "wait_all",
 ]
 
 logger = get_logger(__name__)
 
-MESSAGES_PER_TRANSFER = 1 << 16
+# Operations of one transfer posted at once (tags are 31-bit: 2^15 sequence numbers x this).
+MESSAGES_PER_WINDOW = 1 << 16
 
 
 class PairStore(dist.Store):
@@ -206,13 +211,28 @@ class Pair:
 
 
 def tag_of(seq: int, index: int) -> int:
-    if index >= MESSAGES_PER_TRANSFER:
-        raise ValueError(f"a transfer may have at most {MESSAGES_PER_TRANSFER} messages")
-    return (seq % (1 << 15)) * MESSAGES_PER_TRANSFER + index
+    """The tag of message ``index`` of a window of transfer ``seq`` (see ``transfer``)."""
+    if not 0 <= index < MESSAGES_PER_WINDOW:
+        raise ValueError(f"a window may have at most {MESSAGES_PER_WINDOW} messages")
+    return (seq % (1 << 15)) * MESSAGES_PER_WINDOW + index
+
+
+def transfer(
+    pair: Pair, tensors: Sequence[torch.Tensor], seq: int, send: bool, deadline: float
+) -> None:
+    """Sends (or receives) every tensor over the pair by the deadline, in windows.
+
+    Both ends post the same windows in the same order and finish each before posting the
+    next, so message i of a window can only meet message i of the same window on the other
+    side, however many messages (fragmented runs of a long prompt) the transfer has.
+    """
+    for start in range(0, len(tensors), MESSAGES_PER_WINDOW):
+        window = tensors[start : start + MESSAGES_PER_WINDOW]
+        wait_all(post_transfer(pair, window, seq, send), deadline, pair.backend)
 
 
 def post_transfer(pair: Pair, tensors: Iterable[torch.Tensor], seq: int, send: bool) -> list[Any]:
-    """Posts one send (or receive) per tensor; tags keep concurrent transfers apart."""
+    """Posts one send (or receive) per tensor of one window (at most MESSAGES_PER_WINDOW)."""
     works = []
     for index, tensor in enumerate(tensors):
         tag = tag_of(seq, index)
@@ -228,18 +248,26 @@ def post_transfer(pair: Pair, tensors: Iterable[torch.Tensor], seq: int, send: b
 _WAIT_SLACK_S = 0.005
 
 
-def wait_all(works: list[Any], deadline: float) -> None:
+def wait_all(works: list[Any], deadline: float, backend: str = "gloo") -> None:
     """Waits for every operation: ``KVTimeout`` past the deadline, ``KVError`` if one failed.
 
     torch raises the same plain ``RuntimeError`` for a timed-out wait and for a broken
     connection, so which one happened is read from the clock, not from the message: a wait
     that failed once its whole allowance had passed timed out (as does one that returns
     False); one that failed earlier is a transport error.
+
+    NCCL: ``work.wait()`` only makes the calling thread's current CUDA stream wait for the
+    operation (unless ``TORCH_NCCL_BLOCKING_WAIT``) and returns before the data is there, so
+    each operation's end event is polled (``is_completed``) until it has run on the device;
+    only then are the blocks considered sent or loaded.
     """
     for index, work in enumerate(works):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise KVTimeout(f"transfer deadline passed before operation {index} of {len(works)}")
+        if backend == "nccl":
+            _wait_on_device(work, deadline, f"operation {index} of {len(works)}")
+            continue
         try:
             done = work.wait(timedelta(seconds=remaining))
         except RuntimeError as e:
@@ -250,3 +278,22 @@ def wait_all(works: list[Any], deadline: float) -> None:
             ) from e
         if done is False:
             raise KVTimeout(f"operation {index} of {len(works)} timed out")
+
+
+# Polling an NCCL operation: first pause, and the longest one (each pause doubles).
+_POLL_FIRST_S = 50e-6
+_POLL_MAX_S = 1e-3
+
+
+def _wait_on_device(work: Any, deadline: float, what: str) -> None:
+    """Waits until an NCCL operation has run on the device (its end event), or the deadline."""
+    pause = _POLL_FIRST_S
+    while not work.is_completed():
+        if time.monotonic() >= deadline:
+            raise KVTimeout(f"{what} timed out (not run on the device by the deadline)")
+        time.sleep(pause)
+        pause = min(2 * pause, _POLL_MAX_S)
+    try:
+        work.wait()  # completed: raises the operation's error, if it had one
+    except RuntimeError as e:
+        raise KVError(KVFailure.TRANSPORT_ERROR, f"{what} failed: {e}") from e

@@ -57,7 +57,7 @@ from pdserve.kv.metadata import (
     ReleaseOrder,
 )
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.transport import Pair, backend_for, post_transfer, wait_all
+from pdserve.kv.transport import Pair, backend_for, post_transfer, transfer, wait_all
 from pdserve.logs import get_logger
 from pdserve.protocol.reports import KVHoldings, TransferCounters
 
@@ -333,8 +333,8 @@ class KVWorker:
             if self._pull_delays:
                 time.sleep(self._pull_delays.pop(0))
             tensors = self._outgoing(runs, staged)
-            works = post_transfer(pair, tensors, request.seq, send=True)
-            wait_all(works, time.monotonic() + self.settings.transfer_timeout_s)
+            deadline = time.monotonic() + self.settings.transfer_timeout_s
+            transfer(pair, tensors, request.seq, send=True, deadline=deadline)
             # The blocks were pinned for the whole read; say whether they stayed valid.
             self.messenger.reply(identity, PullFinished(rid=request.rid, valid=export.valid))
             self._add_stats(TransferCounters(bytes_sent=sum(t.nbytes for t in tensors)))
@@ -573,14 +573,14 @@ class KVWorker:
         """
         if not staged:
             tensors = list(self.layout.slices(runs, side=1))
-            wait_all(post_transfer(pair, tensors, seq, send=False), deadline)
+            transfer(pair, tensors, seq, send=False, deadline=deadline)
             return sum(t.nbytes for t in tensors)
         blocks = self._index(run_blocks(runs, side=1))
         groups = self.layout.stage_groups(len(blocks))
         buffers = [self.layout.staging_buffer(g, len(blocks)) for g in groups]
         works = post_transfer(pair, buffers, seq, send=False)
         for work, group, buffer in zip(works, groups, buffers, strict=True):
-            wait_all([work], deadline)
+            wait_all([work], deadline, pair.backend)
             self.layout.scatter(group, blocks, buffer)
         return sum(b.nbytes for b in buffers)
 

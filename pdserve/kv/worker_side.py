@@ -120,6 +120,11 @@ class KVWorker:
         # other at once can never starve one another.
         self._serve_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-serve")
         self._load_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-load")
+        # The server's half of pair set-up gets threads of its own: pulls waiting for a pair
+        # to form must not take every serving thread from the set-up they wait for.
+        self._setup_pool = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="pdserve-kv-pair-setup"
+        )
         self.messenger = Messenger(
             kv_codec(secret),
             settings.bind_address_of_rank(tp_rank),
@@ -221,6 +226,7 @@ class KVWorker:
         self.messenger.stop()
         self._serve_pool.shutdown(wait=False, cancel_futures=True)
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+        self._setup_pool.shutdown(wait=False, cancel_futures=True)
         with self._pairs.lock:
             pairs = list(self._pairs.by_id.values())
         for pair in pairs:
@@ -277,7 +283,7 @@ class KVWorker:
         with self._pairs.lock:
             self._pairs.by_id[message.pair_id] = pair
         self.messenger.reply(identity, PairOpened(rid=message.rid, protocol=PROTOCOL_VERSION))
-        self._serve_pool.submit(self._establish, pair)
+        self._setup_pool.submit(self._establish, pair)
 
     def _refuse_pair(self, message: PairOpen) -> Refusal | None:
         """Why this worker cannot pair with the initiator, if it cannot."""

@@ -1,11 +1,13 @@
 """KV transfers between workers: NCCL waits for the device, transfers of any number of
-messages, layouts checked plane by plane (issue 11, fault 11).
+messages, layouts checked plane by plane, and pair set-up that busy serving threads cannot
+starve (issue 11, faults 11 and 12).
 
 Workers pair over gloo in one process, on fake caches (block b of an exporter holds b).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -234,3 +236,27 @@ def test_a_layer_whose_blocks_are_not_contiguous_is_refused() -> None:
     heads_outermost = torch.zeros(2, 6, 4, 8).transpose(0, 1)  # [blocks, heads, ...] strided
     with pytest.raises(ValueError, match="not contiguous"):
         build_layout({"l0": heads_outermost}, num_blocks=6)
+
+
+# --- fault 12: pair set-up has threads of its own ---------------------------------------------
+
+
+def test_pair_setup_is_not_starved_by_busy_serving_threads() -> None:
+    exporter, _ = make_worker("exporter", True)
+    importer, cache = make_worker("importer", False, pair_setup_timeout_s=3.0)
+    gate = threading.Event()
+    try:
+        for _ in range(8):  # every serving thread is busy
+            exporter._serve_pool.submit(gate.wait, 30)
+        pair = importer._pair_with(exporter.address, time.monotonic() + 3.0)
+        assert pair.ready.is_set() and not pair.broken
+        gate.set()
+        exporter.add_export(ExportOrder("a", "p-a", [5], lease_s=30))
+        pulled(importer, "a", exporter.address, [2])
+        assert torch.all(cache["layers.1"][2] == 105)
+        assert importer.take_stats().pairs_opened == 1
+        wait_for(lambda: idle(exporter, pairs=1) and idle(importer, pairs=1), 5, "idle")
+    finally:
+        gate.set()
+        importer.shutdown()
+        exporter.shutdown()

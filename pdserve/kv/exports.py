@@ -60,6 +60,8 @@ class _Export:
     closed_by: KVFailure | None = None
     valid: bool = True
     void: bool = False
+    # Positions whose KV the blocks hold (None: not checked), see ``begin_pull``.
+    computed_tokens: int | None = None
 
     def close(self, why: KVFailure) -> None:
         if not self.closing:
@@ -96,6 +98,7 @@ class ExportRegistry:
                 list(order.block_ids),
                 order.lease_s,
                 owns=order.owns,
+                computed_tokens=order.num_computed_tokens,
             )
             self._exports[order.transfer_id] = export
             if order.owns:
@@ -115,6 +118,8 @@ class ExportRegistry:
                 return
             if update.block_ids is not None:
                 export.blocks = list(update.block_ids)
+            if update.num_computed_tokens is not None:
+                export.computed_tokens = update.num_computed_tokens
             if update.void:
                 export.valid = False
                 export.void = True
@@ -154,6 +159,15 @@ class ExportRegistry:
                     KVFailure.OUT_OF_RANGE,
                     f"pull asks for blocks {request.first}..{end} of {len(export.blocks)}",
                 )
+            computed = export.computed_tokens
+            if computed is not None and request.needs_tokens > computed:
+                # A live export of a request that has not computed these positions (yet):
+                # its blocks hold no KV there, or another request's. Nothing is claimed.
+                return Refusal(
+                    KVFailure.NOT_COMPUTED,
+                    f"pull relies on {request.needs_tokens} positions of transfer "
+                    f"{transfer_id}, which has the KV of {computed}",
+                )
             export.pulls_in_flight += 1
             if request.last:
                 export.close(KVFailure.ALREADY_PULLED)
@@ -168,7 +182,8 @@ class ExportRegistry:
         with self._changed:
             export = self._exports.get(transfer_id)
             if export is None:
-                self._tombstones[transfer_id] = time.monotonic() + tombstone_s
+                if transfer_id not in self._finished_ids:  # else it has ended already
+                    self._tombstones[transfer_id] = time.monotonic() + tombstone_s
                 return
             export.close(KVFailure.RELEASED)
             self._finish_if_idle(export)

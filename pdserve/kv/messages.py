@@ -119,6 +119,9 @@ class KVFailure(enum.StrEnum):
     LEASE_EXPIRED = "lease_expired"  # nobody pulled it within --kv-lease-s
     EXPORT_VOID = "export_void"  # a live export that was unpinned or preempted
     OUT_OF_RANGE = "out_of_range"  # the pull names blocks the export does not have
+    # The pull relies on positions whose KV the exporter has not computed (yet): a live
+    # export of a request still computing them, e.g. recomputing after a preemption.
+    NOT_COMPUTED = "not_computed"
     UNKNOWN_PAIR = "unknown_pair"  # the pull names a pair this worker does not know
     BLOCKS_CHANGED = "blocks_changed"  # the exported blocks were freed during the read
     # Pair set-up between two workers.
@@ -128,6 +131,9 @@ class KVFailure(enum.StrEnum):
     # Any KV exchange.
     TIMEOUT = "timeout"  # no answer, or the transfer, within its deadline
     TRANSPORT_ERROR = "transport_error"  # the connection failed (torch.distributed, ZeroMQ)
+    # The peer's KV server answered no probe within --kv-pair-probe-timeout-s: it is gone
+    # (its pairs are dropped here).
+    PEER_GONE = "peer_gone"
     FAULTS_DISABLED = "faults_disabled"  # InjectFault without PDSERVE_FAULT_INJECTION=1
     UNEXPECTED_MESSAGE = "unexpected_message"
     # A source a decode instance does not trust (nothing is pulled; prefilled locally).
@@ -139,6 +145,8 @@ class KVFailure(enum.StrEnum):
     UNKNOWN_REQUEST = "unknown_request"  # no request with that key on this engine
     REQUEST_WAITING = "request_waiting"  # still queued there: it holds no KV yet
     NOT_RUNNING = "not_running"  # preempted or finishing: nothing to export
+    # Running, but its KV is not all there: recomputing its tokens after a preemption.
+    RECOMPUTING = "recomputing"
     ALREADY_PINNED = "already_pinned"
     NOT_PINNED = "not_pinned"  # Unpin of a request that is not pinned (it has ended)
 
@@ -184,6 +192,9 @@ class PairOpen(msgspec.Struct, tag=True, frozen=True):
     plane_digest: str = ""
     # The initiator's pdserve.kv.metadata.PROTOCOL_VERSION.
     protocol: int = 0
+    # The initiator's own KV server (version 3): the server probes it to find out whether
+    # the peer is still alive, and drops the peer's older pairs when it pairs again.
+    address: str = ""
 
 
 class PairOpened(msgspec.Struct, tag=True, frozen=True):
@@ -201,6 +212,20 @@ class PairClose(msgspec.Struct, tag=True, frozen=True):
     """
 
     pair_id: str
+
+
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    """Are you there? Answered with ``Pong`` on the KV server's I/O thread (version 3).
+
+    A liveness probe: it never waits for a serving thread, so a busy exporter still answers
+    at once, and a silent one is gone (``KVFailure.PEER_GONE``).
+    """
+
+    rid: int
+
+
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    rid: int
 
 
 class StoreSet(msgspec.Struct, tag=True, frozen=True):
@@ -227,6 +252,9 @@ class PullRequest(msgspec.Struct, tag=True, frozen=True):
     last: bool = True
     # The initiator's transfer mode: never, auto or always gather blocks into few messages.
     staging: Literal["never", "auto", "always"] = "never"
+    # The initiator relies on the KV of the export's first ``needs_tokens`` positions; the
+    # exporter refuses (NOT_COMPUTED) if it has computed fewer (version 3; 0: no check).
+    needs_tokens: int = 0
 
 
 class PullStarted(msgspec.Struct, tag=True, frozen=True):
@@ -290,6 +318,13 @@ class Pin(msgspec.Struct, tag=True, frozen=True):
 
 
 class Pinned(msgspec.Struct, tag=True, frozen=True):
+    """The request is pinned; every token but its last sampled one has its KV there.
+
+    A request whose KV is not all there (recomputing after a preemption) is refused with
+    ``KVFailure.RECOMPUTING`` instead, and pulls of a live export are refused
+    (``NOT_COMPUTED``) beyond what the request has computed.
+    """
+
     rid: int
     num_computed_tokens: int
     block_size: int
@@ -310,6 +345,8 @@ KVMessage = (
     PairOpen
     | PairOpened
     | PairClose
+    | Ping
+    | Pong
     | StoreSet
     | PullRequest
     | PullStarted

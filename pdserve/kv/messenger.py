@@ -71,10 +71,17 @@ class Messenger:
 
     # --- API for other threads -------------------------------------------------------------
 
-    def new_request(self) -> tuple[int, queue.SimpleQueue[Any]]:
-        """A request id and the mailbox where replies carrying it will arrive."""
+    def new_request(
+        self, box: queue.SimpleQueue[Any] | None = None
+    ) -> tuple[int, queue.SimpleQueue[Any]]:
+        """A request id and the mailbox where replies carrying it will arrive.
+
+        ``box``: an existing mailbox to share (a liveness probe sent while a request waits
+        for its reply answers into the same mailbox); by default a new one.
+        """
         rid = next(self._rids)
-        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        if box is None:
+            box = queue.SimpleQueue()
         with self._mailbox_lock:
             self._mailboxes[rid] = box
         return rid, box

@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # 1: the first versioned handshake. 2: PairClose (a broken pair is closed on both sides).
-PROTOCOL_VERSION = 2
+# 3: Ping/Pong liveness probes, PairOpen.address (the initiator's KV server, probed by the
+# server), PullRequest.needs_tokens (refused with NOT_COMPUTED beyond the computed KV).
+PROTOCOL_VERSION = 3
 
 
 @dataclass
@@ -36,6 +38,9 @@ class ExportOrder:
     block_ids: list[int]
     lease_s: float
     owns: bool = True
+    # Positions whose KV the blocks hold now (a pull relying on more is refused with
+    # NOT_COMPUTED); None: no check. A live export's count grows with ``ExportUpdate``.
+    num_computed_tokens: int | None = None
 
 
 @dataclass
@@ -49,6 +54,8 @@ class ExportUpdate:
     owns: bool = False
     # Stop exporting without freeing anything (unpinned, or preempted: blocks invalid).
     void: bool = False
+    # The request has computed this many positions' KV by now (None: unchanged).
+    num_computed_tokens: int | None = None
 
 
 @dataclass
@@ -66,6 +73,8 @@ class LoadOrder:
     dst: list[int]
     # After this pull the exporter may free the blocks (False: a migration pre-copy).
     last: bool = True
+    # Positions of the export whose KV the request relies on (all but its last token).
+    needs_tokens: int = 0
 
 
 @dataclass

@@ -60,10 +60,13 @@ logger = get_logger(__name__)
 
 @dataclass
 class LiveExport:
-    """A running request pinned for migration, and how many of its blocks the worker knows."""
+    """A running request pinned for migration, and how much of it the worker knows."""
 
     transfer_id: str
     known_blocks: int
+    # Positions with KV the worker was last told of (pulls relying on more are refused).
+    known_computed: int = 0
+    request: Request | None = None
 
 
 def cache_fingerprint(kv_cache_config: KVCacheConfig, tp_size: int) -> str:
@@ -240,6 +243,7 @@ class SchedulerSide:
                 first,
                 dst,
                 last=not source.keep,
+                needs_tokens=request.num_tokens - 1,
             )
         )
         logger.debug(
@@ -272,8 +276,16 @@ class SchedulerSide:
         if live is not None:
             # A pinned request ended (the gateway cut it to move it, or it finished): its
             # blocks stay for the last pull, and the export takes them over.
+            # Only blocks holding computed positions: vLLM may have allocated more ahead.
+            computed = request.num_computed_tokens
             self._orders.updates.append(
-                ExportUpdate(live.transfer_id, req_id, block_ids=list(block_ids), owns=True)
+                ExportUpdate(
+                    live.transfer_id,
+                    req_id,
+                    block_ids=list(block_ids[: cdiv(computed, self.block_size)]),
+                    owns=True,
+                    num_computed_tokens=computed,
+                )
             )
             return True, None
         params = parse_params(request.kv_transfer_params)
@@ -288,7 +300,11 @@ class SchedulerSide:
         if not finished_normally or not blocks:
             return False, None
         transfer_id = params.export.transfer_id
-        self._orders.exports.append(ExportOrder(transfer_id, req_id, blocks, self.settings.lease_s))
+        self._orders.exports.append(
+            ExportOrder(
+                transfer_id, req_id, blocks, self.settings.lease_s, num_computed_tokens=num_tokens
+            )
+        )
         source = SourceSpec(
             transfer_id=transfer_id,
             instance_id=self.settings.instance_id,
@@ -357,17 +373,35 @@ class SchedulerSide:
             return Failed(
                 rid=message.rid, code=KVFailure.ALREADY_PINNED, error="request is already pinned"
             )
+        computed = request.num_computed_tokens
+        if computed < request.num_tokens - 1:
+            # Running again after a preemption, its tokens' KV is being recomputed: blocks
+            # beyond ``computed`` hold nothing yet (or another request's KV), and the gateway
+            # knows every token, so it would copy them. It retries once the KV is back.
+            return Failed(
+                rid=message.rid,
+                code=KVFailure.RECOMPUTING,
+                error=f"request has the KV of {computed} of its {request.num_tokens} tokens "
+                "(recomputing after a preemption)",
+            )
         assert self._kv_cache_manager is not None
         blocks = list(self._kv_cache_manager.get_block_ids(request.request_id)[0])
-        self._live[request.request_id] = LiveExport(message.transfer_id, len(blocks))
+        self._live[request.request_id] = LiveExport(
+            message.transfer_id, len(blocks), computed, request
+        )
         self._orders.exports.append(
             ExportOrder(
-                message.transfer_id, request.request_id, blocks, self.settings.lease_s, owns=False
+                message.transfer_id,
+                request.request_id,
+                blocks,
+                self.settings.lease_s,
+                owns=False,
+                num_computed_tokens=computed,
             )
         )
         return Pinned(
             rid=message.rid,
-            num_computed_tokens=request.num_computed_tokens,
+            num_computed_tokens=computed,
             block_size=self.block_size,
             bytes_per_block=self.bytes_per_block,
             cache_fingerprint=self.cache_fingerprint,
@@ -397,10 +431,21 @@ class SchedulerSide:
         assert self._kv_cache_manager is not None or not self._live
         for req_id, live in self._live.items():
             blocks = self._kv_cache_manager.get_block_ids(req_id)[0]  # type: ignore[union-attr]
-            if len(blocks) != live.known_blocks:
-                live.known_blocks = len(blocks)
+            request = live.request
+            computed = live.known_computed if request is None else request.num_computed_tokens
+            # News when a block was added, or one more block's positions all have their KV
+            # (pre-copy pulls whole blocks; the last pull comes with the request's end).
+            grew = len(blocks) != live.known_blocks
+            filled = computed // self.block_size != live.known_computed // self.block_size
+            if grew or filled:
+                live.known_blocks, live.known_computed = len(blocks), computed
                 self._orders.updates.append(
-                    ExportUpdate(live.transfer_id, req_id, block_ids=list(blocks))
+                    ExportUpdate(
+                        live.transfer_id,
+                        req_id,
+                        block_ids=list(blocks) if grew else None,
+                        num_computed_tokens=computed,
+                    )
                 )
 
     # --- every step ------------------------------------------------------------------------

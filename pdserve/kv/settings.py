@@ -39,6 +39,13 @@ class KVTransferSettings(BaseModel):
         description="seconds two workers may take to form their process group "
         "(once per pair of workers)",
     )
+    pair_probe_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="seconds a peer's KV server may take to answer a liveness probe (before "
+        "a pair forms, and whenever a transfer's peer goes silent); past it the peer counts "
+        "as gone: the load fails at once (the prompt is computed locally) and its pairs close",
+    )
     staging: Literal["never", "auto", "always"] = Field(
         "never",
         description="gather blocks into few large messages: never (zero-copy, one message "

@@ -156,6 +156,10 @@ class Pair:
         self.setup_s = 0.0
         self.broken = False
         self._seq = itertools.count()
+        # The other member's KV server, probed to find out whether it is alive ("": unknown).
+        self.peer_address = ""
+        # When a transfer last started or ended on the pair (a liveness check skips it then).
+        self.last_used = time.monotonic()
 
     def next_seq(self) -> int:
         return next(self._seq)

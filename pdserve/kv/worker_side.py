@@ -30,6 +30,7 @@ import torch
 from pdserve.kv.exports import ExportRegistry, Refusal
 from pdserve.kv.holdings import HoldingsReporter
 from pdserve.kv.layout import KVLayout, block_runs, run_blocks
+from pdserve.kv.liveness import PeerWatch
 from pdserve.kv.messages import (
     Ack,
     Failed,
@@ -40,6 +41,8 @@ from pdserve.kv.messages import (
     PairClose,
     PairOpen,
     PairOpened,
+    Ping,
+    Pong,
     PullFinished,
     PullRequest,
     PullStarted,
@@ -125,6 +128,7 @@ class KVWorker:
         self._setup_pool = ThreadPoolExecutor(
             max_workers=4, thread_name_prefix="pdserve-kv-pair-setup"
         )
+        self._stopping = threading.Event()
         self.messenger = Messenger(
             kv_codec(secret),
             settings.bind_address_of_rank(tp_rank),
@@ -135,6 +139,10 @@ class KVWorker:
             HoldingsReporter(settings, tp_rank, self.holdings, secret)
             if settings.control_address
             else None
+        )
+        # Probes peers (while a pull waits, and those of idle pairs): see pdserve.kv.liveness.
+        self._liveness = PeerWatch(
+            self.messenger, settings.pair_probe_timeout_s, self._all_pairs, self._drop_peer
         )
         logger.info(
             "pdserve kv: worker %d serving %d planes (%d bytes/block, %s) at %s",
@@ -221,6 +229,10 @@ class KVWorker:
 
     def shutdown(self) -> None:
         """Stops the KV server and the pools, and aborts every pair (pending transfers end)."""
+        if self._stopping.is_set():
+            return  # already stopped
+        self._stopping.set()
+        self._liveness.stop()
         if self._holdings_reporter is not None:
             self._holdings_reporter.stop()
         self.messenger.stop()
@@ -239,6 +251,8 @@ class KVWorker:
             self._open_server_pair(identity, message)
         elif isinstance(message, PairClose):
             self._close_server_pair(message.pair_id)
+        elif isinstance(message, Ping):
+            self.messenger.reply(identity, Pong(rid=message.rid))  # on the I/O thread: at once
         elif isinstance(message, PullRequest):
             self._serve_pool.submit(self._counted, self._serve_pull, identity, message)
         elif isinstance(message, Release):
@@ -280,8 +294,22 @@ class KVWorker:
             timeout_s=self.settings.pair_setup_timeout_s,
             mirror=lambda s: self.messenger.reply(identity, s),
         )
+        pair.peer_address = message.address
         with self._pairs.lock:
+            # An initiator keeps one pair with us: one it opened before is gone (it restarted,
+            # or dropped that pair without its PairClose reaching us).
+            stale = [
+                p
+                for p in self._pairs.by_id.values()
+                if p.rank == 0 and message.address and p.peer_address == message.address
+            ]
             self._pairs.by_id[message.pair_id] = pair
+        for old in stale:
+            logger.info(
+                "pdserve kv: %s paired again; closing its pair %s", message.address, old.pair_id
+            )
+            old.abort()
+            self._forget_pair(old)
         self.messenger.reply(identity, PairOpened(rid=message.rid, protocol=PROTOCOL_VERSION))
         self._setup_pool.submit(self._establish, pair)
 
@@ -339,8 +367,10 @@ class KVWorker:
             if self._pull_delays:
                 time.sleep(self._pull_delays.pop(0))
             tensors = self._outgoing(runs, staged)
+            pair.last_used = time.monotonic()
             deadline = time.monotonic() + self.settings.transfer_timeout_s
             transfer(pair, tensors, request.seq, send=True, deadline=deadline)
+            pair.last_used = time.monotonic()
             # The blocks were pinned for the whole read; say whether they stayed valid.
             self.messenger.reply(identity, PullFinished(rid=request.rid, valid=export.valid))
             self._add_stats(TransferCounters(bytes_sent=sum(t.nbytes for t in tensors)))
@@ -384,6 +414,7 @@ class KVWorker:
                     timeout_s=self.settings.pair_setup_timeout_s,
                     mirror=lambda s: self.messenger.send(address, s),
                 )
+                pair.peer_address = address
                 self._pairs.by_id[pair_id] = pair
                 self._pairs.by_peer[address] = pair
                 opener = True
@@ -401,6 +432,14 @@ class KVWorker:
         return pair
 
     def _open_client_pair(self, pair: Pair, address: str, deadline: float) -> None:
+        """Asks the server for a pair, then forms it (the process group's rendezvous).
+
+        The server answers ``PairOpen`` on its I/O thread, whatever its serving threads do,
+        so the answer doubles as the liveness probe before the rendezvous: none within
+        ``pair_probe_timeout_s`` means the exporter is gone (``PEER_GONE``), and the load
+        fails at once instead of after ``pair_setup_timeout_s``.
+        """
+        probe_s = self.settings.pair_probe_timeout_s
         rid, box = self.messenger.new_request()
         try:
             self.messenger.send(
@@ -411,12 +450,15 @@ class KVWorker:
                     backend=pair.backend,
                     plane_digest=self.layout.plane_digest,
                     protocol=PROTOCOL_VERSION,
+                    address=self.address,
                 ),
             )
-            reply = box.get(timeout=max(0.0, deadline - time.monotonic()))
+            reply = box.get(timeout=max(0.0, min(deadline - time.monotonic(), probe_s)))
         except queue.Empty:
             self.messenger.drop_peer(address)
-            raise KVTimeout(f"no answer from KV server {address}") from None
+            raise KVError(
+                KVFailure.PEER_GONE, f"no answer from KV server {address} in {probe_s:.1f} s"
+            ) from None
         finally:
             self.messenger.forget(rid)
         if isinstance(reply, Failed):
@@ -435,6 +477,29 @@ class KVWorker:
         pair.abort()
         self._forget_pair(pair)
         self.messenger.send(address, PairClose(pair_id=pair.pair_id))
+
+    def _all_pairs(self) -> list[Pair]:
+        with self._pairs.lock:
+            return list(self._pairs.by_id.values())
+
+    def _drop_peer(self, address: str) -> None:
+        """The peer at ``address`` answers no probe: every pair with it goes, both ways.
+
+        What is queued for it is discarded; the pairs this worker opened are still closed
+        with ``PairClose``, delivered if the peer was only slow (or once it is back).
+        """
+        with self._pairs.lock:
+            gone = [p for p in self._pairs.by_id.values() if p.peer_address == address]
+        self.messenger.drop_peer(address)
+        for pair in gone:
+            pair.abort()
+            self._forget_pair(pair)
+            if pair.rank == 1:
+                self.messenger.send(address, PairClose(pair_id=pair.pair_id))
+        if gone:
+            logger.warning(
+                "pdserve kv: %s does not answer; dropped %d pairs with it", address, len(gone)
+            )
 
     def _forget_pair(self, pair: Pair) -> None:
         with self._pairs.lock:
@@ -492,15 +557,25 @@ class KVWorker:
 
         An exporter that restarted (on the same address) refuses our old pair with
         ``unknown_pair`` before claiming its export, so the second try still finds it.
+        An exporter that answers no probe is gone: every pair with it is dropped. A last
+        pull that fails otherwise releases the export (best effort): the request computes
+        its prompt here instead, so nobody will pull it, and it need not wait for its lease.
         """
         address = order.addresses[self.tp_rank]
         try:
-            return self._pull_once(order, address)
-        except KVError as e:
-            if e.failure is not KVFailure.UNKNOWN_PAIR:
-                raise
-            logger.info("pdserve kv: %s lost our pair (%s); pairing again", address, e)
-            return self._pull_once(order, address)
+            try:
+                return self._pull_once(order, address)
+            except KVError as e:
+                if e.failure is not KVFailure.UNKNOWN_PAIR:
+                    raise
+                logger.info("pdserve kv: %s lost our pair (%s); pairing again", address, e)
+                return self._pull_once(order, address)
+        except Exception as e:
+            if failure_of(e) is KVFailure.PEER_GONE:
+                self._drop_peer(address)
+            elif order.last:
+                self.messenger.send(address, Release(transfer_id=order.transfer_id))
+            raise
 
     def _pull_once(self, order: LoadOrder, address: str) -> int:
         timeout = self.settings.transfer_timeout_s
@@ -520,6 +595,7 @@ class KVWorker:
         seq = pair.next_seq()
         rid, box = self.messenger.new_request()
         refused = False
+        pair.last_used = time.monotonic()
         try:
             self.messenger.send(
                 address,
@@ -533,9 +609,10 @@ class KVWorker:
                     wait_s=min(1.0, deadline - time.monotonic()),
                     last=order.last,
                     staging=self.staging,
+                    needs_tokens=order.needs_tokens,
                 ),
             )
-            reply = _next_reply(box, deadline)
+            reply = self._liveness.reply(box, deadline, address)
             if isinstance(reply, Failed):
                 # Nothing was sent: unless the pair itself failed, it carries the next pull.
                 refused = reply.code not in BROKEN_PAIR
@@ -543,7 +620,7 @@ class KVWorker:
             assert isinstance(reply, PullStarted)
             runs = block_runs(reply.src, order.dst)
             nbytes = self._receive(pair, runs, seq, reply.staged, deadline)
-            reply = _next_reply(box, deadline)
+            reply = self._liveness.reply(box, deadline, address)
             if isinstance(reply, Failed):
                 raise KVError(reply.code, f"exporter failed: {reply.error}")
             if isinstance(reply, PullFinished) and not reply.valid:
@@ -563,6 +640,7 @@ class KVWorker:
             raise
         finally:
             self.messenger.forget(rid)
+            pair.last_used = time.monotonic()
 
     def _outgoing(self, runs: list[Run], staged: bool) -> list[torch.Tensor]:
         """What the server sends: cache slices as they are, or staged copies of them."""
@@ -596,10 +674,3 @@ class KVWorker:
     def _add_stats(self, stats: TransferCounters) -> None:
         with self._stats_lock:
             self._stats = self._stats + stats
-
-
-def _next_reply(box: queue.SimpleQueue[object], deadline: float) -> object:
-    try:
-        return box.get(timeout=max(0.0, deadline - time.monotonic()))
-    except queue.Empty:
-        raise KVTimeout("the exporting worker did not answer in time") from None

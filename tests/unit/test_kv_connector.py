@@ -57,7 +57,7 @@ def test_a_finished_prefill_goes_into_the_next_metadata(connector: PdConnector) 
     parsed = parse_params(params)
     assert parsed is not None and parsed.source is not None
     orders = meta(connector).orders
-    assert orders.exports == [ExportOrder("t1", "req-p", [8, 9, 10], 30.0)]
+    assert orders.exports == [ExportOrder("t1", "req-p", [8, 9, 10], 30.0, num_computed_tokens=10)]
     assert not orders.loads and not orders.releases and not orders.updates
     assert not meta(connector).orders, "the next step's metadata starts empty"
 
@@ -77,7 +77,9 @@ def test_a_decode_request_asks_for_an_async_load(connector: PdConnector) -> None
     assert connector.get_num_new_matched_tokens(request, 0) == (10, True)  # type: ignore[arg-type]
     connector.update_state_after_alloc(request, FakeBlocks([1, 2, 3]), 10)  # type: ignore[arg-type]
     orders = meta(connector).orders
-    assert orders.loads == [LoadOrder("req-d", "t1", source.addresses, 0, [1, 2, 3])]
+    assert orders.loads == [
+        LoadOrder("req-d", "t1", source.addresses, 0, [1, 2, 3], needs_tokens=9)
+    ]
     assert not orders.exports and not orders.releases
 
 

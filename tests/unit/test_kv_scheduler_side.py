@@ -85,7 +85,7 @@ def test_a_finished_prefill_is_exported_with_its_source() -> None:
     assert source.cache_fingerprint == scheduler.cache_fingerprint
     step = orders(scheduler)
     # Only the blocks holding the 10 computed tokens are exported.
-    assert step.exports == [ExportOrder("t1", "req-p", [30, 31, 7], 30.0)]
+    assert step.exports == [ExportOrder("t1", "req-p", [30, 31, 7], 30.0, num_computed_tokens=10)]
     assert not orders(scheduler), "orders are handed over once"
 
 
@@ -147,7 +147,9 @@ def test_a_decode_request_loads_its_prompt_asynchronously() -> None:
     scheduler.update_state_after_alloc(request, FakeBlocks([5, 6, 9]), 10)  # type: ignore[arg-type]
     (load,) = orders(scheduler).loads
     # The last token is recomputed here: blocks up to the one holding token 9 (of 0..9).
-    assert load == LoadOrder("req-d", "t1", ["tcp://10.0.0.1:7100"], 0, [5, 6, 9], last=True)
+    assert load == LoadOrder(
+        "req-d", "t1", ["tcp://10.0.0.1:7100"], 0, [5, 6, 9], last=True, needs_tokens=9
+    )
 
 
 def test_a_local_prefix_hit_loads_only_the_rest() -> None:
@@ -250,7 +252,9 @@ def test_pin_exports_a_running_request_live() -> None:
     (reply,) = [r for _, r in fake.replies]
     assert isinstance(reply, Pinned) and reply.rid == 7
     assert reply.cache_fingerprint == scheduler.cache_fingerprint
-    assert step.exports == [ExportOrder("mig", "req-r", [3, 4, 5], 30.0, owns=False)]
+    assert step.exports == [
+        ExportOrder("mig", "req-r", [3, 4, 5], 30.0, owns=False, num_computed_tokens=10)
+    ]
 
 
 @pytest.mark.parametrize(

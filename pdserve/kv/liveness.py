@@ -1,0 +1,141 @@
+"""Whether the peers of a KV worker are alive: Ping/Pong probes over its messenger.
+
+A worker's KV server answers ``Ping`` with ``Pong`` on its messenger's I/O thread, never on
+a serving thread, so a busy exporter still answers at once and a silent one is gone
+(``KVFailure.PEER_GONE``) after ``--kv-pair-probe-timeout-s``. ``PeerWatch`` probes:
+
+- on demand, while a pull waits for a reply (``reply``): a dead exporter fails the pull in
+  seconds instead of after its transfer timeout;
+- every ``PEER_CHECK_INTERVAL_S``, on its own thread, the peers of pairs idle that long (in
+  both directions: a worker that only serves a peer learns of its death here too); the
+  worker then drops every pair with a peer that does not answer.
+
+Before a pair forms, the server's ``PairOpened`` is the probe (see ``KVWorker``). This
+module imports no torch.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pdserve.kv.messages import KVError, KVFailure, KVTimeout, Ping, Pong
+from pdserve.kv.messenger import Messenger
+from pdserve.logs import get_logger
+
+if TYPE_CHECKING:
+    from pdserve.kv.transport import Pair
+
+logger = get_logger(__name__)
+
+# A reply this late makes the importer ping the exporter.
+PROBE_AFTER_SILENCE_S = 0.5
+
+# How often the peers of idle pairs are probed.
+PEER_CHECK_INTERVAL_S = 5.0
+
+
+class PeerWatch:
+    """The liveness probes of one worker, and its thread (``pdserve-kv-liveness``)."""
+
+    def __init__(
+        self,
+        messenger: Messenger,
+        probe_s: float,
+        pairs: Callable[[], list[Pair]],
+        drop_peer: Callable[[str], None],
+    ) -> None:
+        self._messenger = messenger
+        self.probe_s = probe_s
+        self._pairs = pairs
+        self._drop_peer = drop_peer
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdserve-kv-liveness", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ends the thread (it may still finish a probe it started, within ``probe_s``)."""
+        self._stopping.set()
+
+    def probe(self, address: str) -> bool:
+        """Whether the KV server at ``address`` answers a Ping in time (blocks that long)."""
+        rid, box = self._messenger.new_request()
+        try:
+            self._messenger.send(address, Ping(rid=rid))
+            try:
+                return isinstance(box.get(timeout=self.probe_s), Pong)
+            except queue.Empty:
+                return False
+        finally:
+            self._messenger.forget(rid)
+
+    def reply(self, box: queue.SimpleQueue[object], deadline: float, address: str) -> object:
+        """The next reply in ``box`` by the deadline, watching that the peer is alive.
+
+        Whenever the peer is silent for ``PROBE_AFTER_SILENCE_S`` it is pinged (the Pong
+        lands in the same mailbox); a ping unanswered within ``probe_s`` means it is gone:
+        ``KVError(PEER_GONE)``. A busy but live exporter answers pings on its I/O thread,
+        so its slow replies are still waited for, up to the deadline (``KVTimeout``).
+        """
+        ping_rid: int | None = None
+        waited_since = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    raise KVTimeout("the exporting worker did not answer in time")
+                patience = self.probe_s if ping_rid is not None else PROBE_AFTER_SILENCE_S
+                try:
+                    reply = box.get(timeout=max(0.0, min(deadline, waited_since + patience) - now))
+                except queue.Empty:
+                    if time.monotonic() >= deadline:
+                        continue  # a timeout, raised above
+                    if ping_rid is not None:
+                        raise KVError(
+                            KVFailure.PEER_GONE,
+                            f"{address} answered no ping in {self.probe_s:.1f} s",
+                        ) from None
+                    ping_rid, _ = self._messenger.new_request(box)
+                    self._messenger.send(address, Ping(rid=ping_rid))
+                    waited_since = time.monotonic()
+                    continue
+                if isinstance(reply, Pong):
+                    self._messenger.forget(reply.rid)
+                    ping_rid, waited_since = None, time.monotonic()
+                    continue
+                return reply
+        finally:
+            if ping_rid is not None:
+                self._messenger.forget(ping_rid)
+
+    def _run(self) -> None:
+        while not self._stopping.wait(PEER_CHECK_INTERVAL_S):
+            try:
+                self.check_peers()
+            except Exception:
+                logger.exception("pdserve kv: checking peers failed")
+
+    def check_peers(self) -> None:
+        """Probes the peer of every idle pair (one probe per peer); drops those that are gone.
+
+        A pair forming, in use or used within the interval says enough (a transfer on it
+        fails by itself if the peer dies), so its peer is left alone.
+        """
+        now = time.monotonic()
+        peers: dict[str, list[Pair]] = {}
+        for pair in self._pairs():
+            if pair.peer_address:
+                peers.setdefault(pair.peer_address, []).append(pair)
+        for address, pairs in peers.items():
+            if self._stopping.is_set():
+                return
+            if any(
+                not p.ready.is_set() or p.lock.locked() or now - p.last_used < PEER_CHECK_INTERVAL_S
+                for p in pairs
+            ):
+                continue
+            if not self.probe(address) and not self._stopping.is_set():
+                self._drop_peer(address)

@@ -1,0 +1,234 @@
+"""KV faults of issue 11 (4 and 10), each pinned by a test: KV that does not exist yet is
+never pinned nor copied, and a dead peer is found out in seconds, its pairs dropped and the
+export of a failed load released at once.
+
+Workers pair over gloo in one process, on fake caches (block b of an exporter holds b).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+import torch
+from vllm.v1.request import RequestStatus
+
+from pdserve.kv import liveness
+from pdserve.kv.exports import ExportRegistry, Refusal
+from pdserve.kv.messages import Failed, KVFailure, Pin, Pinned, PullRequest
+from pdserve.kv.metadata import ExportOrder
+from pdserve.kv.worker_side import KVWorker
+from tests.unit.kv_fakes import FakeControl, FakeSchedulerOutput
+from tests.unit.test_kv_scheduler_side import TOKENS, control, orders, running, side
+from tests.unit.test_kv_transfers import idle, load, pulled, wait_for
+from tests.unit.test_kv_transfers import make_worker as make_any_worker
+from tests.unit.test_kv_transfers import restarted as restart_any
+
+
+def make_worker(name: str, filled: bool, **settings: Any) -> tuple[KVWorker, Any]:
+    """A worker whose peers count as gone after 1 s without an answer."""
+    return make_any_worker(name, filled, **{"pair_probe_timeout_s": 1.0, **settings})
+
+
+def restarted(name: str, port: int) -> KVWorker:
+    return restart_any(name, port, pair_probe_timeout_s=1.0)
+
+
+# --- fault 4: KV that is not there yet is never pinned nor copied ----------------------------
+
+
+def test_pin_of_a_request_recomputing_its_kv_is_refused() -> None:
+    scheduler = side()
+    request = running(scheduler, "key-1", [3, 4, 5])
+    # Preempted, then running again: only its first 4 of 10 tokens have KV so far.
+    request.num_computed_tokens = 4
+    (reply,) = control(scheduler, Pin(rid=1, request_key="key-1", transfer_id="mig"))
+    assert isinstance(reply, Failed) and reply.code is KVFailure.RECOMPUTING
+    assert not orders(scheduler).exports, "nothing is exported"
+    # Once the KV is back (all but the last sampled token), the pin goes through.
+    request.num_computed_tokens = 9
+    (reply,) = control(scheduler, Pin(rid=2, request_key="key-1", transfer_id="mig"))
+    assert isinstance(reply, Pinned) and reply.num_computed_tokens == 9
+
+
+def _pull(needs_tokens: int, count: int, last: bool = False) -> PullRequest:
+    return PullRequest(
+        rid=1,
+        transfer_id="mig",
+        pair_id="p",
+        seq=0,
+        first=0,
+        dst=list(range(count)),
+        last=last,
+        needs_tokens=needs_tokens,
+    )
+
+
+def test_a_live_export_serves_only_positions_its_request_has_computed() -> None:
+    scheduler = side()
+    request = running(scheduler, "key-1", [3, 4, 5])
+    request.num_computed_tokens = 9  # tokens 0..8 have KV; block 5 is only partly filled
+    scheduler._control = FakeControl()  # type: ignore[assignment]
+    scheduler._receive_control(b"gateway", Pin(rid=1, request_key="key-1", transfer_id="mig"))
+    registry = ExportRegistry()
+    (export,) = orders(scheduler).exports
+    assert export.num_computed_tokens == 9
+    registry.add(export)
+    refused = registry.begin_pull(_pull(needs_tokens=12, count=3))
+    assert isinstance(refused, Refusal) and refused.failure is KVFailure.NOT_COMPUTED
+    claimed = registry.begin_pull(_pull(needs_tokens=8, count=2))
+    assert not isinstance(claimed, Refusal) and claimed[1] == [3, 4]
+    registry.end_pull(claimed[0])
+    # It decodes on: 13 positions computed, a fourth block allocated.
+    request.all_token_ids = [*TOKENS, 1, 2, 3, 4]
+    request.num_computed_tokens = 13
+    scheduler._kv_cache_manager.blocks["req-r"] = [3, 4, 5, 6]  # type: ignore[union-attr]
+    (update,) = orders(scheduler).updates
+    assert update.num_computed_tokens == 13 and update.block_ids == [3, 4, 5, 6]
+    registry.update(update)
+    claimed = registry.begin_pull(_pull(needs_tokens=12, count=3))
+    assert not isinstance(claimed, Refusal) and claimed[1] == [3, 4, 5]
+    registry.end_pull(claimed[0])
+
+
+def test_a_pinned_request_that_ends_hands_over_only_its_computed_blocks() -> None:
+    scheduler = side()
+    request = running(scheduler, "key-1", [3, 4, 8, 12])
+    control(scheduler, Pin(rid=1, request_key="key-1", transfer_id="mig"))
+    request.status = RequestStatus.FINISHED_ABORTED
+    # 10 positions computed: blocks 3, 4 and 8; block 12 was allocated ahead, it holds none.
+    assert scheduler.request_finished(request, [3, 4, 8, 12]) == (True, None)  # type: ignore[arg-type]
+    (update,) = orders(scheduler).updates
+    assert update.owns and update.block_ids == [3, 4, 8] and update.num_computed_tokens == 10
+
+
+def test_a_preempted_then_recomputing_pinned_request_cannot_be_pinned_again() -> None:
+    scheduler = side()
+    request = running(scheduler, "key-1", [3, 4, 8])
+    control(scheduler, Pin(rid=1, request_key="key-1", transfer_id="mig"))
+    (update,) = scheduler.build_orders(FakeSchedulerOutput({"req-r"})).updates  # type: ignore[arg-type]
+    assert update.void
+    request.num_computed_tokens = 0  # vLLM resets it on preemption, then recomputes
+    (reply,) = control(scheduler, Pin(rid=2, request_key="key-1", transfer_id="mig-2"))
+    assert isinstance(reply, Failed) and reply.code is KVFailure.RECOMPUTING
+
+
+def test_a_release_after_the_export_ended_leaves_no_tombstone() -> None:
+    registry = ExportRegistry()
+    registry.add(ExportOrder("mig", "req", [1], lease_s=30))
+    claimed = registry.begin_pull(_pull(needs_tokens=0, count=1, last=True))
+    assert not isinstance(claimed, Refusal)
+    registry.end_pull(claimed[0])
+    # The importer's best-effort release of a load that failed after the claim.
+    registry.release("mig", tombstone_s=60)
+    assert not registry._tombstones and len(registry) == 0
+
+
+# --- fault 10: a dead exporter is found out in seconds -----------------------------------------
+
+
+def test_a_dead_exporter_fails_a_load_in_seconds_not_the_pair_setup_timeout() -> None:
+    exporter, _ = make_worker("exporter", True)
+    address = exporter.address
+    exporter.shutdown()  # gone before anyone paired with it
+    importer, _ = make_worker("importer", False, pair_setup_timeout_s=30.0)
+    try:
+        started = time.monotonic()
+        result = load(importer, "t", address, [1])
+        assert not result.ok and result.failure is KVFailure.PEER_GONE
+        assert time.monotonic() - started < 3.0, "the probe, not the 30 s set-up, decided"
+        assert idle(importer, pairs=0)
+    finally:
+        importer.shutdown()
+
+
+def test_an_exporter_dying_after_pairing_fails_the_next_load_in_seconds() -> None:
+    exporter, _ = make_worker("exporter", True)
+    importer, cache = make_worker("importer", False, transfer_timeout_s=20.0)
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        pulled(importer, "a", exporter.address, [1])
+        assert importer.holdings().open_pairs == 1
+        exporter.shutdown()
+        started = time.monotonic()
+        result = load(importer, "b", exporter.address, [2])
+        assert not result.ok and result.failure is KVFailure.PEER_GONE
+        assert time.monotonic() - started < 4.0, "not the 20 s transfer timeout"
+        assert idle(importer, pairs=0), "the pair with the dead peer is dropped"
+        assert torch.all(cache["layers.0"][2] == 0)
+    finally:
+        importer.shutdown()
+
+
+def test_pairs_with_a_peer_that_no_longer_answers_are_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(liveness, "PEER_CHECK_INTERVAL_S", 0.3)
+    exporter, _ = make_worker("exporter", True)
+    importer, _ = make_worker("importer", False)
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        pulled(importer, "a", exporter.address, [1])
+        wait_for(lambda: idle(exporter, pairs=1), 5, "the exporter serving one pair")
+        time.sleep(1.0)
+        assert idle(exporter, pairs=1), "a live peer keeps its pair"
+        importer.shutdown()  # the importer dies: it never closes its pair
+        wait_for(lambda: idle(exporter, pairs=0), 5, "the exporter dropping the dead peer's pair")
+    finally:
+        importer.shutdown()
+        exporter.shutdown()
+
+
+def test_a_peer_that_pairs_again_replaces_its_old_pair() -> None:
+    exporter, _ = make_worker("exporter", True)
+    importer, _ = make_worker("importer", False)
+    port = importer.settings.port
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        pulled(importer, "a", exporter.address, [1])
+        importer.shutdown()  # restarts on the same port; its PairClose never went out
+        importer = restarted("importer", port)
+        exporter.add_export(ExportOrder("b", "p-b", [4], lease_s=30))
+        pulled(importer, "b", exporter.address, [2])
+        wait_for(lambda: idle(exporter, pairs=1), 5, "one pair per peer on the exporter")
+    finally:
+        importer.shutdown()
+        exporter.shutdown()
+
+
+def test_a_load_that_fails_before_claiming_its_export_releases_it() -> None:
+    exporter, _ = make_worker("exporter", True)
+    # Other planes: the pair is refused, so the pull never reaches the export.
+    importer, _ = make_worker("importer", False, width=16)
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        result = load(importer, "a", exporter.address, [1])
+        assert not result.ok and result.failure is KVFailure.PLANE_MISMATCH
+        freed: set[str] = set()
+        deadline = time.monotonic() + 3
+        while not freed and time.monotonic() < deadline:
+            freed |= exporter.poll()[0]
+            time.sleep(0.02)
+        assert freed == {"p-a"}, "freed at once, not after the 30 s lease"
+        assert idle(exporter, pairs=0) and idle(importer, pairs=0)
+    finally:
+        importer.shutdown()
+        exporter.shutdown()
+
+
+def test_a_ping_is_answered_by_a_busy_server() -> None:
+    exporter, _ = make_worker("exporter", True)
+    importer, _ = make_worker("importer", False)
+    gate = threading.Event()
+    try:
+        for _ in range(8):
+            exporter._serve_pool.submit(gate.wait, 30)
+        assert importer._liveness.probe(exporter.address)
+        exporter.shutdown()
+        assert not importer._liveness.probe(exporter.address)
+    finally:
+        gate.set()
+        importer.shutdown()
+        exporter.shutdown()

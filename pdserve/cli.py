@@ -238,6 +238,46 @@ def _add_profile(sub: argparse._SubParsersAction) -> None:
     profile.set_defaults(handler=_profile)
 
 
+def _sim(args: argparse.Namespace, extra: list[str]) -> int:
+    from pydantic import ValidationError
+
+    from pdserve.sim.run import command
+    from pdserve.sim.settings import sim_settings_from_args
+
+    try:
+        settings = sim_settings_from_args(args)
+    except ValidationError as error:
+        print(f"pdserve sim: {error}", file=sys.stderr)
+        return 2
+    status, results = command(*settings)
+    if status == 0 and settings[0].plot:
+        try:
+            from benchmark.plots import plot_results
+        except ImportError as error:  # matplotlib comes with scripts/setup.sh --bench
+            print(f"pdserve sim: no plots ({error})", file=sys.stderr)
+            return 1
+        from pathlib import Path
+
+        for path in plot_results(results, Path(settings[0].plot)):
+            print(path)
+    return status
+
+
+def _add_sim(sub: argparse._SubParsersAction) -> None:
+    from pdserve.sim.settings import add_sim_arguments
+
+    sim = sub.add_parser(
+        "sim",
+        help="simulate a cluster (any size) running pdserve's own scheduling code",
+        description="A discrete-event simulation of prefill, decode and colocated vLLM "
+        "instances (step times from a profile) behind the gateway's real control plane and "
+        "policies; the same summaries as pdserve bench run, per rate (docs/simulator.md).",
+        allow_abbrev=False,
+    )
+    add_sim_arguments(sim)
+    sim.set_defaults(handler=_sim)
+
+
 def _add_model(sub: argparse._SubParsersAction) -> None:
     model = sub.add_parser("model", help="the bundled default model")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -274,6 +314,7 @@ _SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_instance,
     _add_bench,
     _add_profile,
+    _add_sim,
     _add_model,
     _add_doctor,
 ]

@@ -224,7 +224,8 @@ class SimEngine:
         """Index of the last report time at or before ``now`` (-1: none yet)."""
         if now < self.report_phase_s:
             return -1
-        return math.floor((now - self.report_phase_s) / self.report_interval_s)
+        # Rounding must not put a report time (phase + tick * interval) before its tick.
+        return math.floor((now - self.report_phase_s) / self.report_interval_s + 1e-9)
 
     def tick_time(self, tick: int) -> float:
         return self.report_phase_s + tick * self.report_interval_s

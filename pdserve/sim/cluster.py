@@ -1,0 +1,266 @@
+"""A whole simulated cluster: instances with roles, the real control plane, time running.
+
+Each instance is a ``SimEngine`` that registers with the gateway's ``ControlPlane``
+(``Register``) and sends a ``LoadReport`` every report interval from a random phase, so the
+gateway decides on reports up to one interval old plus its own pending accounting, as in
+production. Reports are delivered lazily: before any decision the gateway takes (a
+dispatch, a rescheduling round), each instance's report of the last report time is built
+from the engine's state *at that time* and handed to ``ControlPlane.handle``; reports that
+no decision could have read in between are skipped, which the control plane cannot tell
+apart (a newer report replaces all of an older one, and its pending entries expire by the
+newer report's time).
+
+Instances fail and join at given times. A failed instance stops reporting; the legs it
+held are lost at once (their connections break, as a killed process's do): their sessions
+fail over, pulls from its exports fail and are recomputed by the puller. The control plane
+takes it out of rotation (``mark_broken``, then its silence), as it would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdserve.gateway.control_plane import ControlPlane
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.protocol.reports import Register, Role
+from pdserve.scheduler.dispatch import DispatchSettings, make_policy
+from pdserve.scheduler.rescheduling import ReschedulingSettings
+from pdserve.sim.engine import SimEngine
+from pdserve.sim.events import EventQueue
+from pdserve.sim.gateway import Session, SimGateway
+from pdserve.sim.legs import EngineConfig
+from pdserve.sim.migration import SimRescheduler
+from pdserve.sim.profile import StepProfile
+
+SECRET = b"pdserve-sim"
+# Checks of the control plane's health rules run this long after each deadline.
+_AFTER = 1e-6
+
+
+@dataclass(frozen=True)
+class InstanceChange:
+    """An instance joining (``role``) or failing (``instance_id``) at ``at_s``."""
+
+    at_s: float
+    role: Role | None = None
+    instance_id: str | None = None
+
+
+class SimCluster:
+    """Instances present from the start join at 0 and have reported once by ``warmup_s``,
+    when the first request may arrive (``run`` shifts every arrival by it)."""
+
+    def __init__(
+        self,
+        profile: StepProfile,
+        roles: Sequence[Role],
+        gateway: GatewaySettings | None = None,
+        dispatch: DispatchSettings | None = None,
+        rescheduling: ReschedulingSettings | None = None,
+        engine: EngineConfig | None = None,
+        report_interval_s: float = 0.1,
+        changes: Iterable[InstanceChange] = (),
+        seed: int = 0,
+    ) -> None:
+        """``roles``: one per instance present from the start (named ``ROLE-NN``)."""
+        self.profile = profile
+        self.gateway_settings = gateway or GatewaySettings()
+        self.dispatch_settings = dispatch or DispatchSettings()
+        self.rescheduling_settings = rescheduling or ReschedulingSettings()
+        self.engine_config = engine or EngineConfig.of(profile)
+        self.report_interval_s = report_interval_s
+        self.warmup_s = report_interval_s
+        self.queue = EventQueue()
+        self.rng = np.random.default_rng(seed)
+        self.control = ControlPlane(
+            self.gateway_settings,
+            SECRET,
+            make_policy(self.dispatch_settings),
+            clock=self.queue.clock,
+        )
+        self.engines: dict[str, SimEngine] = {}
+        self.failed: list[SimEngine] = []
+        self._delivered: dict[str, int] = {}
+        self._counts: dict[str, int] = {}
+        self._roles: dict[str, Role] = {}
+        self.gateway = SimGateway(
+            self.control,
+            self.gateway_settings,
+            self.engines,
+            self.sync,
+            self.queue.at,
+            self.next_report,
+            profile.request_overhead_s,
+        )
+        self.rescheduler = SimRescheduler(
+            self.gateway,
+            self.rescheduling_settings,
+            self.dispatch_settings.watermark,
+            self.queue.at,
+        )
+        self._pending_arrivals = 0
+        for role in roles:
+            self._join(role, 0.0)
+        for change in changes:
+            if change.role is not None:
+                self.queue.at(change.at_s, self._on_join, change.role)
+            elif change.instance_id is not None:
+                self.queue.at(change.at_s, self._on_fail, change.instance_id)
+
+    # --- instances --------------------------------------------------------------------------
+
+    def _name(self, role: Role) -> str:
+        index = self._counts.get(role, 0)
+        self._counts[role] = index + 1
+        return f"{role}-{index:02d}"
+
+    def _join(self, role: Role, now: float) -> SimEngine:
+        instance_id = self._name(role)
+        incarnation = f"{instance_id}@{now:g}"
+        phase = now + float(self.rng.uniform(0, self.report_interval_s))
+        engine = SimEngine(
+            instance_id,
+            self.profile,
+            self.engine_config,
+            self.queue,
+            incarnation=incarnation,
+            report_interval_s=self.report_interval_s,
+            report_phase_s=phase,
+        )
+        self.engines[instance_id] = engine
+        self._delivered[instance_id] = -1
+        self._roles[instance_id] = role
+        register = Register(
+            instance_id=instance_id,
+            role=role,
+            url=f"sim://{instance_id}",
+            host="sim",
+            pid=len(self.engines),
+            model=self.profile.model or self.profile.name,
+            kv_addresses=[f"sim://{instance_id}/kv"],
+            control_address=f"sim://{instance_id}/control",
+            max_model_len=self.profile.max_model_len,
+            started_at=now,
+            incarnation=incarnation,
+        )
+        self.control.handle(register, now)
+        return engine
+
+    def _on_join(self, role: Role) -> None:
+        self._join(role, self.queue.now)
+
+    def _on_fail(self, instance_id: str) -> None:
+        engine = self.engines.get(instance_id)
+        if engine is None or not engine.alive:
+            return
+        now = self.queue.now
+        self.sync(now)  # what it reported until now reached the gateway
+        lost = engine.fail(now)
+        self.failed.append(engine)
+        self.control.mark_broken(instance_id)
+        for leg in lost:
+            for puller in list(leg.pullers):
+                if puller.engine is not None:
+                    puller.engine.pull_failed(puller, now)
+            leg.pullers.clear()
+        for leg in lost:
+            leg.owner.leg_lost(leg, now)
+        settings = self.gateway_settings
+        for delay in (settings.heartbeat_timeout_s, settings.dead_after_s, settings.forget_after_s):
+            self.queue.at(now + delay + _AFTER, self._check_health, None)
+
+    def _check_health(self, _: object) -> None:
+        self.sync(self.queue.now)
+
+    # --- load reports -----------------------------------------------------------------------
+
+    def sync(self, now: float) -> None:
+        """Delivers each live instance's latest report sent by ``now`` (see the module doc)."""
+        control = self.control
+        delivered = self._delivered
+        for instance_id, engine in self.engines.items():
+            if not engine.alive:
+                continue
+            tick = engine.latest_tick(now)
+            if tick > delivered[instance_id]:
+                report = engine.report_at(tick)
+                if report is not None:
+                    control.handle(report, engine.tick_time(tick))
+                delivered[instance_id] = tick
+        if self.failed:
+            control.check_health(now)
+
+    def next_report(self, now: float) -> float | None:
+        """When the next report of a live decode-capable instance is sent."""
+        best: float | None = None
+        for instance_id, engine in self.engines.items():
+            if engine.alive and self._roles[instance_id] != "prefill":
+                tick = engine.latest_tick(now) + 1
+                when = engine.tick_time(tick)
+                if when <= now:
+                    when = engine.tick_time(tick + 1)
+                best = when if best is None else min(best, when)
+        return best
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self, sessions: Sequence[Session]) -> float:
+        """Serves every session (sent ``start_s`` after the warm-up); returns when the last
+        one ended, in seconds from the first send time (0)."""
+        self._pending_arrivals = len(sessions)
+        last = [0.0]
+
+        def done(session: Session) -> None:
+            last[0] = max(last[0], session.last_at, session.sent_at)
+
+        self.gateway.on_done = done
+        for session in sessions:
+            session.sent_at = session.start_s + self.warmup_s
+            self.queue.at(session.sent_at, self._on_arrival, session)
+        if self.rescheduling_settings.rescheduling:
+            interval = self.rescheduling_settings.reschedule_interval_s
+            self.queue.at(interval, self._on_round, None)
+        self.queue.run()
+        return max(0.0, last[0] - self.warmup_s)
+
+    def _on_arrival(self, session: Session) -> None:
+        self._pending_arrivals -= 1
+        self.gateway.arrive(session)
+
+    def _on_round(self, _: object) -> None:
+        if self._pending_arrivals == 0 and self.gateway.open == 0:
+            return  # nothing left to balance: the loop ends with the run
+        now = self.queue.now
+        self.rescheduler.round(now)
+        self.queue.at(now + self.rescheduling_settings.reschedule_interval_s, self._on_round)
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def leaks(self) -> list[str]:
+        """What a finished run left behind (nothing, when conservation holds)."""
+        problems = []
+        for instance_id, engine in self.engines.items():
+            if not engine.alive:
+                continue
+            pool = engine.pool
+            if pool.free != pool.total:
+                problems.append(f"{instance_id}: {pool.total - pool.free} blocks in use")
+            if engine.exported:
+                problems.append(f"{instance_id}: {len(engine.exported)} held exports")
+            if not engine.idle():
+                problems.append(f"{instance_id}: legs left")
+        if self.gateway.open:
+            problems.append(f"{self.gateway.open} sessions not ended")
+        return problems
+
+
+def roles_of(prefill: int, decode: int, both: int) -> list[Role]:
+    """Instances from the start, by role."""
+    roles: list[Role] = []
+    roles += ["prefill"] * prefill
+    roles += ["decode"] * decode
+    roles += ["both"] * both
+    return roles

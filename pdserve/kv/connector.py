@@ -24,6 +24,7 @@ Enable it with ``pdserve instance`` or by hand::
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +37,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from pdserve.kv.layout import build_layout
-from pdserve.kv.metadata import StepOrders
+from pdserve.kv.metadata import LoadOrder, StepOrders
 from pdserve.kv.scheduler_side import SchedulerSide
 from pdserve.kv.settings import KVSettings, from_extra_config
-from pdserve.kv.worker_side import KVWorker
+from pdserve.kv.worker_side import KVWorker, LoadResult
 from pdserve.logs import get_logger
 from pdserve.protocol.net import is_loopback
 from pdserve.protocol.reports import TransferCounters
@@ -100,6 +101,10 @@ class PdConnector(KVConnectorBase_V1):
         self.scheduler_side: SchedulerSide | None = None
         self.worker: KVWorker | None = None
         self._transfer_totals = TransferCounters()
+        # This step's synchronous loads (started by bind_connector_metadata, waited for by
+        # start_load_kv) and the blocks of those that failed, until vLLM asks for them.
+        self._sync_loads: list[tuple[LoadOrder, Future[LoadResult]]] = []
+        self._load_errors: set[int] = set()
         if role == KVConnectorRole.SCHEDULER:
             secret = cluster_secret(loopback_only=is_loopback(self.settings.host))
             self.scheduler_side = SchedulerSide(vllm_config, kv_cache_config, self.settings, secret)
@@ -231,17 +236,39 @@ class PdConnector(KVConnectorBase_V1):
         for update in orders.updates:
             self.worker.update_export(update)
         for load in orders.loads:
-            self.worker.start_load(load)
+            if load.sync:
+                self._sync_loads.append((load, self.worker.start_sync_load(load)))
+            else:
+                self.worker.start_load(load)
         for release in orders.releases:
             self.worker.send_release(release)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
-        """Once per step; nothing to do: loads run in the background from the moment their
-        order arrives (``bind_connector_metadata``)."""
+        """Once per step, before the forward when the step has synchronous loads (after it
+        otherwise). Asynchronous loads already run in the background from the moment their
+        order arrived (``bind_connector_metadata``); this waits for the step's synchronous
+        ones, whose requests the forward computes on. Blocks the model thread for at most
+        their transfer deadline; a failed one's blocks go to ``get_block_ids_with_load_errors``
+        (vLLM then recomputes them, or fails the request under ``--on-kv-failure fail``).
+        """
+        loads, self._sync_loads = self._sync_loads, []
+        for order, future in loads:
+            if not future.result().ok:
+                self._load_errors.update(order.dst)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Per layer, from the attention layers; nothing to wait for: a loaded request is
-        only scheduled once its whole load is reported done."""
+        """Per layer, from the attention layers; nothing to wait for: ``start_load_kv``
+        finished the synchronous loads, and an asynchronously loaded request is only
+        scheduled once its whole load is reported done."""
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        """Blocks of this step's synchronous loads that failed (then forgotten here).
+
+        Called once per step by the model runner after ``get_transfer_results``; failed
+        asynchronous loads are reported per request instead (``failed_recving``).
+        """
+        errors, self._load_errors = self._load_errors, set()
+        return errors
 
     def save_kv_layer(
         self,

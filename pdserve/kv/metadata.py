@@ -75,6 +75,9 @@ class LoadOrder:
     last: bool = True
     # Positions of the export whose KV the request relies on (all but its last token).
     needs_tokens: int = 0
+    # Synchronous: the worker finishes it before this step's forward, which computes the
+    # request's last token on top of it (vLLM scheduled the request in this very step).
+    sync: bool = False
 
 
 @dataclass

@@ -121,6 +121,8 @@ class SchedulerSide:
         self.addresses = [settings.address_of_rank(r) for r in range(self.tp_size)]
         self._orders = StepOrders()
         self._local_hits: dict[str, int] = {}
+        # Requests whose load get_num_new_matched_tokens made synchronous (until allocated).
+        self._sync_loads: set[str] = set()
         # Requests whose import was decided (loading, loaded, or refused): asked again after a
         # failed load under the "recompute" policy, they are then prefilled locally.
         self._import_decided: set[str] = set()
@@ -186,7 +188,9 @@ class SchedulerSide:
 
         Called by ``Scheduler.schedule`` for a waiting request each step it is considered
         for admission (so possibly several times, e.g. while no blocks are free). A trusted
-        source yields every token beyond the local prefix-cache hit, loaded asynchronously;
+        source yields every token beyond the local prefix-cache hit, loaded asynchronously
+        (or, up to ``sync_load_max_tokens``, synchronously: all but the last token, which
+        this step computes);
         an untrusted one yields 0 once, queues a release of the export for this step's
         orders, and the request is prefilled locally. Only in-memory state changes.
         """
@@ -210,7 +214,15 @@ class SchedulerSide:
             self._orders.releases.append(ReleaseOrder(source.transfer_id, source.addresses))
             return 0, False
         self._local_hits[request.request_id] = num_computed_tokens
-        return request.num_tokens - num_computed_tokens, True
+        missing = request.num_tokens - num_computed_tokens
+        if 0 < missing - 1 <= self.settings.sync_load_max_tokens:
+            # A small load (a migration's tail) runs in this step: vLLM schedules the last
+            # token at once, so the request produces a token one step after admission
+            # instead of after the load's extra steps.
+            self._sync_loads.add(request.request_id)
+            return missing - 1, False
+        self._sync_loads.discard(request.request_id)
+        return missing, True
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
@@ -244,8 +256,10 @@ class SchedulerSide:
                 dst,
                 last=not source.keep,
                 needs_tokens=request.num_tokens - 1,
+                sync=request.request_id in self._sync_loads,
             )
         )
+        self._sync_loads.discard(request.request_id)
         logger.debug(
             "pdserve kv: request %s loads %s (%d blocks)",
             request.request_id,
@@ -270,6 +284,7 @@ class SchedulerSide:
 
         req_id = request.request_id
         self._local_hits.pop(req_id, None)
+        self._sync_loads.discard(req_id)
         self._import_decided.discard(req_id)
         self._forget_key(request)
         live = self._live.pop(req_id, None)

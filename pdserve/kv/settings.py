@@ -39,6 +39,13 @@ class KVTransferSettings(BaseModel):
         description="seconds two workers may take to form their process group "
         "(once per pair of workers)",
     )
+    sync_load_max_tokens: int = Field(
+        64,
+        ge=0,
+        description="a load of at most this many tokens (a migration's tail) runs in the "
+        "step that admits its request, before the forward: no extra engine steps, at the cost "
+        "of that step waiting for the transfer; 0: every load is asynchronous",
+    )
     pair_probe_timeout_s: float = Field(
         2.0,
         gt=0,

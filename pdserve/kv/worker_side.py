@@ -21,9 +21,10 @@ import queue
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -75,6 +76,8 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 # A load may wait this many transfer timeouts for its turn on a busy pair.
@@ -177,6 +180,13 @@ class KVWorker:
         logger.debug("pdserve kv: load %s (%d blocks) ordered", order.transfer_id, len(order.dst))
         self._load_pool.submit(self._counted, self._run_load, order)
 
+    def start_sync_load(self, order: LoadOrder) -> Future[LoadResult]:
+        """Submits a synchronous pull (model thread, per step); the caller waits on it before
+        the forward (``PdConnector.start_load_kv``). Its outcome is that future's, never
+        ``poll``'s: vLLM does not wait for a sync load to be reported finished."""
+        logger.debug("pdserve kv: sync load %s (%d blocks)", order.transfer_id, len(order.dst))
+        return self._load_pool.submit(self._counted, self._load, order)
+
     def send_release(self, order: ReleaseOrder) -> None:
         """Tells this rank's exporter its blocks will not be pulled (queued, non-blocking)."""
         address = order.addresses[self.tp_rank]
@@ -200,12 +210,12 @@ class KVWorker:
                 failed.add(result.req_id)
         return sending, recving, failed
 
-    def _counted(self, transfer: Any, *args: Any) -> None:
+    def _counted(self, transfer: Callable[..., T], *args: Any) -> T:
         """Runs a served or made pull on a pool thread, counted in ``inflight_pulls``."""
         with self._stats_lock:
             self._inflight += 1
         try:
-            transfer(*args)
+            return transfer(*args)
         finally:
             with self._stats_lock:
                 self._inflight -= 1
@@ -509,7 +519,11 @@ class KVWorker:
                     del self._pairs.by_peer[peer]
 
     def _run_load(self, order: LoadOrder) -> None:
-        """Runs one load and reports it exactly once, whatever happens."""
+        """Runs one asynchronous load and reports it exactly once (``poll``), whatever happens."""
+        self._results.put(self._load(order))
+
+    def _load(self, order: LoadOrder) -> LoadResult:
+        """Runs one load; its result, whatever happens (counted and logged)."""
         start = time.perf_counter()
         result = LoadResult(
             order.req_id, ok=False, error="load did not run", failure=KVFailure.TRANSPORT_ERROR
@@ -550,7 +564,7 @@ class KVWorker:
                     result.failure,
                     result.error,
                 )
-            self._results.put(result)
+        return result
 
     def _pull(self, order: LoadOrder) -> int:
         """Pulls over the pair with the exporter; once more over a new pair if it lost ours.

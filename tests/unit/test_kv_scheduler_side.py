@@ -38,8 +38,12 @@ from tests.unit.kv_fakes import (
 TOKENS = list(range(100, 110))  # 10 tokens: blocks of 4, 4 and 2
 
 
-def side(lease_s: float = 30.0, tp_size: int = 1) -> SchedulerSide:
-    settings = KVSettings(instance_id="here", port=7100, lease_s=lease_s)
+def side(lease_s: float = 30.0, tp_size: int = 1, sync_up_to: int = 0) -> SchedulerSide:
+    """``sync_up_to``: ``sync_load_max_tokens`` (0 here: every load of these small fake
+    prompts would be synchronous by default)."""
+    settings = KVSettings(
+        instance_id="here", port=7100, lease_s=lease_s, sync_load_max_tokens=sync_up_to
+    )
     scheduler = SchedulerSide(vllm_config(tp_size), kv_cache_config(), settings, b"secret")
     scheduler.bind(FakeCacheManager())  # type: ignore[arg-type]
     return scheduler
@@ -160,6 +164,22 @@ def test_a_local_prefix_hit_loads_only_the_rest() -> None:
     scheduler.update_state_after_alloc(request, FakeBlocks([5, 6, 9]), 6)  # type: ignore[arg-type]
     (load,) = orders(scheduler).loads
     assert (load.first, load.dst, load.last) == (1, [6, 9], False)
+
+
+def test_a_small_tail_loads_synchronously_and_leaves_only_the_last_token() -> None:
+    """A migration's tail: loaded before this step's forward, which computes the last
+    token, so the moved request produces a token one step after its admission."""
+    scheduler = side(sync_up_to=8)
+    source = source_for(TOKENS, scheduler.cache_fingerprint)
+    request = decode_request("req-d", TOKENS, source)
+    assert scheduler.get_num_new_matched_tokens(request, 4) == (5, False)  # type: ignore[arg-type]
+    scheduler.update_state_after_alloc(request, FakeBlocks([5, 6, 9]), 5)  # type: ignore[arg-type]
+    (load,) = orders(scheduler).loads
+    assert (load.first, load.dst, load.sync) == (1, [6, 9], True)
+    longer = decode_request("req-e", TOKENS, source_for(TOKENS, scheduler.cache_fingerprint))
+    assert scheduler.get_num_new_matched_tokens(longer, 0) == (10, True), "9 > 8: async"  # type: ignore[arg-type]
+    scheduler.update_state_after_alloc(longer, FakeBlocks([1, 2, 3]), 10)  # type: ignore[arg-type]
+    assert not orders(scheduler).loads[0].sync
 
 
 def test_an_allocation_without_external_tokens_orders_nothing() -> None:

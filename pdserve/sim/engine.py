@@ -35,6 +35,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 
+import msgspec
 import numpy as np
 
 from pdserve.protocol.net import cdiv
@@ -79,8 +80,9 @@ class SimEngine:
         self.running: list[Leg] = []
         self.waiting: deque[Leg] = deque()
         self.ready: deque[Leg] = deque()
-        self.loading: set[Leg] = set()
-        self.exported: set[Leg] = set()
+        # Insertion-ordered (dicts, not sets): a run must not depend on object addresses.
+        self.loading: dict[Leg, None] = {}
+        self.exported: dict[Leg, None] = {}
         self.counters = EngineCounters()
         self.step_ms = 0.0
         self.prefill_rate = 0.0
@@ -97,6 +99,9 @@ class SimEngine:
         self.report_interval_s = report_interval_s
         self.report_phase_s = report_phase_s
         self._captured_tick = -1
+        # Bumped by every change of state, so an unchanged state reuses its last report.
+        self._version = 0
+        self._snapshot_state: tuple[int, int, bool] = (-1, 0, False)
         self._snapshot: LoadReport | None = None
         self._transfers = TransferCounters()
         self._transfers_key: tuple[int, int, int, float] = (0, 0, 0, 0.0)
@@ -124,13 +129,13 @@ class SimEngine:
         elif state is LegState.READY:
             self.ready.remove(leg)
         elif state is LegState.LOADING:
-            self.loading.discard(leg)
+            self.loading.pop(leg, None)
             self._stop_pull(leg)
         else:  # exported (released separately), finished or aborted: nothing runs
             return
         if leg.pinned and state is LegState.RUNNING:
             leg.state = LegState.EXPORTED
-            self.exported.add(leg)
+            self.exported[leg] = None
         else:
             self._free(leg)
             leg.state = LegState.ABORTED
@@ -141,7 +146,7 @@ class SimEngine:
         if leg not in self.exported:
             return
         self.touch(now, interrupt=True)
-        self.exported.discard(leg)
+        self.exported.pop(leg, None)
         leg.pinned = False
         self._free(leg)
         leg.state = LegState.FINISHED
@@ -158,7 +163,7 @@ class SimEngine:
         if leg.state is not LegState.LOADING:
             return
         self.touch(now, interrupt=True)
-        self.loading.discard(leg)
+        self.loading.pop(leg, None)
         self._free(leg)
         leg.source = None
         leg.num_computed = 0
@@ -179,7 +184,7 @@ class SimEngine:
         for leg in legs:
             leg.state = LegState.ABORTED
         self.running, self.waiting, self.ready = [], deque(), deque()
-        self.loading, self.exported = set(), set()
+        self.loading, self.exported = {}, {}
         return legs
 
     def touch(self, now: float, interrupt: bool = False) -> None:
@@ -189,6 +194,8 @@ class SimEngine:
         epoch ends after the step in flight, so the next step is scheduled afresh."""
         if self.alive:
             self._capture(now)
+        if interrupt:
+            self._version += 1
         epoch = self._epoch
         if epoch is None:
             return
@@ -214,6 +221,11 @@ class SimEngine:
             if item is leg:
                 return self._step_end if leg.num_computed + count >= leg.num_tokens else None
         return None
+
+    def sent(self, nbytes: int) -> None:
+        """Another engine pulls ``nbytes`` of KV from this one (counted in its reports)."""
+        self.counters.bytes_sent += nbytes
+        self._version += 1
 
     def idle(self) -> bool:
         return not (self.running or self.waiting or self.ready or self.loading or self.exported)
@@ -243,10 +255,18 @@ class SimEngine:
             return
         epoch = self._epoch
         if epoch is None:
-            self._snapshot = self.report(tick + 1)
+            ahead, in_flight, steps = 0, False, 0
         else:  # the epoch's steps by then, counted without applying them
             done = bisect_right(epoch.ends, self.tick_time(tick), epoch.applied, epoch.last)
-            self._snapshot = self.report(tick + 1, done - epoch.applied, done < epoch.last)
+            ahead, in_flight, steps = done - epoch.applied, done < epoch.last, done
+        state = (self._version, steps, in_flight)
+        snapshot = self._snapshot
+        if snapshot is not None and state == self._snapshot_state:
+            # Nothing changed since (an idle instance): the same report, numbered anew.
+            self._snapshot = msgspec.structs.replace(snapshot, seq=tick + 1)
+        else:
+            self._snapshot = self.report(tick + 1, ahead, in_flight)
+            self._snapshot_state = state
         self._captured_tick = tick
 
     def report(self, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
@@ -392,13 +412,13 @@ class SimEngine:
         seconds = self.profile.transfer_seconds(blocks * bs)
         leg.state = LegState.LOADING
         leg.pull_gen += 1
-        self.loading.add(leg)
+        self.loading[leg] = None
         source.pullers.append(leg)
         nbytes = blocks * bs * self.profile.kv_bytes_per_token
         self.counters.bytes_received += nbytes
         self.counters.load_seconds += seconds
         if source.engine is not None:
-            source.engine.counters.bytes_sent += nbytes
+            source.engine.sent(nbytes)
         self.queue.at(now + seconds, self._on_pulled, (leg, leg.pull_gen))
 
     def _stop_pull(self, leg: Leg) -> None:
@@ -413,7 +433,7 @@ class SimEngine:
         now = self.queue.now
         self.touch(now, interrupt=True)
         self._stop_pull(leg)
-        self.loading.discard(leg)
+        self.loading.pop(leg, None)
         leg.num_computed = max(leg.num_computed, min(leg.source_tokens, leg.num_tokens - 1))
         leg.source = None
         self._adopt(leg)
@@ -518,6 +538,7 @@ class SimEngine:
         return admitted
 
     def _start_step(self, now: float) -> None:
+        self._version += 1
         items, epoch_ok = self._schedule(now)
         if not items:
             self._busy = False
@@ -556,6 +577,7 @@ class SimEngine:
             return
         now = self.queue.now
         self.touch(now)
+        self._version += 1
         epoch = self._epoch
         finished: list[Leg] = []
         if epoch is not None:
@@ -596,7 +618,7 @@ class SimEngine:
     def _finish(self, leg: Leg) -> None:
         if leg.keep or leg.pinned:
             leg.state = LegState.EXPORTED
-            self.exported.add(leg)
+            self.exported[leg] = None
         else:
             self._free(leg)
             leg.state = LegState.FINISHED

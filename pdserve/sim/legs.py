@@ -81,6 +81,8 @@ class LegHost(Protocol):
 
     def next_token_at(self, leg: Leg) -> float | None: ...
 
+    def sent(self, nbytes: int) -> None: ...
+
 
 @dataclass(eq=False)
 class Leg:

@@ -15,7 +15,8 @@ snapshot with pending and held work), ``place`` / ``decode_started`` / ``forget_
   ``admission_wait_s`` is placed whole on the decode instance the policy preferred, as
   ``ControlPlane.dispatch_with_room`` does;
 - a leg lost with its instance fails over (``max_failovers``): the request goes on where the
-  policy says, prompt + output so far as its prompt, recomputed.
+  policy says (placed at once on a full instance, as ``_next_leg``), prompt + output so far
+  as its prompt, recomputed.
 """
 
 from __future__ import annotations
@@ -90,7 +91,6 @@ class Session:
     failovers: int = 0
     held_since: float = 0.0
     held_for: NoCapacity | None = None
-    failing_over: bool = False
     migration: MoveHook | None = None
     outcome: Outcome | None = None
     error: str = ""
@@ -279,7 +279,7 @@ class SimGateway:
 
     def _ask_again(self, session: Session, now: float, expired: bool) -> None:
         estimate = self.estimate(session)
-        key = None if session.failing_over else session.key
+        key = session.key
         try:
             choice = self.dispatch(estimate, key)
         except NoInstance as e:
@@ -293,10 +293,7 @@ class SimGateway:
             choice = Dispatch(decode=full.decode)  # waited long enough: placed whole
             self.control.place(choice, estimate, key)
         self._unhold(session, now)
-        if session.failing_over:
-            self._continue(session, choice.decode, now)
-        else:
-            self._placed(session, choice, now)
+        self._placed(session, choice, now)
 
     def _unhold(self, session: Session, now: float) -> None:
         self.held.remove(session)
@@ -431,20 +428,20 @@ class SimGateway:
         if session.failovers > self.settings.max_failovers:
             self.finish(session, Outcome.ABANDONED, now, f"failed {session.failovers} times")
             return
-        session.failing_over = True
+        estimate = self.estimate(session)
         try:
-            choice = self.dispatch(self.estimate(session), None)
+            choice = self.dispatch(estimate, None)
         except NoInstance as e:
             self.finish(session, Outcome.ABANDONED, now, str(e))
             return
         except NoCapacity as full:
-            self._hold(session, full, now)
-            return
+            # dispatch_with_room(estimate, None, 0.0): already streaming, it goes on at once.
+            choice = Dispatch(decode=full.decode)
+            self.control.place(choice, estimate, None)
         self._continue(session, choice.decode, now)
 
     def _continue(self, session: Session, target: str, now: float) -> None:
         """A continuation leg: prompt + output so far, recomputed, for the tokens left."""
-        session.failing_over = False
         session.phase = Phase.DECODE
         leg = Leg(
             session.key,

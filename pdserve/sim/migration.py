@@ -97,6 +97,8 @@ class SimMigration:
         session = self.session
         if session.phase is not Phase.DECODE or session.leg is not self.leg:
             return MigrationFailure.FINISHED
+        if self.leg.engine is None:
+            return MigrationFailure.BETWEEN_INSTANCES  # its leg is on its way there
         if session.instance == self.target:
             return MigrationFailure.ALREADY_THERE
         record = self.gateway.control.record(self.target)

@@ -244,8 +244,10 @@ def test_pdserve_sim_writes_the_points(tmp_path: Path) -> None:
         "--rescheduling", "--profile", str(profile), "--workload", "fixed",
         "--input-len", "64", "--output-len", "16", "--rate", "2", "8",
         "--num-requests", "15", "--seed", "1", "--json", str(out),
+        "--plot", str(tmp_path / "plots"),
     ]  # fmt: skip
     assert main(argv) == 0
+    assert (tmp_path / "plots" / "sweep.png").is_file()
     data = json.loads(out.read_text())
     assert [p["rate"] for p in data["points"]] == [2.0, 8.0]
     assert data["settings"]["dispatch"]["policy"] == "least-requests"

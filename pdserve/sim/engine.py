@@ -99,6 +99,7 @@ class SimEngine:
         self.report_interval_s = report_interval_s
         self.report_phase_s = report_phase_s
         self._captured_tick = -1
+        self._next_capture_at = -math.inf
         # Bumped by every change of state, so an unchanged state reuses its last report.
         self._version = 0
         self._snapshot_state: tuple[int, int, bool] = (-1, 0, False)
@@ -224,6 +225,7 @@ class SimEngine:
 
     def sent(self, nbytes: int) -> None:
         """Another engine pulls ``nbytes`` of KV from this one (counted in its reports)."""
+        self.touch(self.queue.now)
         self.counters.bytes_sent += nbytes
         self._version += 1
 
@@ -250,6 +252,8 @@ class SimEngine:
         return snapshot if snapshot is not None and snapshot.seq == tick + 1 else None
 
     def _capture(self, now: float) -> None:
+        if now < self._next_capture_at:
+            return  # no report time passed since the last capture
         tick = self.latest_tick(now)
         if tick <= self._captured_tick:
             return
@@ -268,6 +272,8 @@ class SimEngine:
             self._snapshot = self.report(tick + 1, ahead, in_flight)
             self._snapshot_state = state
         self._captured_tick = tick
+        # A little early rather than late: latest_tick decides, this only skips the call.
+        self._next_capture_at = self.tick_time(tick + 1) - 1e-9 * self.report_interval_s
 
     def report(self, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
         """What ``pdserve.instance.engine_scheduler.LoadReporter`` reports of this state,

@@ -147,5 +147,4 @@ class BlockPool:
         in_use = sum(r.blocks for r in self.runs.values() if r.refs > 0)
         idle = sum(r.blocks for r in self.runs.values() if r.refs == 0)
         assert idle == self.evictable, (idle, self.evictable)
-        if own_blocks:
-            assert self.used == sum(own_blocks) + in_use, (self.used, sum(own_blocks), in_use)
+        assert self.used == sum(own_blocks) + in_use, (self.used, sum(own_blocks), in_use)

@@ -18,7 +18,7 @@ takes it out of rotation (``mark_broken``, then its silence), as it would.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -207,9 +207,12 @@ class SimCluster:
 
     # --- running ----------------------------------------------------------------------------
 
-    def run(self, sessions: Sequence[Session]) -> float:
+    def run(
+        self, sessions: Sequence[Session], after_each: Callable[[], None] | None = None
+    ) -> float:
         """Serves every session (sent ``start_s`` after the warm-up); returns when the last
-        one ended, in seconds from the first send time (0)."""
+        one ended, in seconds from the first send time (0). ``after_each``: called after
+        every event (tests check invariants with it)."""
         self._pending_arrivals = len(sessions)
         last = [0.0]
 
@@ -223,7 +226,7 @@ class SimCluster:
         if self.rescheduling_settings.rescheduling:
             interval = self.rescheduling_settings.reschedule_interval_s
             self.queue.at(interval, self._on_round, None)
-        self.queue.run()
+        self.queue.run(after_each=after_each)
         return max(0.0, last[0] - self.warmup_s)
 
     def _on_arrival(self, session: Session) -> None:

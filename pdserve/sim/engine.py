@@ -229,6 +229,12 @@ class SimEngine:
         self.counters.bytes_sent += nbytes
         self._version += 1
 
+    def check(self) -> None:
+        """Block accounting (tests): every used block is a leg's own or a cached run's."""
+        holders = [*self.running, *self.loading, *self.ready, *self.exported]
+        self.pool.check([leg.own_blocks for leg in holders] or [0])
+        assert all(leg.own_blocks == 0 for leg in self.waiting), "a waiting leg holds blocks"
+
     def idle(self) -> bool:
         return not (self.running or self.waiting or self.ready or self.loading or self.exported)
 

@@ -28,8 +28,11 @@ class EventQueue:
     def clock(self) -> float:
         return self.now
 
-    def run(self, until: float = float("inf")) -> None:
-        """Runs events until none is left or the next one is later than ``until``."""
+    def run(
+        self, until: float = float("inf"), after_each: Callable[[], None] | None = None
+    ) -> None:
+        """Runs events until none is left or the next one is later than ``until``;
+        ``after_each`` (tests: invariants) is called after every event."""
         heap = self._heap
         pop = heapq.heappop
         while heap and heap[0][0] <= until:
@@ -37,6 +40,8 @@ class EventQueue:
             self.now = time
             self.processed += 1
             callback(arg)
+            if after_each is not None:
+                after_each()
 
     def __len__(self) -> int:
         return len(self._heap)

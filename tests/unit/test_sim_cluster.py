@@ -69,6 +69,31 @@ def test_every_request_completes_and_nothing_is_left_held() -> None:
         engine.pool.check()
 
 
+def test_blocks_stay_accounted_for_at_every_event() -> None:
+    """Small pools (preemptions, holds), rescheduling and a failure: after every event each
+    live engine's used blocks are exactly its legs' own blocks plus the cached runs in use,
+    never negative nor above the total; at the end all are free."""
+    c = cluster(
+        ["prefill", "decode", "decode", "both"],
+        engine=EngineConfig.of(PROFILE, num_blocks=80),
+        rescheduling=ReschedulingSettings(rescheduling=True, reschedule_interval_s=0.1),
+        changes=[InstanceChange(0.4, instance_id="decode-01")],
+    )
+    served = poisson_like(50, 0.01, n_in=150, n_out=120)
+    for s in served[::3]:
+        s.chain = ((("prefix", s.index % 2), 4),)
+
+    def check() -> None:
+        for engine in c.engines.values():
+            if engine.alive:
+                engine.check()
+
+    c.run(served, after_each=check)
+    assert sum(e.counters.preemptions for e in c.engines.values()) > 0
+    assert all(s.outcome is Outcome.COMPLETED and s.output == s.output_len for s in served)
+    assert c.leaks() == []
+
+
 def test_a_disaggregated_request_is_prefilled_pulled_then_decoded() -> None:
     c = cluster(["prefill", "decode"])
     (session,) = sessions([(0.0, 300, 5)])

@@ -193,7 +193,7 @@ class SimEngine:
         report of the last report time is taken first (the state has not changed since),
         then the epoch's steps finished by ``now`` are applied; with ``interrupt`` the
         epoch ends after the step in flight, so the next step is scheduled afresh."""
-        if self.alive:
+        if self.alive and now >= self._next_capture_at:
             self._capture(now)
         if interrupt:
             self._version += 1

@@ -17,6 +17,9 @@ import numpy as np
 from pdserve.sim.legs import Leg
 from pdserve.sim.profile import StepProfile, StepWork
 
+# Sequences from which numpy beats a Python loop at counting an epoch's new blocks.
+_NUMPY_FROM = 64
+
 
 @dataclass
 class Epoch:
@@ -38,14 +41,17 @@ def epoch_length(running: Sequence[Leg], free_blocks: int, block_size: int) -> i
     steps = min(leg.max_tokens - leg.num_output for leg in running)
     if steps <= 1:
         return 1
-    firsts = np.fromiter(
-        (leg.covered_blocks * block_size - leg.num_computed + 1 for leg in running),
-        dtype=np.int64,
-        count=len(running),
-    )
+    firsts = [leg.covered_blocks * block_size - leg.num_computed + 1 for leg in running]
+    if len(firsts) > _NUMPY_FROM:
+        array = np.array(firsts, dtype=np.int64)
 
-    def needed(k: int) -> int:
-        return int(np.maximum(0, (k - firsts) // block_size + 1).sum())
+        def needed(k: int) -> int:
+            return int(np.maximum(0, (k - array) // block_size + 1).sum())
+
+    else:  # fewer sequences: plain Python is faster than numpy's per-call cost
+
+        def needed(k: int) -> int:
+            return sum((k - first) // block_size + 1 for first in firsts if first <= k)
 
     if needed(steps) <= free_blocks:
         return steps

@@ -366,7 +366,8 @@ class SimGateway:
         """``RequestSession._decode_target``: the decode instance may have gone meanwhile."""
         target = session.decode_target
         assert target is not None
-        self.sync(now)
+        # No report needs delivering first: only a failure (mark_broken, at once) or a
+        # drain changes whether the target is usable.
         source: Leg | None = leg
         record = self.control.record(target)
         view = record.view(now) if record is not None else None

@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pdserve.protocol.net import cdiv
 from pdserve.sim.blocks import BlockPool
 from pdserve.sim.engine import SimEngine
+from pdserve.sim.epoch import epoch_length
 from pdserve.sim.events import EventQueue
 from pdserve.sim.legs import EngineConfig, Leg, LegState
 from pdserve.sim.profile import StepCoefficients, StepProfile
@@ -217,3 +219,28 @@ def test_a_report_shows_the_state_at_its_own_time() -> None:
     tokens_at_report = sum(1 for t in owner.times if t <= 0.2)
     assert report.running[0].num_output_tokens == tokens_at_report
     assert tokens_at_report < len(owner.times)
+
+
+@pytest.mark.parametrize("seqs", [5, 100])  # a Python loop, then numpy
+def test_an_epoch_ends_before_the_step_that_finds_no_block(seqs: int) -> None:
+    """Against a step-by-step count of the blocks each decode step takes."""
+    rng = random.Random(seqs)
+    running = []
+    for _ in range(seqs):
+        leg = Leg("k", rng.randint(1, 50), 400, Owner())
+        leg.num_computed = leg.prompt_tokens + rng.randint(0, 20)
+        leg.num_output = leg.num_computed - leg.prompt_tokens + 1
+        leg.own_blocks = cdiv(leg.num_computed + 1, 4)  # step 1 has its blocks
+        running.append(leg)
+    for free in (0, 7, 40, 10_000):
+        left, steps = free, 1
+        while steps < 400 - max(leg.num_output for leg in running):
+            needed = sum(
+                cdiv(leg.num_computed + steps + 1, 4) - cdiv(leg.num_computed + steps, 4)
+                for leg in running
+            )
+            if needed > left:
+                break
+            left -= needed
+            steps += 1
+        assert epoch_length(running, free, 4) == steps, free

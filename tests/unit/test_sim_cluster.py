@@ -110,6 +110,30 @@ def test_a_disaggregated_request_is_prefilled_pulled_then_decoded() -> None:
     assert c.leaks() == []
 
 
+def test_each_decision_sees_reports_up_to_one_interval_old() -> None:
+    """Staleness as in production: at every dispatch the control plane holds each
+    instance's latest report, sent within the last report interval, not the state now."""
+    c = cluster(["prefill", "decode", "decode"], report_interval_s=0.1)
+    ages: list[float] = []
+    stale: list[bool] = []
+    original = c.control.dispatch
+
+    def dispatch(estimate, key=None):  # type: ignore[no-untyped-def]
+        now = c.queue.now
+        for record in c.control.instances.values():
+            assert record.last_report_at is not None and record.load is not None
+            ages.append(now - record.last_report_at)
+            engine = c.engines[record.info.instance_id]
+            engine.touch(now)
+            stale.append(record.load.num_running != len(engine.running))
+        return original(estimate, key)
+
+    c.control.dispatch = dispatch  # type: ignore[method-assign]
+    c.run(poisson_like(60, 0.013))
+    assert min(ages) >= 0 and max(ages) < 0.1 + 1e-9
+    assert any(stale), "some decisions are taken on reports older than the engine's state"
+
+
 def test_the_same_seed_gives_the_same_run() -> None:
     def run() -> list[tuple[float | None, list[float]]]:
         c = cluster(["prefill", "prefill", "decode", "decode"], seed=3)

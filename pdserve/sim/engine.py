@@ -95,6 +95,8 @@ class SimEngine:
         self._step_end = 0.0
         self._step_seconds = 0.0
         self._step_prefill = 0
+        self._step_pull_s = 0.0  # synchronous pulls of the step being scheduled
+        self._step_pulled: list[Leg] = []
         self._epoch: Epoch | None = None
         self.report_interval_s = report_interval_s
         self.report_phase_s = report_phase_s
@@ -413,25 +415,45 @@ class SimEngine:
 
     # --- pulls ------------------------------------------------------------------------------
 
-    def _start_pull(self, leg: Leg, now: float) -> None:
-        """The leg has its blocks: pull the KV its local cache did not have."""
+    def _pull_blocks(self, leg: Leg) -> tuple[int, float]:
+        """Blocks the leg pulls (whole blocks holding positions before its last token that
+        its own cache lacks) and the seconds that takes; counted as received and sent."""
         source = leg.source
         assert source is not None
         bs = self.block_size
-        leg.num_computed = leg.hit_blocks * bs
-        end = min(cdiv(leg.source_tokens - 1, bs), leg.covered_blocks)
+        end = min(cdiv(min(leg.source_tokens, leg.num_tokens - 1), bs), leg.covered_blocks)
         blocks = max(0, end - leg.hit_blocks)
         seconds = self.profile.transfer_seconds(blocks * bs)
-        leg.state = LegState.LOADING
-        leg.pull_gen += 1
-        self.loading[leg] = None
-        source.pullers.append(leg)
         nbytes = blocks * bs * self.profile.kv_bytes_per_token
         self.counters.bytes_received += nbytes
         self.counters.load_seconds += seconds
         if source.engine is not None:
             source.engine.sent(nbytes)
+        return blocks, seconds
+
+    def _start_pull(self, leg: Leg, now: float) -> None:
+        """The leg has its blocks: pull the KV its local cache did not have (the request
+        waits, ``num_loading``, while the engine goes on with the others)."""
+        source = leg.source
+        assert source is not None
+        leg.num_computed = leg.hit_blocks * self.block_size
+        _, seconds = self._pull_blocks(leg)
+        leg.state = LegState.LOADING
+        leg.pull_gen += 1
+        self.loading[leg] = None
+        source.pullers.append(leg)
         self.queue.at(now + seconds, self._on_pulled, (leg, leg.pull_gen))
+
+    def _pull_in_step(self, leg: Leg) -> None:
+        """A synchronous pull: the step in the making waits for it, then computes the
+        leg's last token; its owner hears of the pull when the step ends."""
+        _, seconds = self._pull_blocks(leg)
+        self._step_pull_s += seconds
+        self._step_pulled.append(leg)
+        leg.num_computed = max(leg.num_computed, min(leg.source_tokens, leg.num_tokens - 1))
+        leg.source = None
+        leg.state = LegState.RUNNING
+        self.counters.loads_ok += 1
 
     def _stop_pull(self, leg: Leg) -> None:
         leg.pull_gen += 1
@@ -535,7 +557,16 @@ class SimEngine:
                 if not self._take(leg, found, cdiv(tokens, bs) - hit):
                     break
                 self._dequeue()
-                self._start_pull(leg, now)
+                if 0 < tokens - hit * bs - 1 <= self.config.sync_load_max_tokens:
+                    # A small load (a migration's tail) runs in this step, before its
+                    # forward, which computes the last token (the connector's sync load).
+                    self._pull_in_step(leg)
+                    running.append(leg)
+                    items.append((leg, 1))
+                    budget -= 1
+                    admitted = True
+                else:
+                    self._start_pull(leg, now)
                 continue
             count = min(tokens - hit * bs, budget)
             if not self._take(leg, found, cdiv(hit * bs + count, bs) - hit):
@@ -566,7 +597,8 @@ class SimEngine:
         self._items = items
         work = self._work(items)
         self._step_prefill = work.prefill_tokens
-        self._step_seconds = self.profile.step_seconds(work)
+        self._step_seconds = self.profile.step_seconds(work) + self._step_pull_s
+        self._step_pull_s = 0.0
         self._step_end = now + self._step_seconds
         self.queue.at(self._step_end, self._on_step_end, self._gen)
 
@@ -599,8 +631,11 @@ class SimEngine:
             finished = [leg for leg in self.running if leg.num_output >= leg.max_tokens]
         else:
             finished = self._apply_step(now)
+        pulled, self._step_pulled = self._step_pulled, []
         self._items = []
         self._busy = False
+        for leg in pulled:
+            leg.owner.leg_pulled(leg, now)
         if finished:
             done = set(finished)
             self.running = [leg for leg in self.running if leg not in done]

@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pdserve.kv.settings import KVTransferSettings
 from pdserve.sim.blocks import Chain, PrefixKey
 from pdserve.sim.profile import StepProfile
 
@@ -128,6 +129,9 @@ class EngineConfig:
     max_num_seqs: int
     watermark: float = 0.0  # fraction of blocks a new request must leave free (v1: none)
     prefix_caching: bool = True
+    # Loads of at most this many tokens run in the step that admits their request
+    # (the connector's --kv-sync-load-max-tokens, its default).
+    sync_load_max_tokens: int = KVTransferSettings.model_fields["sync_load_max_tokens"].default
     # Decode-only runs of steps computed at once (pdserve.sim.epoch); off: step by step,
     # the same results, slower (the tests compare the two).
     epochs: bool = True

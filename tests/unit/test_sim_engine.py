@@ -165,14 +165,16 @@ def test_cached_blocks_are_evicted_least_recently_freed_first() -> None:
 
 def test_a_pulled_request_computes_its_last_prompt_token_only() -> None:
     """A decode leg gets blocks for its prompt, pulls it (5 ms + 1 ms per token of whole
-    blocks before the last token), is 'loading' meanwhile, then one 1-token step (11 ms)."""
+    blocks before the last token), is 'loading' meanwhile, then one 1-token step (11 ms).
+    (Loads are all asynchronous here: ``sync_load_max_tokens`` 0.)"""
     prefill, queue = engine(profile(max_num_batched_tokens=64))
     exporter = Owner()
     export = Leg("r", 10, 1, exporter, keep=True)
     prefill.add(export, 0.0)
     queue.run()
     assert export.state is LegState.EXPORTED and prefill.pool.free == 100 - 3
-    decode = SimEngine("d", prefill.profile, prefill.config, queue)
+    config = EngineConfig.of(prefill.profile, sync_load_max_tokens=0)
+    decode = SimEngine("d", prefill.profile, config, queue)
     owner = Owner()
     leg = Leg("r", 10, 3, owner, source=export, source_tokens=10)
     start = queue.now
@@ -244,3 +246,30 @@ def test_an_epoch_ends_before_the_step_that_finds_no_block(seqs: int) -> None:
             left -= needed
             steps += 1
         assert epoch_length(running, free, 4) == steps, free
+
+
+def test_a_small_load_runs_in_the_step_that_admits_it() -> None:
+    """Up to ``sync_load_max_tokens`` the pull is part of the admitting step (the
+    connector's synchronous tail load): no loading phase, the busy engine's next step
+    takes the pull (17 ms) plus its forward, and the first token comes at its end."""
+    prof = profile(max_num_batched_tokens=64)
+    queue = EventQueue()
+    prefill = SimEngine("p", prof, EngineConfig.of(prof), queue)
+    export = Leg("r", 10, 1, Owner(), keep=True)
+    prefill.add(export, 0.0)
+    queue.run()
+    decode = SimEngine("d", prof, EngineConfig.of(prof, sync_load_max_tokens=64), queue)
+    busy = Owner()
+    start = queue.now
+    decode.add(Leg("busy", 4, 50, busy), start)
+    queue.run(until=start)  # its prefill step runs: 10 ms + 4 tokens
+    owner = Owner()
+    decode.add(Leg("r", 10, 3, owner, source=export, source_tokens=10), start)
+    queue.run(until=start + 0.015)
+    report = decode.report(1)
+    assert report.num_loading == 0 and report.num_running == 2
+    queue.run()
+    second_step = 0.010 + 0.001 + 0.002  # r's last prompt token, busy decodes
+    assert owner.times[0] == pytest.approx(start + 0.014 + 0.017 + second_step)
+    assert owner.pulled_at == pytest.approx(owner.times[0])
+    assert len(owner.times) == 3 and decode.counters.loads_ok == 1

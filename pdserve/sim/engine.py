@@ -39,16 +39,16 @@ import msgspec
 import numpy as np
 
 from pdserve.protocol.net import cdiv
-from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.protocol.reports import LoadReport
 from pdserve.sim.blocks import BlockPool, PrefixKey
 from pdserve.sim.epoch import Epoch, epoch_durations, epoch_length
 from pdserve.sim.events import EventQueue
 from pdserve.sim.legs import EngineConfig, EngineCounters, Leg, LegState
 from pdserve.sim.profile import StepProfile, StepWork
+from pdserve.sim.report import TransferCache, load_report
 
-# As pdserve.instance.engine_scheduler: the moving averages and the running list's cap.
+# As pdserve.instance.engine_scheduler: the weight of the moving averages.
 EMA = 0.2
-MAX_LISTED_REQUESTS = 512
 # An average of 0.2-weighted updates forgets all but this many of the last values (0.8^40).
 _EMA_MEMORY = 40
 _NO_STEPS: list[float] = []
@@ -86,8 +86,8 @@ class SimEngine:
         self.counters = EngineCounters()
         self.step_ms = 0.0
         self.prefill_rate = 0.0
-        self._waiting_tokens = 0
-        self._waiting_blocks = 0
+        self.waiting_tokens = 0
+        self.waiting_blocks = 0
         self._busy = False
         self._wake_pending = False
         self._gen = 0  # step-end events of older generations are stale
@@ -106,8 +106,7 @@ class SimEngine:
         self._version = 0
         self._snapshot_state: tuple[int, int, bool] = (-1, 0, False)
         self._snapshot: LoadReport | None = None
-        self._transfers = TransferCounters()
-        self._transfers_key: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self.transfers = TransferCache()
 
     # --- what the cluster calls -------------------------------------------------------------
 
@@ -127,8 +126,8 @@ class SimEngine:
             self.running.remove(leg)
         elif state is LegState.WAITING:
             self.waiting.remove(leg)
-            self._waiting_tokens -= leg.num_tokens
-            self._waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
+            self.waiting_tokens -= leg.num_tokens
+            self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
         elif state is LegState.READY:
             self.ready.remove(leg)
         elif state is LegState.LOADING:
@@ -284,64 +283,8 @@ class SimEngine:
         self._next_capture_at = self.tick_time(tick + 1) - 1e-9 * self.report_interval_s
 
     def report(self, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
-        """What ``pdserve.instance.engine_scheduler.LoadReporter`` reports of this state,
-        ``ahead`` epoch steps later (``in_flight``: the next one has started, so has its
-        blocks), which is cheaper than applying them."""
-        bs = self.block_size
-        running = self.running
-        request = RunningRequest
-        listed = [
-            request(leg.key, tokens, -(-tokens // bs), leg.num_output + ahead)
-            for leg in running[:MAX_LISTED_REQUESTS]
-            if leg.key and (tokens := leg.prompt_tokens + leg.num_output + ahead)
-        ]
-        free = self.pool.free
-        if ahead:
-            extra = ahead + int(in_flight)
-            for leg in running:
-                new = -(-(leg.num_computed + extra) // bs) - leg.own_blocks - leg.hit_blocks
-                if new > 0:
-                    free -= new
-        queued = self._waiting_tokens
-        for leg in running:
-            if leg.num_computed < leg.prompt_tokens:
-                queued += leg.prompt_tokens - leg.num_computed
-        for leg in self.loading:
-            queued += leg.num_tokens - leg.num_computed
-        for leg in self.ready:
-            queued += leg.num_tokens - leg.num_computed
-        return LoadReport(
-            instance_id=self.instance_id,
-            seq=seq,
-            num_running=len(running),
-            num_waiting=len(self.waiting) + len(self.loading) + len(self.ready),
-            num_loading=len(self.loading),
-            free_blocks=free,
-            total_blocks=self.pool.total,
-            block_size=bs,
-            waiting_prompt_tokens=queued,
-            waiting_blocks=self._waiting_blocks,
-            step_ms=self.step_ms,
-            prefill_tokens_per_s=self.prefill_rate,
-            num_preemptions=self.counters.preemptions,
-            incarnation=self.incarnation,
-            running=listed,
-            transfers=self._transfer_counters(),
-        )
-
-    def _transfer_counters(self) -> TransferCounters:
-        """The counters as a report carries them (made again only when they changed)."""
-        c = self.counters
-        key = (c.loads_ok, c.bytes_received, c.bytes_sent, c.load_seconds)
-        if key != self._transfers_key:
-            self._transfers_key = key
-            self._transfers = TransferCounters(
-                loads_ok=c.loads_ok,
-                bytes_received=c.bytes_received,
-                bytes_sent=c.bytes_sent,
-                load_seconds=c.load_seconds,
-            )
-        return self._transfers
+        """This state's load report (``pdserve.sim.report.load_report``)."""
+        return load_report(self, seq, ahead, in_flight)
 
     # --- queues and blocks ------------------------------------------------------------------
 
@@ -350,13 +293,13 @@ class SimEngine:
             self.waiting.appendleft(leg)
         else:
             self.waiting.append(leg)
-        self._waiting_tokens += leg.num_tokens
-        self._waiting_blocks += cdiv(leg.num_tokens, self.block_size)
+        self.waiting_tokens += leg.num_tokens
+        self.waiting_blocks += cdiv(leg.num_tokens, self.block_size)
 
     def _dequeue(self) -> Leg:
         leg = self.waiting.popleft()
-        self._waiting_tokens -= leg.num_tokens
-        self._waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
+        self.waiting_tokens -= leg.num_tokens
+        self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
         return leg
 
     def _free(self, leg: Leg) -> None:

@@ -1,0 +1,112 @@
+"""The load report of a simulated engine, field by field as the real instance fills it.
+
+``pdserve.instance.engine_scheduler.LoadReporter.observe`` is the model: running requests
+(with a request key: the first ``MAX_LISTED_REQUESTS`` of them listed with their tokens,
+blocks and output tokens), waiting ones (the queue and those holding blocks: pulls in
+flight and pulled requests waiting for a slot), free and total blocks, the prompt tokens not
+computed yet (unfinished prompts of running requests, everything the waiting have left), the
+blocks the plain waiting queue will want, the moving averages, cumulative preemptions and
+transfer counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Protocol
+
+from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.sim.blocks import BlockPool
+from pdserve.sim.legs import EngineCounters, Leg
+
+MAX_LISTED_REQUESTS = 512  # as the real reporter
+
+
+class Reported(Protocol):
+    """What a report reads of an engine (``pdserve.sim.engine.SimEngine``)."""
+
+    instance_id: str
+    incarnation: str
+    block_size: int
+    running: list[Leg]
+    pool: BlockPool
+    counters: EngineCounters
+    step_ms: float
+    prefill_rate: float
+    transfers: TransferCache
+    waiting_tokens: int  # tokens of the waiting queue (kept as it changes)
+    waiting_blocks: int
+
+    @property
+    def waiting(self) -> Sequence[Leg]: ...
+
+    @property
+    def ready(self) -> Collection[Leg]: ...
+
+    @property
+    def loading(self) -> Collection[Leg]: ...
+
+
+class TransferCache:
+    """The transfer counters as a report carries them, made again only when they changed."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self._counters = TransferCounters()
+
+    def of(self, c: EngineCounters) -> TransferCounters:
+        key = (c.loads_ok, c.bytes_received, c.bytes_sent, c.load_seconds)
+        if key != self._key:
+            self._key = key
+            self._counters = TransferCounters(
+                loads_ok=c.loads_ok,
+                bytes_received=c.bytes_received,
+                bytes_sent=c.bytes_sent,
+                load_seconds=c.load_seconds,
+            )
+        return self._counters
+
+
+def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
+    """The engine's report, ``ahead`` epoch steps after its applied state (``in_flight``:
+    the next step has started, so has its blocks), which is cheaper than applying them."""
+    bs = engine.block_size
+    running = engine.running
+    request = RunningRequest
+    listed = [
+        request(leg.key, tokens, -(-tokens // bs), leg.num_output + ahead)
+        for leg in running[:MAX_LISTED_REQUESTS]
+        if leg.key and (tokens := leg.prompt_tokens + leg.num_output + ahead)
+    ]
+    free = engine.pool.free
+    if ahead:
+        extra = ahead + int(in_flight)
+        for leg in running:
+            new = -(-(leg.num_computed + extra) // bs) - leg.own_blocks - leg.hit_blocks
+            if new > 0:
+                free -= new
+    queued = engine.waiting_tokens
+    for leg in running:
+        if leg.num_computed < leg.prompt_tokens:
+            queued += leg.prompt_tokens - leg.num_computed
+    for leg in engine.loading:
+        queued += leg.num_tokens - leg.num_computed
+    for leg in engine.ready:
+        queued += leg.num_tokens - leg.num_computed
+    return LoadReport(
+        instance_id=engine.instance_id,
+        seq=seq,
+        num_running=len(running),
+        num_waiting=len(engine.waiting) + len(engine.loading) + len(engine.ready),
+        num_loading=len(engine.loading),
+        free_blocks=free,
+        total_blocks=engine.pool.total,
+        block_size=bs,
+        waiting_prompt_tokens=queued,
+        waiting_blocks=engine.waiting_blocks,
+        step_ms=engine.step_ms,
+        prefill_tokens_per_s=engine.prefill_rate,
+        num_preemptions=engine.counters.preemptions,
+        incarnation=engine.incarnation,
+        running=listed,
+        transfers=engine.transfers.of(engine.counters),
+    )

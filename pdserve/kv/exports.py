@@ -21,6 +21,9 @@ from pdserve.logs import get_logger
 logger = get_logger(__name__)
 
 FINISHED_IDS_KEPT = 4096
+# Longest a pull waits for a running request's live export to catch up with it (a step or
+# two; the scheduler side reports the computed positions of pinned requests every step).
+LIVE_CATCH_UP_S = 2.0
 
 # How a finished export refuses a late pull.
 _FINISHED_TEXT = {
@@ -40,6 +43,12 @@ class Refusal(str):
         refusal = super().__new__(cls, text)
         refusal.failure = failure
         return refusal
+
+
+def _covers(export: _Export, request: PullRequest, end: int) -> bool:
+    """The export has the blocks and the computed positions the pull relies on."""
+    computed = export.computed_tokens
+    return end <= len(export.blocks) and (computed is None or computed >= request.needs_tokens)
 
 
 def _refusal(failure: KVFailure, transfer_id: str) -> Refusal:
@@ -150,10 +159,17 @@ class ExportRegistry:
                 if transfer_id in self._tombstones:
                     return _refusal(KVFailure.RELEASED, transfer_id)
                 return Refusal(KVFailure.UNKNOWN_TRANSFER, f"unknown transfer {transfer_id}")
+            end = request.first + len(request.dst)
+            if not export.owns:
+                # A live export whose request is still running: the cut's pull can arrive
+                # before the step that told this worker of the positions it relies on.
+                self._changed.wait_for(
+                    lambda: export.closing or export.owns or _covers(export, request, end),
+                    timeout=min(request.wait_s, LIVE_CATCH_UP_S),
+                )
             if export.closing:
                 why = export.closed_by or KVFailure.RELEASED
                 return Refusal(why, f"transfer {transfer_id} is closing ({why})")
-            end = request.first + len(request.dst)
             if request.first < 0 or end > len(export.blocks):
                 return Refusal(
                     KVFailure.OUT_OF_RANGE,

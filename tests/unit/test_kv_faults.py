@@ -18,7 +18,7 @@ from vllm.v1.request import RequestStatus
 from pdserve.kv import liveness
 from pdserve.kv.exports import ExportRegistry, Refusal
 from pdserve.kv.messages import Failed, KVFailure, Pin, Pinned, PullRequest
-from pdserve.kv.metadata import ExportOrder
+from pdserve.kv.metadata import ExportOrder, ExportUpdate
 from pdserve.kv.worker_side import KVWorker
 from tests.unit.kv_fakes import FakeControl, FakeSchedulerOutput
 from tests.unit.test_kv_scheduler_side import TOKENS, control, orders, running, side
@@ -91,6 +91,38 @@ def test_a_live_export_serves_only_positions_its_request_has_computed() -> None:
     claimed = registry.begin_pull(_pull(needs_tokens=12, count=3))
     assert not isinstance(claimed, Refusal) and claimed[1] == [3, 4, 5]
     registry.end_pull(claimed[0])
+
+
+def test_the_cut_pull_waits_for_the_step_that_reports_its_positions() -> None:
+    """The gateway cuts right after a token and the target pulls at once: the exporter may
+    not know yet that the source computed the positions the pull relies on. The pull waits
+    for the next step's update instead of being refused (the target would recompute)."""
+    registry = ExportRegistry()
+    registry.add(ExportOrder("mig", "req-r", [3, 4, 5], 30.0, owns=False, num_computed_tokens=9))
+    later = threading.Timer(
+        0.1, registry.update, [ExportUpdate("mig", "req-r", num_computed_tokens=12)]
+    )
+    later.start()
+    started = time.monotonic()
+    claimed = registry.begin_pull(_pull(needs_tokens=12, count=3))
+    assert not isinstance(claimed, Refusal), claimed
+    assert 0.05 < time.monotonic() - started < 1.5
+    registry.end_pull(claimed[0])
+
+
+def test_positions_scheduled_in_the_step_being_built_do_not_count_as_computed() -> None:
+    """vLLM adds this step's scheduled tokens to num_computed_tokens before the connector
+    builds the step's orders; their KV exists only after the forward."""
+    scheduler = side()
+    request = running(scheduler, "key-1", [3, 4, 5])
+    request.num_computed_tokens = 10  # 9 computed before this step, 1 scheduled in it
+    scheduler._control = FakeControl()  # type: ignore[assignment]
+    scheduler._receive_control(b"gateway", Pin(rid=1, request_key="key-1", transfer_id="mig"))
+    built = scheduler.build_orders(
+        FakeSchedulerOutput(num_scheduled_tokens={request.request_id: 1})  # type: ignore[arg-type]
+    )
+    (export,) = built.exports
+    assert export.num_computed_tokens == 9
 
 
 def test_a_pinned_request_that_ends_hands_over_only_its_computed_blocks() -> None:

@@ -123,8 +123,6 @@ class SchedulerSide:
         self._local_hits: dict[str, int] = {}
         # Requests whose load get_num_new_matched_tokens made synchronous (until allocated).
         self._sync_loads: set[str] = set()
-        # Tokens vLLM scheduled in the step being built, by request (see _computed_before_step).
-        self._scheduled: dict[str, int] = {}
         # Requests whose import was decided (loading, loaded, or refused): asked again after a
         # failed load under the "recompute" policy, they are then prefilled locally.
         self._import_decided: set[str] = set()
@@ -390,7 +388,7 @@ class SchedulerSide:
             return Failed(
                 rid=message.rid, code=KVFailure.ALREADY_PINNED, error="request is already pinned"
             )
-        computed = self._computed_before_step(request)
+        computed = request.num_computed_tokens
         if computed < request.num_tokens - 1:
             # Running again after a preemption, its tokens' KV is being recomputed: blocks
             # beyond ``computed`` hold nothing yet (or another request's KV), and the gateway
@@ -438,13 +436,6 @@ class SchedulerSide:
             error="not pinned (the request has ended)",
         )
 
-    def _computed_before_step(self, request: Request) -> int:
-        """Positions whose KV exists now. vLLM counts the tokens it just scheduled as computed
-        before ``build_connector_meta`` runs; their KV is written by this step's forward, after
-        the workers receive this step's orders, so a pull served meanwhile must not rely on
-        them."""
-        return request.num_computed_tokens - self._scheduled.get(request.request_id, 0)
-
     def _track_live(self, scheduler_output: SchedulerOutput) -> None:
         for req_id in scheduler_output.preempted_req_ids or ():
             live = self._live.pop(req_id, None)
@@ -456,9 +447,7 @@ class SchedulerSide:
         for req_id, live in self._live.items():
             blocks = self._kv_cache_manager.get_block_ids(req_id)[0]  # type: ignore[union-attr]
             request = live.request
-            computed = (
-                live.known_computed if request is None else self._computed_before_step(request)
-            )
+            computed = live.known_computed if request is None else request.num_computed_tokens
             # News at every step that added a block or computed positions: the cut's last
             # pull relies on the positions up to the request's last token, so the exporter
             # must know them without waiting for the request to end.
@@ -483,7 +472,6 @@ class SchedulerSide:
         are queued to the control server's thread), then follows pinned requests (grown,
         preempted), then hands over and resets everything decided since the last call.
         """
-        self._scheduled = scheduler_output.num_scheduled_tokens or {}
         self._handle_control()
         if self._live:
             self._track_live(scheduler_output)

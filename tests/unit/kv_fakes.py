@@ -81,8 +81,6 @@ class FakeCacheManager:
 @dataclass
 class FakeSchedulerOutput:
     preempted_req_ids: set[str] = field(default_factory=set)
-    # Tokens scheduled in the step being built (vLLM already counts them as computed).
-    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
 
 
 class FakeControl:

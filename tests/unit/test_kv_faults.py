@@ -110,21 +110,6 @@ def test_the_cut_pull_waits_for_the_step_that_reports_its_positions() -> None:
     registry.end_pull(claimed[0])
 
 
-def test_positions_scheduled_in_the_step_being_built_do_not_count_as_computed() -> None:
-    """vLLM adds this step's scheduled tokens to num_computed_tokens before the connector
-    builds the step's orders; their KV exists only after the forward."""
-    scheduler = side()
-    request = running(scheduler, "key-1", [3, 4, 5])
-    request.num_computed_tokens = 10  # 9 computed before this step, 1 scheduled in it
-    scheduler._control = FakeControl()  # type: ignore[assignment]
-    scheduler._receive_control(b"gateway", Pin(rid=1, request_key="key-1", transfer_id="mig"))
-    built = scheduler.build_orders(
-        FakeSchedulerOutput(num_scheduled_tokens={request.request_id: 1})  # type: ignore[arg-type]
-    )
-    (export,) = built.exports
-    assert export.num_computed_tokens == 9
-
-
 def test_a_pinned_request_that_ends_hands_over_only_its_computed_blocks() -> None:
     scheduler = side()
     request = running(scheduler, "key-1", [3, 4, 8, 12])

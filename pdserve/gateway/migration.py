@@ -52,7 +52,12 @@ from pdserve.kv.messages import (
     tokens_digest,
 )
 from pdserve.logs import get_logger
-from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_drain, plan_migrations
+from pdserve.scheduler.rescheduling import (
+    ReschedulingSettings,
+    plan_drain,
+    plan_migrations,
+    preempted_since,
+)
 
 logger = get_logger(__name__)
 
@@ -386,12 +391,7 @@ class Migrator:
 
     def reschedule_once(self) -> int:
         snapshot = self.ctx.control.snapshot()
-        preempted = {}
-        for view in snapshot.instances:
-            if view.load is not None:
-                before = self._preemptions.get(view.instance_id, view.load.num_preemptions)
-                preempted[view.instance_id] = view.load.num_preemptions > before
-                self._preemptions[view.instance_id] = view.load.num_preemptions
+        preempted = preempted_since(snapshot, self._preemptions)
         budget = self.settings.max_migrations - len(self.moving)
         now = time.monotonic()
         backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s

@@ -89,6 +89,19 @@ def plan_migrations(
     return plans
 
 
+def preempted_since(snapshot: ClusterSnapshot, last_counts: dict[str, int]) -> dict[str, bool]:
+    """Which instances preempted requests since the last round (``plan_migrations``'s
+    ``preempted``), from their cumulative counters; updates ``last_counts`` for the next
+    round. An instance seen for the first time counts as not preempting."""
+    preempted = {}
+    for view in snapshot.instances:
+        if view.load is not None:
+            count = view.load.num_preemptions
+            preempted[view.instance_id] = count > last_counts.get(view.instance_id, count)
+            last_counts[view.instance_id] = count
+    return preempted
+
+
 def plan_drain(
     snapshot: ClusterSnapshot, source: str, request_keys: Sequence[str], watermark: float
 ) -> list[MigrationPlan]:

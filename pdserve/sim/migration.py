@@ -30,7 +30,7 @@ from typing import Any
 
 from pdserve.gateway.migration import RETRY_AFTER_ROUNDS, MigrationFailure, MigrationStatus
 from pdserve.gateway.session import CUT_FALLBACK_S
-from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations
+from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations, preempted_since
 from pdserve.sim.blocks import Chain
 from pdserve.sim.gateway import Phase, Session, SimGateway
 from pdserve.sim.legs import Leg, LegState
@@ -275,12 +275,7 @@ class SimRescheduler:
         self.counters.rounds += 1
         self.gateway.sync(now)
         snapshot = self.gateway.control.snapshot()
-        preempted = {}
-        for view in snapshot.instances:
-            if view.load is not None:
-                before = self._preemptions.get(view.instance_id, view.load.num_preemptions)
-                preempted[view.instance_id] = view.load.num_preemptions > before
-                self._preemptions[view.instance_id] = view.load.num_preemptions
+        preempted = preempted_since(snapshot, self._preemptions)
         budget = self.settings.max_migrations - len(self.moving)
         backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s
         self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < backoff}

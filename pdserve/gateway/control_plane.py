@@ -30,7 +30,7 @@ from pdserve.protocol.reports import (
     Register,
 )
 from pdserve.protocol.wire import AuthError, Codec
-from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity
+from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity, NoInstance
 from pdserve.scheduler.snapshot import (
     ClusterSnapshot,
     InstanceView,
@@ -319,6 +319,9 @@ class ControlPlane:
         room for its KV (else its export waits on the prefill instance until the lease ends).
         Each load report is a chance; after ``wait_s`` the request is placed whole on the
         decode instance the policy preferred, where it queues holding nothing elsewhere.
+        Likewise, while the instances a role needs are only briefly silent (out of rotation,
+        not given up), the request waits for their reports instead of failing at once with
+        ``NoInstance``.
         Returns the choice and the seconds held.
         """
         started = self.clock()
@@ -326,6 +329,17 @@ class ControlPlane:
         while True:
             try:
                 choice = self.dispatch(estimate, key)
+            except NoInstance:
+                # Every instance of a role is out of rotation for a short silence (a starved
+                # host), none given up: waiting for its next report beats a 503.
+                if wait_s - (self.clock() - started) <= 0 or not self._briefly_silent():
+                    raise
+                held = True
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._reported.wait(), timeout=wait_s - (self.clock() - started)
+                    )
+                continue
             except NoCapacity as full:
                 left = wait_s - (self.clock() - started)
                 if left <= 0 or full.decode not in self.instances:
@@ -337,6 +351,13 @@ class ControlPlane:
                         await asyncio.wait_for(self._reported.wait(), timeout=left)
                     continue
             return choice, (self.clock() - started if held else 0.0)
+
+    def _briefly_silent(self) -> bool:
+        """Some instance that reported before is out of rotation but not given up."""
+        return any(
+            not r.healthy and not r.given_up and r.load is not None and not r.draining
+            for r in self.instances.values()
+        )
 
     def place(self, choice: Dispatch, estimate: RequestEstimate, key: str | None = None) -> None:
         """Counts a placed request as pending on its instances.

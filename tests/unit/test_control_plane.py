@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.reports import Deregister, LoadReport, Register
-from pdserve.scheduler.dispatch import DispatchSettings, PdPolicy
+from pdserve.scheduler.dispatch import DispatchSettings, NoInstance, PdPolicy
 from pdserve.scheduler.snapshot import RequestEstimate
 
 
@@ -188,3 +189,33 @@ async def _placed_after_wait() -> None:
     choice, held_s = await cp.dispatch_with_room(estimate, "r1", wait_s=0.1)
     assert choice.prefill is None and choice.decode == "d" and held_s >= 0.1
     assert cp.instances["d"].pending_total(cp.clock()).prompt_tokens == 500
+
+
+def test_a_request_waits_for_instances_that_are_only_briefly_silent() -> None:
+    """A starved host delays every instance's reports past the heartbeat timeout: the
+    request waits for the next report instead of getting a 503."""
+    asyncio.run(_waits_for_silent())
+
+
+async def _waits_for_silent() -> None:
+    cp = ControlPlane(
+        GatewaySettings(heartbeat_timeout_s=1.0, dead_after_s=5.0),
+        b"k",
+        PdPolicy(DispatchSettings()),
+    )
+    start = cp.clock()
+    cp.handle(register("d"), now=start)
+    cp.handle(report("d", 1), now=start - 1.5)
+    cp.check_health()
+    assert not cp.instances["d"].healthy
+    estimate = RequestEstimate(prompt_tokens=50, max_tokens=16)
+    waiting = asyncio.create_task(cp.dispatch_with_room(estimate, "r1", wait_s=5.0))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    cp.handle(report("d", 2))
+    choice, _ = await asyncio.wait_for(waiting, 1.0)
+    assert choice.decode == "d"
+    with pytest.raises(NoInstance):  # nothing to wait for: no instance at all
+        await ControlPlane(
+            GatewaySettings(), b"k", PdPolicy(DispatchSettings())
+        ).dispatch_with_room(estimate, "r2", wait_s=5.0)

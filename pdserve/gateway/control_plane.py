@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import math
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from pdserve.protocol.reports import (
 )
 from pdserve.protocol.wire import AuthError, Codec
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity, NoInstance
+from pdserve.scheduler.index import ClusterIndex
 from pdserve.scheduler.snapshot import (
     ClusterSnapshot,
     InstanceView,
@@ -48,8 +50,21 @@ PENDING_MAX_AGE_S = 2.0
 HELD_MAX_AGE_S = 600.0
 
 
+# Fields of a record its ``InstanceView`` is made of: setting one makes the view again.
+_VIEW_FIELDS = frozenset({"info", "load", "draining", "healthy", "pending", "held"})
+_MISSING = object()
+_NO_PENDING = Pending()
+
+
 @dataclass
 class InstanceRecord:
+    """What the control plane knows of one instance.
+
+    Its ``InstanceView`` is kept until the record changes: setting a field the view shows,
+    ``changed()`` after changing ``pending`` or ``held`` in place, or a pending or held
+    entry ageing out (``view(now)`` checks its oldest entries' ages).
+    """
+
     info: Register
     registered_at: float
     load: LoadReport | None = None
@@ -65,6 +80,31 @@ class InstanceRecord:
     held: dict[str, tuple[float, Pending]] = field(default_factory=dict)
     # What each KV worker (tensor-parallel rank) last said it holds (``HoldingsReport``).
     kv_holdings: dict[int, KVHoldings] = field(default_factory=dict)
+    # The view as last made, and the times of the oldest pending and held entries in it.
+    _view: InstanceView | None = field(default=None, init=False, repr=False, compare=False)
+    _pending_since: float = field(default=math.inf, init=False, repr=False, compare=False)
+    _held_since: float = field(default=math.inf, init=False, repr=False, compare=False)
+    # The control plane's: told when the view is dropped, and when it is made again.
+    _on_change: Callable[[InstanceRecord], None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+    _on_view: Callable[[InstanceRecord, InstanceView], None] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _VIEW_FIELDS and self.__dict__.get(name, _MISSING) is not value:
+            object.__setattr__(self, name, value)
+            self.changed()
+        else:
+            object.__setattr__(self, name, value)
+
+    def changed(self) -> None:
+        """The view is made again when next asked for (``pending`` or ``held`` changed)."""
+        self.__dict__["_view"] = None
+        listener = self.__dict__.get("_on_change")
+        if listener is not None:
+            listener(self)
 
     def holdings(self) -> KVHoldings:
         """The instance's KV holdings over its ranks (0s until a worker has reported)."""
@@ -74,25 +114,98 @@ class InstanceRecord:
         return total
 
     def pending_total(self, now: float) -> Pending:
-        self.pending = [(t, p) for t, p in self.pending if now - t < PENDING_MAX_AGE_S]
-        self.held = {k: (t, p) for k, (t, p) in self.held.items() if now - t < HELD_MAX_AGE_S}
-        total = Pending()
-        for _, p in self.pending:
-            total = total + p
-        for _, p in self.held.values():
-            total = total + p
-        return total
+        """What was sent here that the reports may not show yet; drops entries too old by
+        ``now`` (and notes the oldest left, by which the view is to be made again)."""
+        d = self.__dict__
+        if not self.pending and not self.held:
+            d["_pending_since"] = d["_held_since"] = math.inf
+            return _NO_PENDING
+        requests = tokens = blocks = 0
+        pending_since = held_since = math.inf
+        stale = False
+        for t, p in self.pending:
+            if now - t < PENDING_MAX_AGE_S:
+                requests += p.requests
+                tokens += p.prompt_tokens
+                blocks += p.blocks
+                if t < pending_since:  # noqa: PLR1730 (cheaper than a call)
+                    pending_since = t
+            else:
+                stale = True
+        if stale:
+            d["pending"] = [(t, p) for t, p in self.pending if now - t < PENDING_MAX_AGE_S]
+        held_stale = False
+        for t, p in self.held.values():
+            if now - t < HELD_MAX_AGE_S:
+                requests += p.requests
+                tokens += p.prompt_tokens
+                blocks += p.blocks
+                if t < held_since:  # noqa: PLR1730
+                    held_since = t
+            else:
+                held_stale = True
+        if held_stale:
+            d["held"] = {k: (t, p) for k, (t, p) in self.held.items() if now - t < HELD_MAX_AGE_S}
+        d["_pending_since"] = pending_since
+        d["_held_since"] = held_since
+        if stale or held_stale:
+            self.changed()
+        return Pending(requests, tokens, blocks)
 
     def view(self, now: float) -> InstanceView:
-        return InstanceView(
-            instance_id=self.info.instance_id,
-            role=self.info.role,
-            healthy=self.healthy,
-            accepting=not self.draining,
-            load=self.load,
-            pending=self.pending_total(now),
-            max_model_len=self.info.max_model_len,
+        view = self._view
+        if (
+            view is not None
+            and now - self._pending_since < PENDING_MAX_AGE_S
+            and now - self._held_since < HELD_MAX_AGE_S
+        ):
+            return view
+        info = self.info
+        view = InstanceView(  # positional: cheaper, this runs at every report
+            info.instance_id,
+            info.role,
+            self.healthy,
+            not self.draining,
+            self.load,
+            self.pending_total(now),
+            info.max_model_len,
         )
+        self.__dict__["_view"] = view
+        listener = self._on_view
+        if listener is not None:
+            listener(self, view)
+        return view
+
+
+class _Oldest:
+    """The oldest entry time of one kind (pending, held) per record, in a heap: which
+    records have an entry older than ``max_age`` by a given time."""
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self._heap: list[tuple[float, str]] = []
+        self._since: dict[str, float] = {}
+
+    def set(self, instance_id: str, since: float) -> None:
+        if since == math.inf:
+            self._since.pop(instance_id, None)
+            return
+        if self._since.get(instance_id) == since:
+            return
+        self._since[instance_id] = since
+        heapq.heappush(self._heap, (since, instance_id))
+        if len(self._heap) > 2 * len(self._since) + 64:  # mostly stale: rebuilt
+            self._heap = [(t, i) for i, t in self._since.items()]
+            heapq.heapify(self._heap)
+
+    def expired(self, now: float) -> list[str]:
+        heap, since, found = self._heap, self._since, []
+        while heap and now - heap[0][0] >= self.max_age:
+            t, instance_id = heapq.heappop(heap)
+            if since.get(instance_id) == t:
+                del since[instance_id]
+                found.append(instance_id)
+        return found
 
 
 InstanceListener = Callable[[str], Any]
@@ -118,8 +231,15 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._down_listeners: list[InstanceListener] = []
         self.refused_messages = 0
-        # Set (and replaced) at every load report: requests held for decode room wait on it.
-        self._reported = asyncio.Event()
+        # Set (and dropped) at every load report: requests held for decode room wait on it.
+        self._reported: asyncio.Event | None = None
+        # The views as the policies get them, kept up to date record by record.
+        self._index = ClusterIndex()
+        self._dirty: dict[str, InstanceRecord] = {}  # records whose view is to be made again
+        self._pending_oldest = _Oldest(PENDING_MAX_AGE_S)
+        self._held_oldest = _Oldest(HELD_MAX_AGE_S)
+        self._held_at: dict[str, set[str]] = {}  # request key -> instances holding it
+        self._reports = 0
 
     @property
     def address(self) -> str:
@@ -167,19 +287,57 @@ class ControlPlane:
 
     def handle(self, message: Any, now: float | None = None) -> None:
         now = self.clock() if now is None else now
-        if isinstance(message, Register):
-            self._register(message, now)
-        elif isinstance(message, LoadReport):
+        if isinstance(message, LoadReport):  # the most frequent first
             self._report(message, now)
+        elif isinstance(message, Register):
+            self._register(message, now)
         elif isinstance(message, HoldingsReport):
             record = self.instances.get(message.instance_id)
             if record is not None and message.incarnation == record.info.incarnation:
                 record.kv_holdings[message.rank] = message.holdings
         elif isinstance(message, Deregister):
-            record = self.instances.pop(message.instance_id, None)
+            record = self._forget(message.instance_id)
             if record is not None:
                 logger.info("pdserve: instance %s left", message.instance_id)
                 self._notify_down(message.instance_id)
+
+    # --- the views ---------------------------------------------------------------------------
+
+    def _adopt(self, record: InstanceRecord, now: float) -> None:
+        """``record`` is now the instance's (new, or in place of an older one)."""
+        instance_id = record.info.instance_id
+        old = self.instances.get(instance_id)
+        if old is not None and old is not record:
+            old._on_change = old._on_view = None
+        self.instances[instance_id] = record
+        record._on_change = self._record_changed
+        record._on_view = self._record_viewed
+        record.changed()
+        record.view(now)  # in the index at once: it keeps the registration order
+
+    def _forget(self, instance_id: str) -> InstanceRecord | None:
+        record = self.instances.pop(instance_id, None)
+        if record is not None:
+            record._on_change = record._on_view = None
+            self._dirty.pop(instance_id, None)
+            self._index.remove(instance_id)
+            self._pending_oldest.set(instance_id, math.inf)
+            self._held_oldest.set(instance_id, math.inf)
+        return record
+
+    def _record_changed(self, record: InstanceRecord) -> None:
+        instance_id = record.info.instance_id
+        if self.instances.get(instance_id) is record:
+            self._dirty[instance_id] = record
+
+    def _record_viewed(self, record: InstanceRecord, view: InstanceView) -> None:
+        instance_id = view.instance_id
+        if self.instances.get(instance_id) is not record:
+            return
+        self._dirty.pop(instance_id, None)
+        self._index.set(instance_id, view)
+        self._pending_oldest.set(instance_id, record._pending_since)
+        self._held_oldest.set(instance_id, record._held_since)
 
     def _register(self, info: Register, now: float) -> None:
         record = self.instances.get(info.instance_id)
@@ -194,7 +352,7 @@ class ControlPlane:
                 "pdserve: instance %s (%s) joined at %s", info.instance_id, info.role, info.url
             )
             draining = record.draining if record is not None else False
-            self.instances[info.instance_id] = InstanceRecord(info, now, draining=draining)
+            self._adopt(InstanceRecord(info, now, draining=draining), now)
         else:
             record.info = info
 
@@ -218,12 +376,24 @@ class ControlPlane:
             return
         if record.load is not None and report.seq <= record.load.seq and report.seq > 1:
             return  # late or duplicate
-        record.load = report
-        record.last_report_at = now
-        record.pending = [(t, p) for t, p in record.pending if now - t < PENDING_GRACE_S]
+        # Set in the record's dict (one notice of the change, not one per field): this runs
+        # for every report of every instance.
+        fields = record.__dict__
+        fields["load"] = report
+        fields["last_report_at"] = now
+        if record.pending:
+            fields["pending"] = [(t, p) for t, p in record.pending if now - t < PENDING_GRACE_S]
+        fields["_view"] = None
+        self._dirty[report.instance_id] = record
         self._update_health(record, now)
-        self._reported.set()
-        self._reported = asyncio.Event()
+        record.view(now)  # made here, off the decisions' path
+        self._reports += 1
+        if not self._reports % 64:
+            self._index.tidy()
+        reported = self._reported
+        if reported is not None:
+            self._reported = None
+            reported.set()
 
     # --- health ----------------------------------------------------------------------------
 
@@ -246,7 +416,8 @@ class ControlPlane:
         elif healthy and not record.healthy:
             logger.info("pdserve: instance %s is healthy", record.info.instance_id)
             record.given_up = False
-        record.healthy = healthy
+        if record.healthy is not healthy:
+            record.healthy = healthy
         if (
             not healthy
             and not record.given_up
@@ -281,7 +452,7 @@ class ControlPlane:
             last = record.last_report_at or record.registered_at
             if not record.healthy and now - last > self.settings.forget_after_s:
                 logger.info("pdserve: forgetting instance %s", instance_id)
-                del self.instances[instance_id]
+                self._forget(instance_id)
 
     def mark_broken(self, instance_id: str) -> None:
         """The gateway saw a connection to the instance break: no new work for a while.
@@ -297,8 +468,19 @@ class ControlPlane:
     # --- what the rest of the gateway uses --------------------------------------------------
 
     def snapshot(self) -> ClusterSnapshot:
+        """Every instance's view now (immutable), with the index that answers the policies'
+        questions without a scan. Only the views of records that changed, or whose pending
+        or held entries aged out by now, are made again."""
         now = self.clock()
-        return ClusterSnapshot(tuple(r.view(now) for r in self.instances.values()))
+        for oldest in (self._pending_oldest, self._held_oldest):
+            for instance_id in oldest.expired(now):
+                record = self.instances.get(instance_id)
+                if record is not None:
+                    record.changed()
+        if self._dirty:
+            for record in list(self._dirty.values()):
+                record.view(now)
+        return self._index.snapshot()
 
     def dispatch(self, estimate: RequestEstimate, key: str | None = None) -> Dispatch:
         """Asks the policy, then counts the request as pending where it goes (``place``).
@@ -335,6 +517,8 @@ class ControlPlane:
                 if wait_s - (self.clock() - started) <= 0 or not self._briefly_silent():
                     raise
                 held = True
+                if self._reported is None:
+                    self._reported = asyncio.Event()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         self._reported.wait(), timeout=wait_s - (self.clock() - started)
@@ -347,6 +531,8 @@ class ControlPlane:
                     self.place(choice, estimate, key)
                 else:
                     held = True
+                    if self._reported is None:
+                        self._reported = asyncio.Event()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._reported.wait(), timeout=left)
                     continue
@@ -373,12 +559,15 @@ class ControlPlane:
         if choice.prefill is not None:
             prefill = self.instances[choice.prefill]
             prefill.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+            prefill.changed()
             if key is not None:
                 decode.held[key] = (now, Pending(1, 0, blocks))
+                self._held_at.setdefault(key, set()).add(choice.decode)
             else:
                 decode.pending.append((now, Pending(1, 0, blocks)))
         else:
             decode.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+        decode.changed()
 
     def dispatch_decode(self, estimate: RequestEstimate, prefilled: bool) -> str:
         """A decode-capable instance for a request whose decode instance went away.
@@ -393,21 +582,30 @@ class ControlPlane:
         blocks = estimate.prompt_blocks(record.load.block_size if record.load else 16)
         tokens = 0 if prefilled else estimate.prompt_tokens
         record.pending.append((self.clock(), Pending(1, tokens, blocks)))
+        record.changed()
         return choice.decode
 
     def decode_started(self, key: str, instance_id: str) -> None:
         """The held decode share of ``key`` becomes ordinary pending work on the instance
         (its next reports show the request), and is dropped anywhere else."""
         now = self.clock()
-        for record_id, record in self.instances.items():
-            entry = record.held.pop(key, None)
-            if entry is not None and record_id == instance_id:
+        for record_id in sorted(self._held_at.pop(key, ())):
+            record = self.instances.get(record_id)
+            entry = record.held.pop(key, None) if record is not None else None
+            if record is None or entry is None:
+                continue
+            if record_id == instance_id:
                 record.pending.append((now, entry[1]))
+            record.changed()
+            record.view(now)  # here, not in the next decision
 
     def forget_held(self, key: str) -> None:
         """The request ended before its decode leg started: nothing is coming."""
-        for record in self.instances.values():
-            record.held.pop(key, None)
+        for record_id in self._held_at.pop(key, ()):
+            record = self.instances.get(record_id)
+            if record is not None and record.held.pop(key, None) is not None:
+                record.changed()
+                record.view(self.clock())
 
     def record(self, instance_id: str) -> InstanceRecord | None:
         return self.instances.get(instance_id)

@@ -23,7 +23,13 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestEstimate
+from pdserve.scheduler.snapshot import (
+    ClusterSnapshot,
+    InstanceView,
+    PoolName,
+    Ranking,
+    RequestEstimate,
+)
 
 PolicyName = Literal["pd", "round-robin", "least-requests"]
 
@@ -92,20 +98,12 @@ class DispatchPolicy(Protocol):
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
 
 
-def _decoders(snapshot: ClusterSnapshot) -> list[InstanceView]:
-    found = [i for i in snapshot.usable() if i.can_decode]
-    if not found:
-        raise NoInstance("decode")
-    return found
-
-
-def _prefillers(snapshot: ClusterSnapshot) -> list[InstanceView]:
-    return [i for i in snapshot.usable() if i.role == "prefill"]
-
-
 class PdPolicy:
     def __init__(self, settings: DispatchSettings) -> None:
         self.settings = settings
+        # max(freeness, then fewer requests) as a minimum: the snapshot keeps minima ready.
+        self.decode_ranking = Ranking("decode", self.decode_key)
+        self.prefill_ranking = Ranking("prefill", self.prefill_key)
 
     def prefill_wait_s(self, view: InstanceView) -> float:
         rate = view.load.prefill_tokens_per_s if view.load else 0.0
@@ -113,21 +111,28 @@ class PdPolicy:
             rate = self.settings.default_prefill_tokens_per_s
         return view.queued_prompt_tokens() / rate
 
+    def decode_key(self, view: InstanceView) -> tuple[float, int]:
+        """Lowest first: the most freeness, then the fewest requests."""
+        return -view.freeness(self.settings.watermark), view.num_requests
+
+    def prefill_key(self, view: InstanceView) -> tuple[float, int]:
+        return self.prefill_wait_s(view), view.num_requests
+
     def choose_decode(self, candidates: Sequence[InstanceView]) -> InstanceView:
-        watermark = self.settings.watermark
-        return max(candidates, key=lambda i: (i.freeness(watermark), -i.num_requests))
+        return min(candidates, key=self.decode_key)
 
     def choose_prefill(self, candidates: Sequence[InstanceView]) -> InstanceView:
-        return min(candidates, key=lambda i: (self.prefill_wait_s(i), i.num_requests))
+        return min(candidates, key=self.prefill_key)
 
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
-        decode = self.choose_decode(_decoders(snapshot))
-        if decode.role == "both":
+        decode = snapshot.best(self.decode_ranking)
+        if decode is None:
+            raise NoInstance("decode")
+        if decode.role == "both" or request.prompt_tokens <= self.settings.short_prompt_tokens:
             return Dispatch(decode=decode.instance_id)
-        prefillers = _prefillers(snapshot)
-        if not prefillers or request.prompt_tokens <= self.settings.short_prompt_tokens:
+        prefill = snapshot.best(self.prefill_ranking)
+        if prefill is None:
             return Dispatch(decode=decode.instance_id)
-        prefill = self.choose_prefill(prefillers)
         wait = self.prefill_wait_s(prefill)
         if wait > self.settings.prefill_saturation_s and self.prefill_wait_s(decode) < wait:
             return Dispatch(decode=decode.instance_id)
@@ -158,28 +163,40 @@ class RoundRobinPolicy:
         # One turn counter per pool: a shared one would skip decoders in step with prefillers.
         self._turns = {"decode": itertools.count(), "prefill": itertools.count()}
 
-    def _next(self, pool: str, candidates: Sequence[InstanceView]) -> InstanceView:
-        ordered = sorted(candidates, key=lambda i: i.instance_id)
-        return ordered[next(self._turns[pool]) % len(ordered)]
+    def _next(self, snapshot: ClusterSnapshot, pool: PoolName) -> InstanceView | None:
+        ids = snapshot.ids(pool)  # in the order of their ids
+        if not ids:
+            return None
+        return snapshot.get(ids[next(self._turns[pool]) % len(ids)])
 
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
-        decode = self._next("decode", _decoders(snapshot))
-        prefillers = _prefillers(snapshot)
-        if decode.role == "both" or not prefillers:
+        decode = self._next(snapshot, "decode")
+        if decode is None:
+            raise NoInstance("decode")
+        if decode.role == "both" or not snapshot.ids("prefill"):
             return Dispatch(decode=decode.instance_id)
-        prefill = self._next("prefill", prefillers)
+        prefill = self._next(snapshot, "prefill")
+        assert prefill is not None
         return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
+
+
+def _fewest_requests(view: InstanceView) -> tuple[int, str]:
+    return view.num_requests, view.instance_id
 
 
 class LeastRequestsPolicy:
     """Fewest running + waiting requests: load-aware, but blind to memory and prompt sizes."""
 
+    decode_ranking = Ranking("decode", _fewest_requests)
+    prefill_ranking = Ranking("prefill", _fewest_requests)
+
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
-        decode = min(_decoders(snapshot), key=lambda i: (i.num_requests, i.instance_id))
-        prefillers = _prefillers(snapshot)
-        if decode.role == "both" or not prefillers:
+        decode = snapshot.best(self.decode_ranking)
+        if decode is None:
+            raise NoInstance("decode")
+        prefill = None if decode.role == "both" else snapshot.best(self.prefill_ranking)
+        if prefill is None:
             return Dispatch(decode=decode.instance_id)
-        prefill = min(prefillers, key=lambda i: (i.num_requests, i.instance_id))
         return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
 
 

@@ -3,14 +3,26 @@
 The gateway builds a ``ClusterSnapshot`` from the latest load reports plus what it has sent
 since (``Pending``: dispatches the next report may not reflect yet, so that a burst of
 requests does not all land on the instance that looked best a moment ago).
+
+Policies pick instances from *pools* (the usable decode-capable instances, the usable
+prefill instances) by a ``Ranking``: ``snapshot.best(ranking)`` is the pool's instance with
+the lowest key, the earliest in the snapshot on a tie, exactly ``min(pool, key=key)``. A
+snapshot made by the gateway carries an index (``pdserve.scheduler.index``) that the control
+plane keeps up to date as reports come, so that answer costs O(log n), not a scan of every
+instance at every decision; a snapshot built by hand (tests) computes it by scanning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport, Role
+
+PoolName = Literal["decode", "prefill"]
+POOLS: tuple[PoolName, ...] = ("decode", "prefill")
 
 
 @dataclass(frozen=True)
@@ -77,18 +89,130 @@ class InstanceView:
         return self.virtual_free_blocks(watermark) / (self.num_requests + 1)
 
 
-@dataclass(frozen=True)
+def in_pool(view: InstanceView, pool: PoolName) -> bool:
+    """``decode``: usable and decode-capable; ``prefill``: usable with the prefill role
+    (a ``both`` instance prefills only the requests it decodes)."""
+    if not view.usable:
+        return False
+    return view.can_decode if pool == "decode" else view.role == "prefill"
+
+
+@dataclass(frozen=True, eq=False)
+class Ranking:
+    """How a policy picks from a pool: the lowest ``key`` (a pure function of the view).
+
+    A policy makes its rankings once and reuses them: the index keeps one sorted order per
+    ranking object.
+    """
+
+    pool: PoolName
+    key: Callable[[InstanceView], Any]
+
+
+class SnapshotIndex(Protocol):
+    """Precomputed answers for one snapshot. ``views`` always answers (the views as of the
+    snapshot, by id, in order); the others raise ``LookupError`` when they cannot (the
+    snapshot then computes the answer from its views)."""
+
+    def views(self) -> Mapping[str, InstanceView]: ...
+
+    def pool(self, name: PoolName) -> tuple[InstanceView, ...]: ...
+
+    def best(self, ranking: Ranking) -> InstanceView | None: ...
+
+    def ids(self, name: PoolName) -> tuple[str, ...]: ...
+
+
 class ClusterSnapshot:
-    instances: tuple[InstanceView, ...]
+    """Every instance's view at one moment: an immutable value.
+
+    ``ClusterSnapshot(views)``; the gateway's come with an index instead
+    (``ClusterSnapshot.indexed``), whose ``instances`` tuple is only made if asked for.
+    """
+
+    __slots__ = ("__weakref__", "_cache", "_index", "_instances")
+    _instances: tuple[InstanceView, ...] | None
+    _index: SnapshotIndex | None
+    _cache: dict[str, Any]
+
+    def __init__(self, instances: Iterable[InstanceView] = ()) -> None:
+        object.__setattr__(self, "_instances", tuple(instances))
+        object.__setattr__(self, "_index", None)
+        object.__setattr__(self, "_cache", {})
+
+    @classmethod
+    def indexed(cls, index: SnapshotIndex) -> ClusterSnapshot:
+        snapshot = cls.__new__(cls)
+        object.__setattr__(snapshot, "_instances", None)
+        object.__setattr__(snapshot, "_index", index)
+        object.__setattr__(snapshot, "_cache", {})
+        return snapshot
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"a ClusterSnapshot is immutable ({name})")
+
+    @property
+    def instances(self) -> tuple[InstanceView, ...]:
+        instances: tuple[InstanceView, ...] | None = self._instances
+        if instances is None:
+            assert self._index is not None
+            instances = tuple(self._index.views().values())
+            object.__setattr__(self, "_instances", instances)
+        return instances
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ClusterSnapshot):
+            return NotImplemented
+        return self.instances == other.instances
+
+    def __hash__(self) -> int:
+        return hash(self.instances)
+
+    def __repr__(self) -> str:
+        return f"ClusterSnapshot({self.instances!r})"
 
     def usable(self) -> list[InstanceView]:
         return [i for i in self.instances if i.usable]
 
+    def pool(self, name: PoolName) -> tuple[InstanceView, ...]:
+        """The pool's instances, in the snapshot's order."""
+        if self._index is not None:
+            try:
+                return self._index.pool(name)
+            except LookupError:
+                pass
+        found: tuple[InstanceView, ...] | None = self._cache.get(name)
+        if found is None:
+            found = self._cache[name] = tuple(v for v in self.instances if in_pool(v, name))
+        return found
+
+    def ids(self, name: PoolName) -> tuple[str, ...]:
+        """The ids of the pool's instances, sorted."""
+        if self._index is not None:
+            try:
+                return self._index.ids(name)
+            except LookupError:
+                pass
+        return tuple(sorted(v.instance_id for v in self.pool(name)))
+
+    def best(self, ranking: Ranking) -> InstanceView | None:
+        """``min(self.pool(ranking.pool), key=ranking.key)``; None for an empty pool."""
+        if self._index is not None:
+            try:
+                return self._index.best(ranking)
+            except LookupError:
+                pass
+        return min(self.pool(ranking.pool), key=ranking.key, default=None)
+
     def get(self, instance_id: str) -> InstanceView | None:
-        for view in self.instances:
-            if view.instance_id == instance_id:
-                return view
-        return None
+        if self._index is not None:
+            return self._index.views().get(instance_id)
+        by_id: dict[str, InstanceView] | None = self._cache.get("by id")
+        if by_id is None:
+            by_id = self._cache["by id"] = {}
+            for view in self.instances:
+                by_id.setdefault(view.instance_id, view)
+        return by_id.get(instance_id)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ takes it out of rotation (``mark_broken``, then its silence), as it would.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,8 @@ from pdserve.sim.profile import StepProfile
 SECRET = b"pdserve-sim"
 # Checks of the control plane's health rules run this long after each deadline.
 _AFTER = 1e-6
+# A report is looked at this many intervals before its time (``latest_tick``'s rounding).
+_EARLY = 1e-8
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,9 @@ class SimCluster:
         self.engines: dict[str, SimEngine] = {}
         self.failed: list[SimEngine] = []
         self._delivered: dict[str, int] = {}
+        # (when the next report is due, serial, instance): the instances ``sync`` looks at.
+        self._due: list[tuple[float, int, SimEngine]] = []
+        self._serial = 0
         self._counts: dict[str, int] = {}
         self._roles: dict[str, Role] = {}
         self.gateway = SimGateway(
@@ -129,9 +135,12 @@ class SimCluster:
             incarnation=incarnation,
             report_interval_s=self.report_interval_s,
             report_phase_s=phase,
+            # Only rescheduling reads the running requests of a report.
+            list_running=self.rescheduling_settings.rescheduling,
         )
         self.engines[instance_id] = engine
         self._delivered[instance_id] = -1
+        self._expect(instance_id, engine, 0)
         self._roles[instance_id] = role
         register = Register(
             instance_id=instance_id,
@@ -177,19 +186,37 @@ class SimCluster:
 
     # --- load reports -----------------------------------------------------------------------
 
+    def _expect(self, instance_id: str, engine: SimEngine, tick: int) -> None:
+        """The instance's next report to deliver is ``tick``'s: due a little before its
+        time (``latest_tick`` decides; this only orders the instances)."""
+        due = engine.tick_time(tick) - _EARLY * self.report_interval_s
+        self._serial += 1
+        heapq.heappush(self._due, (due, self._serial, engine))
+
     def sync(self, now: float) -> None:
-        """Delivers each live instance's latest report sent by ``now`` (see the module doc)."""
+        """Delivers each live instance's latest report sent by ``now`` (see the module doc):
+        only instances with a report due are looked at (a heap by due time)."""
         control = self.control
         delivered = self._delivered
-        for instance_id, engine in self.engines.items():
+        due = self._due
+        early: list[tuple[float, int, SimEngine]] = []
+        while due and due[0][0] <= now:
+            entry = heapq.heappop(due)
+            engine = entry[2]
             if not engine.alive:
-                continue
+                continue  # no more reports
+            instance_id = engine.instance_id
             tick = engine.latest_tick(now)
-            if tick > delivered[instance_id]:
-                report = engine.report_at(tick)
-                if report is not None:
-                    control.handle(report, engine.tick_time(tick))
-                delivered[instance_id] = tick
+            if tick <= delivered[instance_id]:
+                early.append(entry)
+                continue
+            report = engine.report_at(tick)
+            if report is not None:
+                control.handle(report, engine.tick_time(tick))
+            delivered[instance_id] = tick
+            self._expect(instance_id, engine, tick + 1)
+        for entry in early:
+            heapq.heappush(due, entry)
         if self.failed:
             control.check_health(now)
 

@@ -36,12 +36,11 @@ from collections import deque
 from collections.abc import Sequence
 
 import msgspec
-import numpy as np
 
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport
 from pdserve.sim.blocks import BlockPool, PrefixKey
-from pdserve.sim.epoch import Epoch, epoch_durations, epoch_length
+from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, epoch_length
 from pdserve.sim.events import EventQueue
 from pdserve.sim.legs import EngineConfig, EngineCounters, Leg, LegState
 from pdserve.sim.profile import StepProfile, StepWork
@@ -66,8 +65,11 @@ class SimEngine:
         incarnation: str = "",
         report_interval_s: float = 0.1,
         report_phase_s: float = 0.0,
+        list_running: bool = True,
     ) -> None:
-        """Reports are taken every ``report_interval_s`` from ``report_phase_s`` on."""
+        """Reports are taken every ``report_interval_s`` from ``report_phase_s`` on;
+        ``list_running`` False: they leave out the running requests (only rescheduling
+        reads them)."""
         self.instance_id = instance_id
         self.profile = profile
         self.config = config
@@ -100,6 +102,7 @@ class SimEngine:
         self._epoch: Epoch | None = None
         self.report_interval_s = report_interval_s
         self.report_phase_s = report_phase_s
+        self.list_running = list_running
         self._captured_tick = -1
         self._next_capture_at = -math.inf
         # Bumped by every change of state, so an unchanged state reuses its last report.
@@ -254,7 +257,8 @@ class SimEngine:
     def report_at(self, tick: int) -> LoadReport | None:
         """The report sent at report time ``tick`` (its ``seq`` is ``tick + 1``); only the
         latest one is kept, as a newer report supersedes it at the gateway anyway."""
-        self._capture(self.tick_time(tick))
+        if tick > self._captured_tick:
+            self._capture_tick(tick)  # latest_tick(tick_time(tick)) is tick
         snapshot = self._snapshot
         return snapshot if snapshot is not None and snapshot.seq == tick + 1 else None
 
@@ -262,8 +266,10 @@ class SimEngine:
         if now < self._next_capture_at:
             return  # no report time passed since the last capture
         tick = self.latest_tick(now)
-        if tick <= self._captured_tick:
-            return
+        if tick > self._captured_tick:
+            self._capture_tick(tick)
+
+    def _capture_tick(self, tick: int) -> None:
         epoch = self._epoch
         if epoch is None:
             ahead, in_flight, steps = 0, False, 0
@@ -627,8 +633,8 @@ class SimEngine:
     def _start_epoch(self, now: float, steps: int) -> None:
         context = sum(leg.num_computed + 1 for leg in self.running)
         durations = epoch_durations(self.profile, len(self.running), context, steps)
-        ends = (now + np.cumsum(durations)).tolist()
-        self._epoch = Epoch(ends=ends, steps=durations.tolist(), last=steps)
+        ends = epoch_ends(now, durations)
+        self._epoch = Epoch(ends=ends, steps=durations, last=steps)
         self.queue.at(ends[-1], self._on_step_end, self._gen)
 
     def _apply(self, epoch: Epoch, done: int) -> None:

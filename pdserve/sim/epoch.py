@@ -8,6 +8,7 @@ is planned here in one go: how many steps, and their durations from the profile.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from pdserve.sim.profile import StepProfile, StepWork
 
 # Sequences from which numpy beats a Python loop at counting an epoch's new blocks.
 _NUMPY_FROM = 64
+# Steps from which numpy beats a Python loop at an epoch's step times.
+_NUMPY_STEPS_FROM = 256
 
 
 @dataclass
@@ -65,12 +68,13 @@ def epoch_length(running: Sequence[Leg], free_blocks: int, block_size: int) -> i
     return low
 
 
-def epoch_durations(profile: StepProfile, seqs: int, context: int, steps: int) -> np.ndarray:
+def epoch_durations(profile: StepProfile, seqs: int, context: int, steps: int) -> list[float]:
     """Durations of ``steps`` decode steps of ``seqs`` sequences attending over ``context``
     tokens in the first, ``seqs`` more in each next one.
 
     A profile linear in the context (the documented model) gives an arithmetic series,
-    checked at its last step; any other profile is asked step by step.
+    checked at its last step; any other profile is asked step by step. (Short series in
+    plain Python, long ones in numpy: the same floats either way.)
     """
 
     def step(j: int) -> float:
@@ -81,5 +85,16 @@ def epoch_durations(profile: StepProfile, seqs: int, context: int, steps: int) -
     first, second, last = step(0), step(1), step(steps - 1)
     slope = second - first
     if math.isclose(first + (steps - 1) * slope, last, rel_tol=1e-9, abs_tol=1e-12):
-        return first + slope * np.arange(steps)
-    return np.array([step(j) for j in range(steps)])
+        if steps > _NUMPY_STEPS_FROM:
+            result: list[float] = (first + slope * np.arange(steps)).tolist()
+            return result
+        return [first + slope * j for j in range(steps)]
+    return [step(j) for j in range(steps)]
+
+
+def epoch_ends(now: float, durations: Sequence[float]) -> list[float]:
+    """When each step ends: ``now`` plus the running sum of the durations."""
+    if len(durations) > _NUMPY_STEPS_FROM:
+        result: list[float] = (now + np.cumsum(durations)).tolist()
+        return result
+    return [now + total for total in itertools.accumulate(durations)]

@@ -33,6 +33,7 @@ class Reported(Protocol):
     step_ms: float
     prefill_rate: float
     transfers: TransferCache
+    list_running: bool  # list the running requests (else nobody reads them)
     waiting_tokens: int  # tokens of the waiting queue (kept as it changes)
     waiting_blocks: int
 
@@ -72,22 +73,26 @@ def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = Fa
     bs = engine.block_size
     running = engine.running
     request = RunningRequest
-    listed = [
-        request(leg.key, tokens, -(-tokens // bs), leg.num_output + ahead)
-        for leg in running[:MAX_LISTED_REQUESTS]
-        if leg.key and (tokens := leg.prompt_tokens + leg.num_output + ahead)
-    ]
+    listed = (
+        [
+            request(leg.key, tokens, -(-tokens // bs), leg.num_output + ahead)
+            for leg in running[:MAX_LISTED_REQUESTS]
+            if leg.key and (tokens := leg.prompt_tokens + leg.num_output + ahead)
+        ]
+        if engine.list_running
+        else []
+    )
     free = engine.pool.free
-    if ahead:
-        extra = ahead + int(in_flight)
-        for leg in running:
-            new = -(-(leg.num_computed + extra) // bs) - leg.own_blocks - leg.hit_blocks
+    queued = engine.waiting_tokens
+    extra = ahead + int(in_flight)
+    for leg in running:
+        computed = leg.num_computed
+        if computed < leg.prompt_tokens:
+            queued += leg.prompt_tokens - computed
+        if ahead:
+            new = -(-(computed + extra) // bs) - leg.own_blocks - leg.hit_blocks
             if new > 0:
                 free -= new
-    queued = engine.waiting_tokens
-    for leg in running:
-        if leg.num_computed < leg.prompt_tokens:
-            queued += leg.prompt_tokens - leg.num_computed
     for leg in engine.loading:
         queued += leg.num_tokens - leg.num_computed
     for leg in engine.ready:

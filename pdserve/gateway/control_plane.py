@@ -161,7 +161,7 @@ class InstanceRecord:
         ):
             return view
         info = self.info
-        view = InstanceView(  # positional: cheaper, this runs at every report
+        view = InstanceView.of(
             info.instance_id,
             info.role,
             self.healthy,

@@ -52,6 +52,31 @@ class InstanceView:
     pending: Pending = field(default_factory=Pending)
     max_model_len: int = 0
 
+    @classmethod
+    def of(
+        cls,
+        instance_id: str,
+        role: Role,
+        healthy: bool,
+        accepting: bool,
+        load: LoadReport | None,
+        pending: Pending,
+        max_model_len: int,
+    ) -> InstanceView:
+        """The same view as the constructor, made without a frozen dataclass's
+        ``object.__setattr__`` per field: the control plane makes one at every report."""
+        view = object.__new__(cls)
+        view.__dict__.update(
+            instance_id=instance_id,
+            role=role,
+            healthy=healthy,
+            accepting=accepting,
+            load=load,
+            pending=pending,
+            max_model_len=max_model_len,
+        )
+        return view
+
     @property
     def usable(self) -> bool:
         return self.healthy and self.accepting and self.load is not None

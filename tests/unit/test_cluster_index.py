@@ -197,3 +197,19 @@ def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int) -> Non
         else:
             clock[0] += rng.choice((0.01, 0.1, 0.5, 2.5, HELD_MAX_AGE_S))
         assert cp.snapshot().instances == fresh_views(cp, clock[0])
+
+
+def test_a_view_made_by_of_is_the_constructors() -> None:
+    rng = random.Random(3)
+    for _ in range(20):
+        made = random_view("x", rng)
+        fast = InstanceView.of(
+            made.instance_id,
+            made.role,
+            made.healthy,
+            made.accepting,
+            made.load,
+            made.pending,
+            made.max_model_len,
+        )
+        assert fast == made and repr(fast) == repr(made)

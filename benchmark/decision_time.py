@@ -3,13 +3,14 @@
 A ``ControlPlane`` with the default ``pd`` policy and N fake instances (half prefill, half
 decode; ``--roles both``: all colocated) is fed ``Register`` and ``LoadReport`` messages
 through ``handle``, as ``tests/unit/test_control_plane.py`` does, on a simulated clock:
-every instance reports every 100 ms from a random phase (loads drifting at random), and
-requests arrive as a Poisson stream of ``--rate-per-instance`` x N per second. Each request
-is one ``ControlPlane.dispatch`` (snapshot, policy, ``place``) with a request key, as the
-gateway's sessions call it; a disaggregated request's held decode share becomes pending
-``--prefill-s`` later (``decode_started``), as its decode leg starts. Only ``dispatch`` is
-timed (wall clock, ``perf_counter_ns``); the reports arriving in between are handled
-between two decisions, as in production, and their mean cost is printed beside.
+every instance reports every 100 ms from a random phase (its load drifting at random
+around a level of its own), and requests arrive as a Poisson stream of
+``--rate-per-instance`` x N per second. Each request is one ``ControlPlane.dispatch``
+(snapshot, policy, ``place``) with a request key, as the gateway's sessions call it; a
+disaggregated request's held decode share becomes pending ``--prefill-s`` later
+(``decode_started``), as its decode leg starts. Only ``dispatch`` is timed (wall clock,
+``perf_counter_ns``, after as many untimed decisions); the reports arriving in between are
+handled between two decisions, as in production, and their mean cost is printed beside.
 
     python -m benchmark.decision_time --json benchmark/results/decision-time.json
 """
@@ -65,15 +66,18 @@ class FakeInstance:
         self.rng = rng
         self.seq = 0
         self.running = int(rng.integers(0, 32))
-        self.free = int(rng.integers(TOTAL_BLOCKS // 4, TOTAL_BLOCKS))
+        # Each instance's own level, which its load drifts around (however long the run).
+        self.level = int(rng.integers(TOTAL_BLOCKS // 4, TOTAL_BLOCKS))
+        self.free = self.level
         self.queued = 0
 
     def report(self) -> LoadReport:
         rng = self.rng
         self.seq += 1
-        self.running = max(0, self.running + int(rng.integers(-2, 3)))
-        self.free = int(np.clip(self.free + rng.integers(-40, 41), 0, TOTAL_BLOCKS))
-        self.queued = max(0, self.queued + int(rng.integers(-600, 601)))
+        self.running = int(np.clip(self.running + rng.integers(-2, 3), 0, 64))
+        drift = (self.level - self.free) // 20
+        self.free = int(np.clip(self.free + drift + rng.integers(-40, 41), 0, TOTAL_BLOCKS))
+        self.queued = int(np.clip(self.queued + rng.integers(-600, 601), 0, 8000))
         listed = [
             RunningRequest(f"{self.name}-r{i}", 600, 38, 40) for i in range(min(self.running, 32))
         ]

@@ -517,12 +517,7 @@ class ControlPlane:
                 if wait_s - (self.clock() - started) <= 0 or not self._briefly_silent():
                     raise
                 held = True
-                if self._reported is None:
-                    self._reported = asyncio.Event()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._reported.wait(), timeout=wait_s - (self.clock() - started)
-                    )
+                await self._next_report(wait_s - (self.clock() - started))
                 continue
             except NoCapacity as full:
                 left = wait_s - (self.clock() - started)
@@ -531,12 +526,16 @@ class ControlPlane:
                     self.place(choice, estimate, key)
                 else:
                     held = True
-                    if self._reported is None:
-                        self._reported = asyncio.Event()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._reported.wait(), timeout=left)
+                    await self._next_report(left)
                     continue
             return choice, (self.clock() - started if held else 0.0)
+
+    async def _next_report(self, timeout_s: float) -> None:
+        """Returns at the next load report of any instance, or after ``timeout_s``."""
+        if self._reported is None:
+            self._reported = asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._reported.wait(), timeout=timeout_s)
 
     def _briefly_silent(self) -> bool:
         """Some instance that reported before is out of rotation but not given up."""

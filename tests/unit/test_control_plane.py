@@ -154,18 +154,23 @@ def full_report(name: str, seq: int, free: int) -> LoadReport:
     return msgspec.structs.replace(report(name, seq), free_blocks=free)
 
 
+def full_decode_plane() -> tuple[ControlPlane, RequestEstimate]:
+    """A prefill and a decode instance whose 2 free blocks cannot take a 500-token prompt."""
+    cp = ControlPlane(GatewaySettings(), b"k", PdPolicy(DispatchSettings()))
+    for name, role in (("p", "prefill"), ("d", "decode")):
+        cp.handle(register(name, role))
+        cp.handle(report(name, 1))
+    cp.handle(full_report("d", 2, free=2))
+    return cp, RequestEstimate(prompt_tokens=500, max_tokens=16)
+
+
 def test_a_request_is_held_while_every_decode_instance_is_full() -> None:
     """Back-pressure (fault 8): no prefill until a decode instance has room for the KV."""
     asyncio.run(_held_until_room())
 
 
 async def _held_until_room() -> None:
-    cp = ControlPlane(GatewaySettings(), b"k", PdPolicy(DispatchSettings()))
-    for name, role in (("p", "prefill"), ("d", "decode")):
-        cp.handle(register(name, role))
-        cp.handle(report(name, 1))
-    cp.handle(full_report("d", 2, free=2))
-    estimate = RequestEstimate(prompt_tokens=500, max_tokens=16)
+    cp, estimate = full_decode_plane()
     held = asyncio.create_task(cp.dispatch_with_room(estimate, "r1", wait_s=5.0))
     await asyncio.sleep(0.05)
     assert not held.done(), "placed although the decode instance is full"
@@ -180,12 +185,7 @@ def test_a_held_request_is_placed_whole_on_the_decode_instance_after_the_wait() 
 
 
 async def _placed_after_wait() -> None:
-    cp = ControlPlane(GatewaySettings(), b"k", PdPolicy(DispatchSettings()))
-    for name, role in (("p", "prefill"), ("d", "decode")):
-        cp.handle(register(name, role))
-        cp.handle(report(name, 1))
-    cp.handle(full_report("d", 2, free=2))
-    estimate = RequestEstimate(prompt_tokens=500, max_tokens=16)
+    cp, estimate = full_decode_plane()
     choice, held_s = await cp.dispatch_with_room(estimate, "r1", wait_s=0.1)
     assert choice.prefill is None and choice.decode == "d" and held_s >= 0.1
     assert cp.instances["d"].pending_total(cp.clock()).prompt_tokens == 500

@@ -34,16 +34,9 @@ from pdserve.sim.measure import (
     prometheus_labels,
     resolve_kv_bytes,
 )
-from pdserve.sim.profile import StepCoefficients, StepWork, load_profile
+from pdserve.sim.profile import StepWork, load_profile
+from tests.unit.test_sim_profile import OVERHEAD_S, TRUE
 
-TRUE = StepCoefficients(
-    base_s=0.004,
-    prefill_token_s=2e-5,
-    attention_pair_s=5e-9,
-    decode_seq_s=8e-4,
-    decode_context_s=1.5e-6,
-)
-OVERHEAD_S = 0.003
 BUDGET = 2048
 METRICS = (
     "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n"

@@ -78,11 +78,22 @@ class ManagedProcess:
         return self.proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
+        """The log's last ``lines``, preceded by its first traceback when that is earlier.
+
+        vLLM's engine core logs its root cause first and a chain of "see root cause above"
+        wrappers after it, so the tail alone rarely says why a start failed.
+        """
         try:
             text = self.log_path.read_text(errors="replace")
         except OSError:
             return ""
-        return "\n".join(text.splitlines()[-lines:])
+        all_lines = text.splitlines()
+        tail = all_lines[-lines:]
+        first = next((i for i, line in enumerate(all_lines) if "Traceback" in line), None)
+        if first is None or first >= len(all_lines) - lines:
+            return "\n".join(tail)
+        cause = all_lines[first : first + lines]
+        return "\n".join([*cause, "[...]", *tail])
 
     def signal_group(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):

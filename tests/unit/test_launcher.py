@@ -67,3 +67,16 @@ def test_watch_starts_again_what_dies_then_gives_up(tmp_path: Path) -> None:
     # Each ran once plus two restarts, all into the same log.
     assert (tmp_path / "gateway.log").read_text().count("up") == 3
     assert (tmp_path / "decode-0.log").read_text().count("up") == 3
+
+
+def test_a_log_tail_leads_with_the_root_cause(tmp_path: Path) -> None:
+    """vLLM's first traceback (the cause) comes before the tail of "see root cause above"."""
+    log = tmp_path / "instance.log"
+    lines = ["start", "Traceback (most recent call last):", "OSError: the real cause"]
+    lines += [f"wrapper {i}" for i in range(100)]
+    log.write_text("\n".join(lines))
+    tail = ManagedProcess("decode-0", [sys.executable, "-c", "pass"], log).log_tail(10)
+    assert tail.splitlines()[1] == "OSError: the real cause"
+    assert tail.splitlines()[-1] == "wrapper 99"
+    log.write_text("\n".join(["Traceback (most recent call last):", "ValueError: x"]))
+    assert "[...]" not in ManagedProcess("p", ["true"], log).log_tail(10)

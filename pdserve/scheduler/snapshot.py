@@ -246,6 +246,12 @@ class RequestEstimate:
 
     prompt_tokens: int
     max_tokens: int
+    # Higher is more important (vLLM's ``priority`` field has lower-is-first; the gateway
+    # turns it around so that 0 is normal and a policy can say ``priority > 0``).
+    priority: int = 0
+    # The request's own SLOs (``x-slo-ttft-ms`` / ``x-slo-tpot-ms``); None: the cluster's.
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
 
     def prompt_blocks(self, block_size: int) -> int:
         """Blocks the request holds once admitted (its output grows them later)."""

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP front end of a pdserve cluster.
 
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``,
+vLLM's ``/tokenize``, ``/detokenize``, ``/version`` and ``/ping`` (``utility_api``),
 ``/admin/instances`` (and ``/admin/instances/{id}/drain|undrain``). Every error is in
 OpenAI's error format. Nothing a client sends reaches an instance unchecked, and a client that
 goes away is noticed: its upstream requests are closed, which makes vLLM abort them and free
@@ -34,6 +35,7 @@ from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
+from pdserve.gateway.utility_api import add_utility_routes
 from pdserve.logs import get_logger
 from pdserve.protocol.wire import instance_api_key
 from pdserve.scheduler.dispatch import DispatchSettings, make_policy
@@ -47,7 +49,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/ping"})
 
 
 async def _send_json(
@@ -356,6 +358,8 @@ def create_app(
             },
             status_code=status,
         )
+
+    add_utility_routes(app, health)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

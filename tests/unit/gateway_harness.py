@@ -98,6 +98,8 @@ class FakeInstance:
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         app.router.add_post("/detokenize", self._detokenize)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_get("/version", self._version)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -152,6 +154,19 @@ class FakeInstance:
             return web.json_response({"error": "Unauthorized"}, status=401)
         body = await request.json()
         return web.json_response({"prompt": "".join(f"<{t}>" for t in body["tokens"])})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        body = await request.json()
+        if "prompt" not in body:
+            return _vllm_error(400, "prompt is required")
+        self.received.append(body)
+        tokens = _text_ids(str(body["prompt"]))
+        return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": 64})
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": f"fake-{self.name}"})
 
     def _prompt_ids(self, chat: bool, body: dict[str, Any]) -> list[int] | str:
         """The prompt's token ids, or why vLLM would refuse the request."""

@@ -1,8 +1,8 @@
 """The OpenAI request bodies the gateway accepts, checked before any instance sees them.
 
 Fields pdserve relies on are validated strictly (types, ranges, ``n == 1``); any other field
-is passed through to vLLM, which validates it in turn. ``kv_transfer_params`` is refused: it
-would let a client point an instance at arbitrary KV sources.
+is passed through to vLLM, which validates it in turn. A few are refused (``vllm_fields``):
+``kv_transfer_params`` would let a client point an instance at arbitrary KV sources.
 
 Bodies must be standard JSON (RFC 8259: no ``NaN`` or ``Infinity``, numbers that fit a
 double) nested at most ``MAX_JSON_DEPTH`` deep: deeper bodies would exhaust Python's recursion
@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pdserve.gateway.errors import APIError
+from pdserve.gateway.vllm_fields import refuse_fields
 
 Kind = Literal["chat", "completion"]
 ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -175,10 +176,7 @@ def parse_json_body(raw: bytes) -> Any:
 def parse_request(kind: Kind, body: Any) -> ChatRequest | CompletionRequest:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    if "kv_transfer_params" in body:
-        raise APIError(
-            400, "kv_transfer_params is reserved for pdserve", param="kv_transfer_params"
-        )
+    refuse_fields(body)
     model: type[ChatRequest | CompletionRequest] = (
         ChatRequest if kind == "chat" else CompletionRequest
     )

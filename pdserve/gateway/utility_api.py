@@ -19,9 +19,7 @@ from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.openai_api import parse_json_body
 from pdserve.gateway.upstream import UpstreamBroken
-
-# Fields a client may not set on a forwarded body, for the same reason as on completions.
-RESERVED_FIELDS = ("kv_transfer_params", "ec_transfer_params")
+from pdserve.gateway.vllm_fields import refuse_fields
 
 
 def _instance_url(ctx: GatewayContext, model: str | None) -> str:
@@ -46,9 +44,7 @@ def _checked_body(raw: bytes) -> dict[str, Any]:
     body = parse_json_body(raw)
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
-    for name in RESERVED_FIELDS:
-        if name in body:
-            raise APIError(400, f"{name} is reserved for pdserve", param=name)
+    refuse_fields(body)
     return body
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import socket
 from collections.abc import Sequence
 
@@ -18,8 +19,40 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+# Where ports are picked when the ephemeral range starts too low to leave room below it.
+_FALLBACK_LOW = 20000
+# How many ports below the range are candidates.
+_WINDOW = 12288
+_PICK_ATTEMPTS = 200
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out for ``bind(port 0)`` and outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+            return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the caller binds it soon after)."""
+    """A port that is free now, *below* the kernel's ephemeral range.
+
+    The caller binds it late: a vLLM instance binds its HTTP and KV ports only after its
+    model has loaded (~30 s here). A port from ``bind(port 0)`` lies in the ephemeral range,
+    where every other process starting meanwhile (vLLM's own ZeroMQ sockets, outgoing
+    connections) gets its ports too, and one took a KV port in CI ("Address already in
+    use" at start-up). Below the range only processes that ask for a port by number get it.
+    """
+    low, _ = ephemeral_range()
+    start = max(1024, low - _WINDOW) if low > 4096 else _FALLBACK_LOW
+    end = low if low > 4096 else _FALLBACK_LOW + _WINDOW
+    rng = random.SystemRandom()
+    for _ in range(_PICK_ATTEMPTS):
+        port = rng.randrange(start, end)
+        if not port_in_use(host, port):
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

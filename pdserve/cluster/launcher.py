@@ -101,14 +101,23 @@ def assign_cores(count: int, cores: list[int]) -> tuple[list[str], bool]:
 
 
 def plan(serve: ServeSettings, gateway: GatewaySettings) -> tuple[list[Slot], list[str]]:
-    """The instances to start, and warnings; raises ValueError for impossible layouts."""
-    if serve.decode + serve.both == 0:
-        raise ValueError("no instance can decode: add --decode N or --both N")
+    """The instances to start, and warnings; raises ValueError for impossible layouts.
+
+    Roles are preferences: a cluster without a decode-capable instance answers every request
+    whole on its prefill instances (``pdserve.scheduler.dispatch.whole_on_any``).
+    """
+    if serve.prefill + serve.decode + serve.both == 0:
+        raise ValueError("no instance to start: add --prefill N, --decode N or --both N")
     roles: list[Role] = []
     for role, count in (("prefill", serve.prefill), ("decode", serve.decode), ("both", serve.both)):
         roles += [role] * count  # type: ignore[list-item]
     bindings, shared = assign_cores(len(roles), available_cores())
     warnings = []
+    if serve.decode + serve.both == 0:
+        warnings.append(
+            "no decode or both instance: every request is served whole (colocated) on a "
+            "prefill instance"
+        )
     if shared:
         warnings.append(
             f"{len(roles)} instances share {len(available_cores())} cores: expect lower throughput"

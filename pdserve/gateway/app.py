@@ -37,8 +37,9 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
 from pdserve.gateway.utility_api import add_utility_routes
 from pdserve.logs import get_logger
+from pdserve.protocol.reports import ROLES
 from pdserve.protocol.wire import instance_api_key
-from pdserve.scheduler.dispatch import DispatchSettings, make_policy
+from pdserve.scheduler.dispatch import DispatchSettings, Serving, make_policy, serving
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 
 logger = get_logger(__name__)
@@ -332,7 +333,9 @@ def create_app(
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        served = ctx.control.models()
+        """The models a request can be served with now: some usable instance, of any role,
+        serves each (while none is usable, the list is empty and ``/health`` is 503)."""
+        served = ctx.control.usable_models()
         return {
             "object": "list",
             "data": [
@@ -349,14 +352,19 @@ def create_app(
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        usable = [v for v in ctx.control.snapshot().usable() if v.can_decode]
-        status = 200 if usable else 503
+        """200 while some instance is usable (of any role: roles are preferences), with how
+        requests are served now and the roles of the usable instances."""
+        snapshot = ctx.control.snapshot()
+        mode = serving(snapshot)
+        usable = snapshot.pool("any")
         return JSONResponse(
             {
-                "status": "ok" if usable else "no instance can decode",
+                "status": "ok" if mode is not Serving.NONE else "no usable instance",
+                "serving": mode.value,
+                "roles": {role: sum(v.role == role for v in usable) for role in ROLES},
                 "instances": len(ctx.control.instances),
             },
-            status_code=status,
+            status_code=503 if mode is Serving.NONE else 200,
         )
 
     add_utility_routes(app, health)

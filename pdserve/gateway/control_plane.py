@@ -231,6 +231,8 @@ class ControlPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._down_listeners: list[InstanceListener] = []
         self.refused_messages = 0
+        # Requests waiting in ``dispatch_with_room`` now (for decode room or silent instances).
+        self.held_requests = 0
         # Set (and dropped) at every load report: requests held for decode room wait on it.
         self._reported: asyncio.Event | None = None
         # The views as the policies get them, kept up to date record by record.
@@ -485,7 +487,7 @@ class ControlPlane:
     def dispatch(self, estimate: RequestEstimate, key: str | None = None) -> Dispatch:
         """Asks the policy, then counts the request as pending where it goes (``place``).
 
-        Raises the policy's ``NoInstance`` (no instance for a role) and ``NoCapacity`` (every
+        Raises the policy's ``NoInstance`` (no usable instance at all) and ``NoCapacity`` (every
         decode instance full: see ``dispatch_with_room``).
         """
         choice = self.policy.choose(self.snapshot(), estimate)
@@ -501,34 +503,44 @@ class ControlPlane:
         room for its KV (else its export waits on the prefill instance until the lease ends).
         Each load report is a chance; after ``wait_s`` the request is placed whole on the
         decode instance the policy preferred, where it queues holding nothing elsewhere.
-        Likewise, while the instances a role needs are only briefly silent (out of rotation,
-        not given up), the request waits for their reports instead of failing at once with
-        ``NoInstance``.
+        Likewise, while every instance is only briefly silent (out of rotation, not given up:
+        a missing role alone never raises ``NoInstance``), the request waits for their
+        reports instead of failing at once.
         Returns the choice and the seconds held.
         """
         started = self.clock()
         held = False
-        while True:
-            try:
-                choice = self.dispatch(estimate, key)
-            except NoInstance:
-                # Every instance of a role is out of rotation for a short silence (a starved
-                # host), none given up: waiting for its next report beats a 503.
-                if wait_s - (self.clock() - started) <= 0 or not self._briefly_silent():
-                    raise
-                held = True
-                await self._next_report(wait_s - (self.clock() - started))
-                continue
-            except NoCapacity as full:
-                left = wait_s - (self.clock() - started)
-                if left <= 0 or full.decode not in self.instances:
-                    choice = Dispatch(decode=full.decode)
-                    self.place(choice, estimate, key)
-                else:
-                    held = True
-                    await self._next_report(left)
+        try:
+            while True:
+                try:
+                    choice = self.dispatch(estimate, key)
+                except NoInstance:
+                    # Every instance is out of rotation for a short silence (a starved host),
+                    # none given up: waiting for the next report beats a 503.
+                    if wait_s - (self.clock() - started) <= 0 or not self._briefly_silent():
+                        raise
+                    held = self._hold(held)
+                    await self._next_report(wait_s - (self.clock() - started))
                     continue
-            return choice, (self.clock() - started if held else 0.0)
+                except NoCapacity as full:
+                    left = wait_s - (self.clock() - started)
+                    if left <= 0 or full.decode not in self.instances:
+                        choice = Dispatch(decode=full.decode)
+                        self.place(choice, estimate, key)
+                    else:
+                        held = self._hold(held)
+                        await self._next_report(left)
+                        continue
+                return choice, (self.clock() - started if held else 0.0)
+        finally:
+            if held:
+                self.held_requests -= 1
+
+    def _hold(self, held: bool) -> bool:
+        """Counts a request as held (``held_requests``, a gauge of the metrics) once."""
+        if not held:
+            self.held_requests += 1
+        return True
 
     async def _next_report(self, timeout_s: float) -> None:
         """Returns at the next load report of any instance, or after ``timeout_s``."""
@@ -572,11 +584,14 @@ class ControlPlane:
         """A decode-capable instance for a request whose decode instance went away.
 
         Only decode-capable instances are offered to the policy, so it places no prefill;
+        while none is usable, every instance is (the policy's fallback then serves the
+        request whole on one, the prefill instance itself included: roles are preferences).
         ``prefilled``: the KV exists elsewhere, so no prompt tokens are queued there.
         """
         snapshot = self.snapshot()
-        decoders = ClusterSnapshot(tuple(v for v in snapshot.instances if v.can_decode))
-        choice = self.policy.choose(decoders, estimate)
+        if snapshot.pool("decode"):
+            snapshot = ClusterSnapshot(tuple(v for v in snapshot.instances if v.can_decode))
+        choice = self.policy.choose(snapshot, estimate)
         record = self.instances[choice.decode]
         blocks = estimate.prompt_blocks(record.load.block_size if record.load else 16)
         tokens = 0 if prefilled else estimate.prompt_tokens
@@ -616,5 +631,15 @@ class ControlPlane:
         return record.info.url
 
     def models(self) -> dict[str, int]:
-        """Served model names and their context length."""
+        """Model names of every registered instance and their context length: a request for
+        one whose instances are only briefly silent waits for them (``dispatch_with_room``)."""
         return {r.info.model: r.info.max_model_len for r in self.instances.values()}
+
+    def usable_models(self) -> dict[str, int]:
+        """The models some usable instance (of any role) serves now: ``/v1/models``."""
+        served: dict[str, int] = {}
+        for view in self.snapshot().pool("any"):
+            record = self.instances.get(view.instance_id)
+            if record is not None:
+                served.setdefault(record.info.model, record.info.max_model_len)
+        return served

@@ -12,10 +12,17 @@
 - a ``both`` instance chosen for decode serves the whole request.
 
 ``RoundRobinPolicy`` and ``LeastRequestsPolicy`` are the baselines the benchmarks compare to.
+
+Roles are preferences, not limits: every instance runs the same KV connector (``kv_both``) and
+can serve a whole request. When no decode-capable instance is usable (a ``--decode 0``
+cluster, decode instances not joined yet or gone), every policy serves the request whole on
+the best usable instance of any role (``whole_on_any``), so ``NoInstance`` means that no
+instance at all is usable.
 """
 
 from __future__ import annotations
 
+import enum
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +31,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.scheduler.snapshot import (
+    POOLS,
     ClusterSnapshot,
     InstanceView,
     PoolName,
@@ -57,7 +65,8 @@ class DispatchSettings(BaseModel):
 
 @dataclass(frozen=True)
 class Dispatch:
-    """``prefill`` None: the decode instance prefills the request itself."""
+    """``decode``: the instance that produces the output tokens (of any role when no
+    decode-capable instance is usable); ``prefill`` None: it prefills the request itself."""
 
     decode: str
     prefill: str | None = None
@@ -68,11 +77,41 @@ class Dispatch:
 
 
 class NoInstance(Exception):
-    """No healthy instance can serve a needed role (the gateway answers 503)."""
+    """No instance is usable at all (the gateway answers 503): a missing role alone never
+    raises it (``whole_on_any``)."""
 
-    def __init__(self, role: str) -> None:
+    def __init__(self, role: str = "serve the request") -> None:
         super().__init__(f"no healthy instance can {role}")
         self.role = role
+
+
+def whole_on_any(snapshot: ClusterSnapshot, ranking: Ranking) -> Dispatch:
+    """The fallback of every policy when no decode-capable instance is usable: the request
+    runs whole on the best usable instance of any role (``ranking`` over the ``any`` pool).
+
+    A 503 would turn away requests a prefill instance can serve: every instance has the same
+    connector and vLLM engine, the role only says what the policies prefer it for.
+    """
+    best = snapshot.best(ranking)
+    if best is None:
+        raise NoInstance()
+    return Dispatch(decode=best.instance_id)
+
+
+class Serving(enum.StrEnum):
+    """What the usable instances can serve now (``/health`` says it)."""
+
+    DISAGGREGATED = "disaggregated"  # prefill instances and decode-capable ones
+    COLOCATED_ONLY = "colocated-only"  # every request runs whole on one instance
+    NONE = "none"  # no usable instance: requests get 503
+
+
+def serving(snapshot: ClusterSnapshot) -> Serving:
+    if not snapshot.pool("any"):
+        return Serving.NONE
+    if snapshot.pool("prefill") and snapshot.pool("decode"):
+        return Serving.DISAGGREGATED
+    return Serving.COLOCATED_ONLY
 
 
 class NoCapacity(Exception):
@@ -104,6 +143,8 @@ class PdPolicy:
         # max(freeness, then fewer requests) as a minimum: the snapshot keeps minima ready.
         self.decode_ranking = Ranking("decode", self.decode_key)
         self.prefill_ranking = Ranking("prefill", self.prefill_key)
+        # Without a decode-capable instance: the shortest prefill wait serves it whole.
+        self.fallback_ranking = Ranking("any", self.prefill_key)
 
     def prefill_wait_s(self, view: InstanceView) -> float:
         rate = view.load.prefill_tokens_per_s if view.load else 0.0
@@ -127,7 +168,7 @@ class PdPolicy:
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
         decode = snapshot.best(self.decode_ranking)
         if decode is None:
-            raise NoInstance("decode")
+            return whole_on_any(snapshot, self.fallback_ranking)
         if decode.role == "both" or request.prompt_tokens <= self.settings.short_prompt_tokens:
             return Dispatch(decode=decode.instance_id)
         prefill = snapshot.best(self.prefill_ranking)
@@ -161,7 +202,7 @@ class RoundRobinPolicy:
 
     def __init__(self) -> None:
         # One turn counter per pool: a shared one would skip decoders in step with prefillers.
-        self._turns = {"decode": itertools.count(), "prefill": itertools.count()}
+        self._turns = {pool: itertools.count() for pool in POOLS}
 
     def _next(self, snapshot: ClusterSnapshot, pool: PoolName) -> InstanceView | None:
         ids = snapshot.ids(pool)  # in the order of their ids
@@ -172,7 +213,10 @@ class RoundRobinPolicy:
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
         decode = self._next(snapshot, "decode")
         if decode is None:
-            raise NoInstance("decode")
+            decode = self._next(snapshot, "any")  # the fallback: ``whole_on_any``, in turns
+            if decode is None:
+                raise NoInstance()
+            return Dispatch(decode=decode.instance_id)
         if decode.role == "both" or not snapshot.ids("prefill"):
             return Dispatch(decode=decode.instance_id)
         prefill = self._next(snapshot, "prefill")
@@ -189,11 +233,12 @@ class LeastRequestsPolicy:
 
     decode_ranking = Ranking("decode", _fewest_requests)
     prefill_ranking = Ranking("prefill", _fewest_requests)
+    fallback_ranking = Ranking("any", _fewest_requests)
 
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
         decode = snapshot.best(self.decode_ranking)
         if decode is None:
-            raise NoInstance("decode")
+            return whole_on_any(snapshot, self.fallback_ranking)
         prefill = None if decode.role == "both" else snapshot.best(self.prefill_ranking)
         if prefill is None:
             return Dispatch(decode=decode.instance_id)

@@ -47,9 +47,9 @@ _TIDY_AT, _FORCE_AT = 2, 8
 _Entry = tuple[Any, int, int, str]  # (key, position, stamp, instance id)
 # The pools of a view, by (usable, role): ``in_pool`` for every pool (a unit test checks).
 _POOLS_OF: dict[tuple[bool, str], tuple[PoolName, ...]] = {
-    (True, "decode"): ("decode",),
-    (True, "both"): ("decode",),
-    (True, "prefill"): ("prefill",),
+    (True, "decode"): ("decode", "any"),
+    (True, "both"): ("decode", "any"),
+    (True, "prefill"): ("prefill", "any"),
     (False, "decode"): (),
     (False, "both"): (),
     (False, "prefill"): (),

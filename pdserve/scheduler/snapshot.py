@@ -5,8 +5,10 @@ since (``Pending``: dispatches the next report may not reflect yet, so that a bu
 requests does not all land on the instance that looked best a moment ago).
 
 Policies pick instances from *pools* (the usable decode-capable instances, the usable
-prefill instances) by a ``Ranking``: ``snapshot.best(ranking)`` is the pool's instance with
-the lowest key, the earliest in the snapshot on a tie, exactly ``min(pool, key=key)``. A
+prefill instances, and ``any``: every usable instance, whatever its role, since roles are
+preferences and any instance can serve a whole request) by a ``Ranking``:
+``snapshot.best(ranking)`` is the pool's instance with the lowest key, the earliest in the
+snapshot on a tie, exactly ``min(pool, key=key)``. A
 snapshot made by the gateway carries an index (``pdserve.scheduler.index``) that the control
 plane keeps up to date as reports come, so that answer costs O(log n), not a scan of every
 instance at every decision; a snapshot built by hand (tests) computes it by scanning.
@@ -21,8 +23,8 @@ from typing import Any, Literal, Protocol
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport, Role
 
-PoolName = Literal["decode", "prefill"]
-POOLS: tuple[PoolName, ...] = ("decode", "prefill")
+PoolName = Literal["decode", "prefill", "any"]
+POOLS: tuple[PoolName, ...] = ("decode", "prefill", "any")
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,13 @@ class InstanceView:
 
 def in_pool(view: InstanceView, pool: PoolName) -> bool:
     """``decode``: usable and decode-capable; ``prefill``: usable with the prefill role
-    (a ``both`` instance prefills only the requests it decodes)."""
+    (a ``both`` instance prefills only the requests it decodes); ``any``: usable (every
+    instance runs the same KV connector and can serve a whole request)."""
     if not view.usable:
         return False
-    return view.can_decode if pool == "decode" else view.role == "prefill"
+    if pool == "decode":
+        return view.can_decode
+    return pool == "any" or view.role == "prefill"
 
 
 @dataclass(frozen=True, eq=False)

@@ -140,9 +140,15 @@ def fresh_views(cp: ControlPlane, now: float) -> tuple[InstanceView, ...]:
     return tuple(views)
 
 
+# Instances by role: a mix, and one decoder among prefill instances (its drains and
+# silences leave no decode-capable instance, where every policy falls back to any role).
+MIXES = {"mixed": ["prefill", "decode", "both"] * 3, "one decoder": ["prefill"] * 5 + ["decode"]}
+
+
 @pytest.mark.parametrize("policy", ["pd", "round-robin", "least-requests"])
 @pytest.mark.parametrize("seed", range(3))
-def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int) -> None:
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int, mix: str) -> None:
     """Reports, dispatches, held and started decode legs, drains, silences and entries
     ageing out, in random order: the snapshot is always what the scan would make, and a
     policy decides on it as on the scan's."""
@@ -157,9 +163,10 @@ def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int) -> Non
     make = makers[policy]
     cp = ControlPlane(settings, b"k", make(), clock=lambda: clock[0])
     twin = make()  # the same policy, deciding on the scan's snapshot
-    names = [f"{role}-{n}" for n, role in enumerate(["prefill", "decode", "both"] * 3)]
+    names = [f"{role}-{n}" for n, role in enumerate(MIXES[mix])]
     seqs = dict.fromkeys(names, 0)
     keys: list[tuple[str, str]] = []
+    fallbacks = 0  # requests served whole on a prefill instance
     for name in names:
         cp.handle(register(name, name.split("-")[0]), now=0.0)
     for step in range(800):
@@ -182,6 +189,7 @@ def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int) -> Non
                 assert expected is type(e)
             else:
                 assert choice == expected
+                fallbacks += choice.decode.startswith("prefill")
                 if key is not None and choice.prefill is not None:
                     keys.append((key, choice.decode))
         elif action < 0.8 and keys:
@@ -197,6 +205,7 @@ def test_the_kept_snapshot_is_the_one_made_afresh(policy: str, seed: int) -> Non
         else:
             clock[0] += rng.choice((0.01, 0.1, 0.5, 2.5, HELD_MAX_AGE_S))
         assert cp.snapshot().instances == fresh_views(cp, clock[0])
+    assert fallbacks or mix != "one decoder", "the fallback was never exercised"
 
 
 def test_a_view_made_by_of_is_the_constructors() -> None:

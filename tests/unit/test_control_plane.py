@@ -10,7 +10,14 @@ import pytest
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.reports import Deregister, LoadReport, Register
-from pdserve.scheduler.dispatch import DispatchSettings, NoInstance, PdPolicy
+from pdserve.scheduler.dispatch import (
+    Dispatch,
+    DispatchSettings,
+    NoInstance,
+    PdPolicy,
+    Serving,
+    serving,
+)
 from pdserve.scheduler.snapshot import RequestEstimate
 
 
@@ -174,9 +181,11 @@ async def _held_until_room() -> None:
     held = asyncio.create_task(cp.dispatch_with_room(estimate, "r1", wait_s=5.0))
     await asyncio.sleep(0.05)
     assert not held.done(), "placed although the decode instance is full"
+    assert cp.held_requests == 1
     cp.handle(full_report("d", 3, free=90))
     choice, held_s = await asyncio.wait_for(held, 1.0)
     assert choice.prefill == "p" and choice.decode == "d" and held_s > 0
+    assert cp.held_requests == 0
     assert "r1" in cp.instances["d"].held
 
 
@@ -219,3 +228,21 @@ async def _waits_for_silent() -> None:
         await ControlPlane(
             GatewaySettings(), b"k", PdPolicy(DispatchSettings())
         ).dispatch_with_room(estimate, "r2", wait_s=5.0)
+
+
+def test_a_cluster_without_decode_instances_serves_whole_on_its_prefill_instance() -> None:
+    """``pdserve serve --prefill 1 --decode 0``: roles are preferences, not a 503."""
+    cp = plane()
+    cp.handle(register("p", "prefill"))
+    assert cp.usable_models() == {} and cp.models() == {"m": 8192}  # not reported yet
+    cp.handle(report("p", 1))
+    long = RequestEstimate(prompt_tokens=2000, max_tokens=16)
+    assert cp.dispatch(long, "r1") == Dispatch(decode="p")
+    assert cp.dispatch_decode(long, prefilled=True) == "p"  # its decode instance went away
+    assert cp.usable_models() == {"m": 8192}
+    assert serving(cp.snapshot()) is Serving.COLOCATED_ONLY
+    cp.handle(register("d", "decode"))
+    cp.handle(report("d", 1))
+    assert cp.dispatch(long, "r2") == Dispatch(decode="d", prefill="p")
+    assert cp.dispatch_decode(long, prefilled=True) == "d"
+    assert serving(cp.snapshot()) is Serving.DISAGGREGATED

@@ -7,13 +7,16 @@ import pytest
 from pdserve.protocol.reports import LoadReport
 from pdserve.scheduler.dispatch import (
     Dispatch,
+    DispatchPolicy,
     DispatchSettings,
     LeastRequestsPolicy,
     NoCapacity,
     NoInstance,
     PdPolicy,
     RoundRobinPolicy,
+    Serving,
     make_policy,
+    serving,
 )
 from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, Pending, RequestEstimate
 
@@ -135,11 +138,49 @@ def test_unhealthy_draining_and_silent_instances_are_skipped() -> None:
     assert choice.decode == "d2" and choice.prefill is None
 
 
-def test_no_decoder_raises() -> None:
+def all_policies() -> tuple[DispatchPolicy, ...]:
+    return PdPolicy(DispatchSettings()), RoundRobinPolicy(), LeastRequestsPolicy()
+
+
+def test_without_a_usable_decoder_every_policy_serves_whole_on_a_prefill_instance() -> None:
+    """Roles are preferences: a prefill instance serves the whole request, no 503."""
     snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode", healthy=False)))
-    for policy in (PdPolicy(DispatchSettings()), RoundRobinPolicy(), LeastRequestsPolicy()):
-        with pytest.raises(NoInstance, match="decode"):
+    for policy in all_policies():
+        for request in (LONG, SHORT):
+            assert policy.choose(snap, request) == Dispatch(decode="p")
+
+
+def test_the_fallback_picks_the_best_instance_by_each_policys_measure() -> None:
+    snap = ClusterSnapshot(
+        (
+            view("p1", "prefill", running=1, queued_tokens=8000, rate=1000.0),
+            view("p2", "prefill", running=5, queued_tokens=100, rate=1000.0),
+            view("d", "decode", accepting=False),
+        )
+    )
+    assert PdPolicy(DispatchSettings()).choose(snap, LONG).decode == "p2"  # shortest wait
+    assert LeastRequestsPolicy().choose(snap, LONG).decode == "p1"  # fewest requests
+    turns = RoundRobinPolicy()
+    assert [turns.choose(snap, LONG).decode for _ in range(3)] == ["p1", "p2", "p1"]
+
+
+def test_no_usable_instance_at_all_raises() -> None:
+    snap = ClusterSnapshot(
+        (view("p", "prefill", healthy=False), InstanceView("d", "decode"))  # d never reported
+    )
+    for policy in all_policies():
+        with pytest.raises(NoInstance, match="no healthy instance"):
             policy.choose(snap, LONG)
+
+
+def test_serving_says_what_the_usable_instances_can_serve() -> None:
+    def of(*views: InstanceView) -> Serving:
+        return serving(ClusterSnapshot(views))
+
+    assert of(view("p", "prefill"), view("d", "decode")) is Serving.DISAGGREGATED
+    assert of(view("p", "prefill"), view("d", "decode", healthy=False)) is Serving.COLOCATED_ONLY
+    assert of(view("b", "both")) is Serving.COLOCATED_ONLY
+    assert of(view("p", "prefill", healthy=False)) is Serving.NONE
 
 
 def test_pending_dispatches_spread_a_burst() -> None:

@@ -174,7 +174,9 @@ def test_a_decode_instance_leaving_during_the_prefill_is_replaced() -> None:
     assert released == []
 
 
-def test_no_decode_instance_left_after_the_prefill_is_a_clean_503_that_frees_the_export() -> None:
+def test_no_decode_instance_left_after_the_prefill_decodes_on_the_prefill_instance() -> None:
+    """Roles are preferences: the prefill instance serves the rest itself (recomputing from
+    its prefix cache), and the export nobody will pull is released at once."""
     prefill = FakeInstance("prefill-0", "prefill")
     prefill.exports = True
     prefill.hold = asyncio.Event()
@@ -186,7 +188,9 @@ def test_no_decode_instance_left_after_the_prefill_is_a_clean_503_that_frees_the
         on_loop(gateway, lambda: gateway.ctx.control.handle(Deregister(instance_id="decode-0")))
         gateway.loop.call_soon_threadsafe(prefill.hold.set)
         response = future.result(timeout=30)
-        assert_openai_error(response, 503)
+        assert response.status_code == 200, response.text
+        assert [bool(b.get("stream")) for b in prefill.received] == [False, True]
+        assert leg_sources(prefill) == [None, None]  # the decode leg pulls nothing
         transfer_id = prefill.received[0]["kv_transfer_params"]["pdserve"]["export"]
         assert released == [transfer_id["transfer_id"]]
         assert not any(r.held for r in gateway.ctx.control.instances.values())

@@ -35,9 +35,16 @@ def test_plan_names_instances_by_role(monkeypatch: pytest.MonkeyPatch) -> None:
     assert warnings and "share" in warnings[0]
 
 
-def test_plan_refuses_a_cluster_that_cannot_decode() -> None:
-    with pytest.raises(ValueError, match="decode"):
-        plan(ServeSettings(prefill=2, decode=0), gateway())
+def test_plan_starts_a_cluster_without_decode_instances_and_says_how_it_serves() -> None:
+    """Roles are preferences: prefill instances serve whole requests, no refusal."""
+    slots, warnings = plan(ServeSettings(prefill=1, decode=0), gateway())
+    assert [s.name for s in slots] == ["prefill-0"]
+    assert any("served whole" in w for w in warnings)
+
+
+def test_plan_refuses_a_cluster_without_instances() -> None:
+    with pytest.raises(ValueError, match="no instance"):
+        plan(ServeSettings(prefill=0, decode=0), gateway())
 
 
 def test_plan_refuses_a_port_in_use() -> None:

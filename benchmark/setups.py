@@ -12,6 +12,10 @@ A setup is named on the command line (``--setups``):
     ``pdserve serve --prefill X --decode Y`` (X + Y = N) with the default ``pd`` policy.
 ``pdserve-XpYd-resched``
     The same with live rescheduling between decode instances (``--rescheduling``).
+``pdserve-POLICY`` (and ``pdserve-POLICY-resched``)
+    ``pdserve serve --both N --policy POLICY``: N ``both`` instances under any dispatch
+    policy ``pdserve serve`` has (``pdserve-adaptive`` once that policy exists); the
+    scheduler decides per request what each instance does.
 
 Every instance of every setup runs the same model with the same vLLM flags and KV cache size,
 and gets the same cores: the N instances split this process's CPUs evenly, as ``pdserve serve``
@@ -36,7 +40,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
@@ -53,10 +57,12 @@ from pdserve.cluster.processes import (
 from pdserve.instance.environment import cpu_environment, cpu_vllm_flags
 from pdserve.instance.settings import InstanceSettings
 from pdserve.protocol.net import has_flag
+from pdserve.scheduler.dispatch import PolicyName
 
 ROUTER = "vllm-router"
 PDSERVE_RR = "pdserve-rr"
 XPYD = re.compile(r"^pdserve-(\d+)p(\d+)d(-resched)?$")
+POLICY_SETUP = re.compile(r"^pdserve-([a-z][a-z-]*?)(-resched)?$")
 STOP_GRACE_S = 60.0
 
 
@@ -103,8 +109,9 @@ class SetupSpec:
         if self.kind == "vllm-router":
             return f"{self.both} plain vLLM instances behind vllm-router (round_robin)"
         if self.both:
-            return f"pdserve, {self.both} colocated instances, policy {self.policy}"
-        text = f"pdserve {self.prefill}P{self.decode}D, policy {self.policy}"
+            text = f"pdserve, {self.both} colocated instances, policy {self.policy}"
+        else:
+            text = f"pdserve {self.prefill}P{self.decode}D, policy {self.policy}"
         return text + (", live rescheduling" if self.rescheduling else "")
 
 
@@ -116,9 +123,7 @@ def parse_setup(name: str, instances: int) -> SetupSpec:
         return SetupSpec(name, "pdserve", both=instances, policy="round-robin")
     match = XPYD.match(name)
     if match is None:
-        raise ValueError(
-            f"unknown setup {name!r}: {ROUTER}, {PDSERVE_RR}, pdserve-XpYd or pdserve-XpYd-resched"
-        )
+        return _policy_setup(name, instances)
     prefill, decode = int(match[1]), int(match[2])
     if prefill < 1 or decode < 1 or prefill + decode != instances:
         raise ValueError(
@@ -126,6 +131,18 @@ def parse_setup(name: str, instances: int) -> SetupSpec:
             f"X + Y = --instances ({instances})"
         )
     return SetupSpec(name, "pdserve", prefill=prefill, decode=decode, rescheduling=bool(match[3]))
+
+
+def _policy_setup(name: str, instances: int) -> SetupSpec:
+    """``pdserve-POLICY[-resched]``: every instance ``both``, the policy decides."""
+    match = POLICY_SETUP.match(name)
+    policies = get_args(PolicyName)
+    if match is None or match[1] not in policies:
+        raise ValueError(
+            f"unknown setup {name!r}: {ROUTER}, {PDSERVE_RR}, pdserve-XpYd[-resched] or "
+            f"pdserve-POLICY[-resched] with POLICY one of {', '.join(policies)}"
+        )
+    return SetupSpec(name, "pdserve", both=instances, policy=match[1], rescheduling=bool(match[2]))
 
 
 def default_setups(instances: int) -> list[str]:

@@ -17,6 +17,13 @@ Every setup receives the same requests at a given load point. Each load point ha
 prompts (seed + point index): a vLLM instance caches prefixes, so a prompt sent again at the
 next load would find its KV cache already computed.
 
+``--repetitions R`` (default 3) interleaves the setups: R passes, the order rotated each time
+(A B C, B C A, C A B), every setup started fresh in each, and every (repetition, mix, load)
+with prompts of its own. ``--mixes`` measures several workloads per start. Every ratio of the
+candidate (``--candidate``, default the first setup) to every other setup is computed per
+repetition and reported as median and spread (min-max) with an ``Outcome``: a spread that
+crosses 1.0 is a tie; no P99 claim from under 100 requests per point (``spread``).
+
 ``--cross-check`` runs vLLM's own ``vllm bench serve`` (random dataset with the fixed
 ``--input-len``/``--output-len``, Poisson arrivals) against one setup at one rate and puts its
 TTFT/TPOT next to pdserve's client's, with the measurement differences explained.
@@ -27,7 +34,8 @@ Arguments pdserve does not know go to every vLLM instance of every setup, as wit
 The package: ``settings`` (``CompareSettings`` and its flags), ``models`` (results.json as
 typed models), ``environment`` (machine, versions, git commit), ``measure`` (starting a setup,
 one load point), ``crosscheck`` (``vllm bench serve``), ``targets``, ``report`` (report.md),
-``figures`` (PNGs) and ``runner`` (``Comparison``, ``main``).
+``figures`` (PNGs), ``spread`` (ratios over repetitions) and ``runner`` (``Comparison``,
+``main``).
 """
 
 # Re-exports for the callers (the cli, tests): they repeat runner's imports by name.
@@ -62,17 +70,38 @@ from benchmark.compare.models import (
     GoodputTarget,
     ItlTarget,
     Machine,
+    Outcome,
     PointEntry,
+    RatioSpread,
     SetupResult,
     Targets,
     VllmBenchResult,
 )
 from benchmark.compare.report import render_report, results_table
-from benchmark.compare.runner import BENCH, Comparison, main, make_launch
+from benchmark.compare.runner import (
+    BENCH,
+    Comparison,
+    main,
+    make_launch,
+    planned_s,
+    rotation,
+    seed_base,
+)
 from benchmark.compare.settings import (
+    MIN_P99_REQUESTS,
+    MIN_REPETITIONS,
     CompareSettings,
+    Mix,
     add_compare_arguments,
+    parse_mix,
     settings_from_args,
+    warn_about,
+)
+from benchmark.compare.spread import (
+    BEST_BASELINE,
+    median_spread,
+    ratio_outcome,
+    repeated_ratios,
 )
 from benchmark.compare.targets import (
     GOODPUT_TARGET,
@@ -84,10 +113,13 @@ from benchmark.compare.targets import (
 
 __all__ = [
     "BENCH",
+    "BEST_BASELINE",
     "CROSS_METRICS",
     "GOODPUT_TARGET",
     "ITL_TARGET",
     "KNEE_ATTAINMENT",
+    "MIN_P99_REQUESTS",
+    "MIN_REPETITIONS",
     "CompareResults",
     "CompareSettings",
     "Comparison",
@@ -96,7 +128,10 @@ __all__ = [
     "GoodputTarget",
     "ItlTarget",
     "Machine",
+    "Mix",
+    "Outcome",
     "PointEntry",
+    "RatioSpread",
     "Running",
     "SetupResult",
     "Targets",
@@ -113,16 +148,24 @@ __all__ = [
     "main",
     "make_launch",
     "measure_point",
+    "median_spread",
+    "parse_mix",
     "parse_vllm_bench",
+    "planned_s",
     "point_settings",
+    "ratio_outcome",
     "records_from_vllm_bench",
     "render_report",
+    "repeated_ratios",
     "results_table",
+    "rotation",
     "run_vllm_bench",
+    "seed_base",
     "settings_from_args",
     "software_versions",
     "start_setup",
     "vllm_bench_argv",
     "vllm_cli",
     "warm_up",
+    "warn_about",
 ]

@@ -13,9 +13,11 @@ ITL_FILE = "itl_tpot.png"
 
 
 def draw_plots(
-    results: Sequence[tuple[str, PointResult]], output_dir: Path, arrival: str
+    results: Sequence[tuple[str, PointResult]], output_dir: Path, arrival: str, prefix: str = ""
 ) -> list[Path]:
-    """Sweep figures across setups, and one CDF figure per load with a line per setup."""
+    """Sweep figures across setups, and one CDF figure per load with a line per setup; a
+    series per setup and repetition (each its own line: the spread is visible). ``prefix``
+    names a mix's files."""
     if not results:
         return []
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -31,10 +33,10 @@ def draw_plots(
         ("throughput (req/s)", lambda s: s.request_throughput, None),
     ]
     paths = [
-        plot_sweep(systems, output_dir / SWEEP_FILE, label),
-        plot_sweep(systems, output_dir / ITL_FILE, label, panels=itl_panels),
+        plot_sweep(systems, output_dir / f"{prefix}{SWEEP_FILE}", label),
+        plot_sweep(systems, output_dir / f"{prefix}{ITL_FILE}", label, panels=itl_panels),
     ]
     for load in sorted({point.load for _, point in results}):
         runs = {setup: point.records for setup, point in results if point.load == load}
-        paths.append(plot_cdfs(runs, output_dir / f"latency_cdf-{load:g}.png"))
+        paths.append(plot_cdfs(runs, output_dir / f"{prefix}latency_cdf-{load:g}.png"))
     return paths

@@ -2,15 +2,27 @@
 
 Field names and their order are results.json's keys, so a results.json written before these
 models existed (those committed under ``benchmark/results/``) reads back into them and is
-written again unchanged. Like the dicts they replace, the models also read by key
+written again unchanged. Such a file is version 1 (it has no ``version`` key): one pass over
+the setups. Version 2 adds repetitions and mixes: one ``SetupResult`` per setup, repetition
+and mix (``repetition``, ``mix``), targets per repetition, and ``repeated``, every ratio's
+median and spread over the repetitions; the fields it adds are absent from a version 1 file,
+so the same code reads and renders both. Like the dicts they replace, the models also read by key
 (``entry["points"]``), which is how tests and notebooks look into results.json's content.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import enum
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from typing_extensions import TypedDict
 
 from benchmark.compare.settings import CompareSettings
@@ -35,6 +47,10 @@ class ResultModel(BaseModel):
         for key in self.omit_if_none:
             if data.get(key) is None:
                 data.pop(key, None)
+        return self._written(data)
+
+    def _written(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What a part changes in its dump after the Nones are left out (nothing by default)."""
         return data
 
 
@@ -86,7 +102,10 @@ class PointEntry(ResultModel):
 
 
 class SetupResult(ResultModel):
-    """One setup: how it was started, whether it ran, its load points."""
+    """One setup (in one repetition and mix): how it was started, whether it ran, its load
+    points."""
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ("repetition", "mix")
 
     name: str
     description: str = ""
@@ -98,9 +117,22 @@ class SetupResult(ResultModel):
     start_s: float | None = Field(None, description="seconds until it was ready")
     warmup_ok: int | None = Field(None, description="warm-up requests that succeeded")
     points: list[PointEntry] = Field(default_factory=list)
+    repetition: int | None = Field(None, description="1, 2, ...; None: version 1, one pass")
+    mix: str | None = Field(None, description="the workload mix; None: the only one")
 
     def summaries(self) -> dict[float, Summary]:
         return {p.load: p.summary for p in self.points}
+
+    def label(self) -> str:
+        """The name, with the mix and repetition where there are several."""
+        return self.name + where(self.mix, self.repetition)
+
+
+def where(mix: str | None, repetition: int | None) -> str:
+    """`` (mix M, rep R)``, or the part of it that applies, or '' (version 1)."""
+    parts = [f"mix {mix}"] if mix else []
+    parts += [f"rep {repetition}"] if repetition is not None else []
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 class PercentileStats(TypedDict):
@@ -164,6 +196,8 @@ class CrossCheck(ResultModel):
 class ItlTarget(ResultModel):
     """P99 ITL of an xPyD setup against a colocated baseline at one rate."""
 
+    omit_if_none: ClassVar[tuple[str, ...]] = ("repetition", "mix")
+
     setup: str
     baseline: str
     load: float
@@ -171,10 +205,14 @@ class ItlTarget(ResultModel):
     baseline_p99_itl_ms: float | None
     ratio: float | None
     met: bool | None
+    repetition: int | None = None
+    mix: str | None = None
 
 
 class GoodputTarget(ResultModel):
     """Goodput of an xPyD setup against a colocated baseline at the baseline's knee."""
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ("repetition", "mix")
 
     setup: str
     baseline: str
@@ -184,6 +222,8 @@ class GoodputTarget(ResultModel):
     ratio: float | None
     met: bool | None
     peak_ratio: float | None = Field(description="best goodput of each over the whole sweep")
+    repetition: int | None = None
+    mix: str | None = None
 
 
 class Targets(ResultModel):
@@ -191,11 +231,47 @@ class Targets(ResultModel):
     goodput: list[GoodputTarget] = Field(default_factory=list)
 
 
+class Outcome(enum.StrEnum):
+    """What a ratio's spread over the repetitions allows one to say."""
+
+    BETTER = "better"  # every repetition's ratio on the candidate's good side of 1.0
+    WORSE = "worse"  # every one on the bad side
+    TIE = "tie"  # the spread (min-max) crosses 1.0
+    TOO_FEW_REQUESTS = "too few requests"  # a P99 from under MIN_P99_REQUESTS requests
+    TOO_FEW_REPETITIONS = "too few repetitions"  # under MIN_REPETITIONS ratios measured
+    UNMEASURED = "unmeasured"  # no repetition gave a ratio
+
+
+class RatioSpread(ResultModel):
+    """One ratio (candidate / baseline) over the repetitions: median, spread, outcome."""
+
+    omit_if_none: ClassVar[tuple[str, ...]] = ("mix",)
+
+    mix: str | None = None
+    metric: str = Field(description="goodput at knee, peak goodput, TTFT mean, TTFT P99, ...")
+    setup: str = Field(description="the candidate")
+    baseline: str = Field(description="a setup, or BEST_BASELINE: the best of the others")
+    load: float | None = Field(description="None: at the baseline's knee in each repetition")
+    better: Literal["higher", "lower"] = Field(description="which side of 1.0 is a win")
+    ratios: list[float | None] = Field(description="per repetition, in order")
+    median: float | None
+    low: float | None
+    high: float | None
+    min_requests: int | None = Field(description="fewest completed requests of a point used")
+    outcome: Outcome
+
+
+RESULTS_VERSION = 2
+# Settings a version 1 results.json did not have: left out when one is written back.
+V2_SETTINGS = ("repetitions", "mixes", "candidate")
+
+
 class CompareResults(ResultModel):
     """results.json."""
 
-    omit_if_none: ClassVar[tuple[str, ...]] = ("load_average_end",)
+    omit_if_none: ClassVar[tuple[str, ...]] = ("load_average_end", "repeated")
 
+    version: int = Field(RESULTS_VERSION, description="1: written before repetitions")
     command: str
     started_at: str
     finished_at: str | None = None
@@ -211,6 +287,27 @@ class CompareResults(ResultModel):
     targets: Targets = Field(default_factory=Targets)
     plots: list[str] = Field(default_factory=list)
     load_average_end: list[float] | None = None
+    repeated: list[RatioSpread] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _version_1(cls, data: Any) -> Any:
+        """A file without ``version`` whose settings have no ``repetitions`` is version 1:
+        one pass, so one repetition (a new run passes its settings as a model: version 2)."""
+        if not isinstance(data, dict) or "version" in data:
+            return data
+        settings = data.get("settings")
+        if isinstance(settings, dict) and "repetitions" not in settings:
+            data = data | {"version": 1, "settings": {"repetitions": 1} | settings}
+        return data
+
+    def _written(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Version 1 is written back as it was read: no version key, no new settings."""
+        if self.version == 1:
+            data.pop("version", None)
+            for key in V2_SETTINGS:
+                data["settings"].pop(key, None)
+        return data
 
     def to_json(self) -> dict[str, Any]:
         """results.json's content (``Infinity`` for an infinite rate, as ``json`` writes it)."""

@@ -10,8 +10,22 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from benchmark.compare.models import CompareResults, CrossCheck, SetupResult, Targets
-from benchmark.compare.settings import POINTS_DIR
+from benchmark.compare.models import (
+    CompareResults,
+    CrossCheck,
+    Outcome,
+    RatioSpread,
+    SetupResult,
+    Targets,
+    where,
+)
+from benchmark.compare.settings import (
+    MIN_P99_REQUESTS,
+    MIN_REPETITIONS,
+    POINTS_DIR,
+    CompareSettings,
+)
+from benchmark.compare.spread import PEAK_GOODPUT
 from benchmark.compare.targets import GOODPUT_TARGET, ITL_TARGET, KNEE_ATTAINMENT
 from benchmark.local_cluster import serve_settings
 from pdserve.scheduler.dispatch import DispatchSettings
@@ -49,7 +63,7 @@ def results_table(setups: Sequence[SetupResult], arrival: str) -> list[str]:
     for entry in setups:
         if not entry.points:
             why = entry.error or "not measured"
-            lines.append(f"| {entry.name} | - | {why.splitlines()[0][:120]} |" + " |" * 10)
+            lines.append(f"| {entry.label()} | - | {why.splitlines()[0][:120]} |" + " |" * 10)
             continue
         for point in entry.points:
             s, counters = point.summary, point.counters
@@ -60,7 +74,7 @@ def results_table(setups: Sequence[SetupResult], arrival: str) -> list[str]:
                     f"{counters['dispatch_disaggregated']:.0f} / {counters['dispatch_local']:.0f}"
                 )
             lines.append(
-                f"| {entry.name} | {load_text(point.load)}"
+                f"| {entry.label()} | {load_text(point.load)}"
                 f" | {s.completed}/{s.requests_sent}{' (time limit)' if point.timed_out else ''}"
                 f" | {s.request_throughput:.3f} | {s.output_throughput:.1f}"
                 f" | {num(s.goodput, 3)} | {'-' if attainment is None else f'{attainment:.0f}%'}"
@@ -84,7 +98,7 @@ def _targets_section(targets: Targets) -> list[str]:
     ]
     for row in targets.p99_itl:
         lines.append(
-            f"| {row.setup} | {row.baseline} | {load_text(row.load)}"
+            f"| {row.setup}{where(row.mix, row.repetition)} | {row.baseline} | {load_text(row.load)}"
             f" | {num(row.p99_itl_ms)} | {num(row.baseline_p99_itl_ms)}"
             f" | {num(row.ratio, 2)} | {_yes(row.met)} |"
         )
@@ -104,10 +118,59 @@ def _targets_section(targets: Targets) -> list[str]:
     ]
     for g in targets.goodput:
         lines.append(
-            f"| {g.setup} | {g.baseline} | {'-' if g.knee is None else load_text(g.knee)}"
+            f"| {g.setup}{where(g.mix, g.repetition)} | {g.baseline}"
+            f" | {'-' if g.knee is None else load_text(g.knee)}"
             f" | {num(g.goodput, 3)} | {num(g.baseline_goodput, 3)}"
             f" | {num(g.ratio, 2)} | {_yes(g.met)} | {num(g.peak_ratio, 2)} |"
         )
+    return [*lines, ""]
+
+
+REPEATED_EXPLANATION = f"""\
+Each ratio is the candidate's value over the baseline's, computed within one repetition
+(both setups got the same prompts in it), then summarized over the repetitions: the median
+and the spread (min-max). The outcome follows one rule: a spread that crosses 1.0 is a
+**tie**; otherwise **better** or **worse** (goodput: higher is better; latencies: lower),
+but only from at least {MIN_REPETITIONS} measured repetitions and, for a P99, from points of
+at least {MIN_P99_REQUESTS} completed requests (else *too few repetitions* / *too few
+requests*: no claim). Goodput is compared at the baseline's knee in each repetition (as in
+the targets above); "best of the others" takes, per repetition, the smaller of the ratios
+to each baseline, i.e. the candidate against the better of them. Latencies are compared at
+equal load.
+"""
+
+
+def _ratio_cell(row: RatioSpread) -> str:
+    return " / ".join(num(r, 2) for r in row.ratios)
+
+
+def _outcome_cell(outcome: Outcome) -> str:
+    return f"**{outcome}**" if outcome in (Outcome.BETTER, Outcome.WORSE) else str(outcome)
+
+
+def _repeated_section(results: CompareResults) -> list[str]:
+    """The ratios over the repetitions (version 2 only)."""
+    if results.repeated is None:
+        return []
+    candidate = results.settings.candidate_name()
+    lines = [
+        f"## Ratios over {results.settings.repetitions} repetitions: {candidate} / baseline",
+        "",
+        REPEATED_EXPLANATION,
+        "| mix | metric | baseline | load | better | median | min-max | per repetition "
+        "| fewest requests | outcome |",
+        "|---|---|---|---:|---|---:|---:|---|---:|---|",
+    ]
+    for row in results.repeated:
+        load = load_text(row.load) if row.load is not None else "knee"
+        load = "sweep" if row.metric == PEAK_GOODPUT else load
+        lines.append(
+            f"| {row.mix or '-'} | {row.metric} | {row.baseline} | {load} | {row.better}"
+            f" | {num(row.median, 2)} | {num(row.low, 2)}-{num(row.high, 2)}"
+            f" | {_ratio_cell(row)} | {num(row.min_requests, 0)} | {_outcome_cell(row.outcome)} |"
+        )
+    if not results.repeated:
+        lines.append("| - | nothing measured | | | | | | | | |")
     return [*lines, ""]
 
 
@@ -196,14 +259,34 @@ def dispatch_settings(serve_args: Sequence[str]) -> DispatchSettings:
         return DispatchSettings()  # pdserve serve refused them: no pdserve setup ran
 
 
+def _order_notes(results: CompareResults) -> list[str]:
+    """How the setups took turns and which prompts they got."""
+    warmup = results.settings.warmup_requests
+    if results.version == 1:
+        return [
+            "Setups ran one after the other, each started fresh, warmed up "
+            f"({warmup} unmeasured requests with other prompts), "
+            "measured at every load, and stopped (ports released) before the next started.",
+            "Every setup received the same requests at a given load; each load had its own "
+            "prompts (seed + load index), so vLLM's prefix cache could not serve a prompt from "
+            "an earlier load.",
+        ]
+    return [
+        f"{results.settings.repetitions} repetitions, the setups interleaved and their order "
+        "rotated each time (A B C, B C A, C A B, ...). In each repetition every setup was "
+        f"started fresh, warmed up ({warmup} unmeasured requests with other prompts), "
+        "measured at every load of every mix, and stopped (ports released) before the next "
+        "started: an idle setup left running would spin its cores and hold memory.",
+        "Within a repetition every setup received the same requests at a given mix and load; "
+        "every (repetition, mix, load) had its own prompts and arrival times (seed + an "
+        "offset per repetition and mix + load index), so no prefix cache served a prompt "
+        "twice and the spread includes the workload's own sampling.",
+    ]
+
+
 def _notes(results: CompareResults) -> list[str]:
     notes = [
-        "Setups ran one after the other, each started fresh, warmed up "
-        f"({results.settings.warmup_requests} unmeasured requests with other prompts), "
-        "measured at every load, and stopped (ports released) before the next started.",
-        "Every setup received the same requests at a given load; each load had its own "
-        "prompts (seed + load index), so vLLM's prefix cache could not serve a prompt from an "
-        "earlier load.",
+        *_order_notes(results),
         "The router (vllm-router, Rust) or the pdserve gateway (Python), the vLLM API server "
         "processes and this load client are not pinned: they share the cores with the "
         "instances' pinned workers.",
@@ -235,15 +318,12 @@ def _notes(results: CompareResults) -> list[str]:
     return [f"- {n}" for n in notes]
 
 
-def _settings_section(results: CompareResults) -> list[str]:
-    settings, model = results.settings, results.model
+def _workload_lines(settings: CompareSettings, name: str | None = None) -> list[str]:
+    """A mix's (or the only) workload, arrivals, loads and SLOs."""
     arrival = settings.arrival
     loads = settings.concurrency if arrival == "closed" else settings.rate
     fixed = settings.workload == "fixed"
-    return [
-        "## Settings",
-        "",
-        f"- model: {model.loaded} (served as {model.served_name or model.loaded})",
+    lines = [
         f"- workload: {settings.workload}"
         + (f" ({settings.input_len} input, {settings.output_len} output tokens)" if fixed else "")
         + f", {settings.num_requests} requests per load, max context "
@@ -252,6 +332,33 @@ def _settings_section(results: CompareResults) -> list[str]:
         + (f" (burstiness {settings.burstiness})" if arrival == "gamma" else "")
         + f"; loads: {', '.join(load_text(x) for x in loads)}",
         f"- SLOs: TTFT {num(settings.slo_ttft_ms, 0)} ms, TPOT {num(settings.slo_tpot_ms, 0)} ms",
+    ]
+    if name is None:
+        return lines
+    return [f"- mix **{name}**:", *[f"  {line}" for line in lines]]
+
+
+def _comparison_lines(results: CompareResults) -> list[str]:
+    """Version 2: repetitions, the candidate and the workload of every mix."""
+    settings = results.settings
+    if results.version == 1:
+        return _workload_lines(settings)
+    lines = [
+        f"- repetitions: {settings.repetitions}, setups interleaved, order rotated; "
+        f"ratios of the candidate {settings.candidate_name()} to every other setup",
+    ]
+    for mix in settings.mix_list():
+        lines += _workload_lines(mix.settings, mix.name)
+    return lines
+
+
+def _settings_section(results: CompareResults) -> list[str]:
+    settings, model = results.settings, results.model
+    return [
+        "## Settings",
+        "",
+        f"- model: {model.loaded} (served as {model.served_name or model.loaded})",
+        *_comparison_lines(results),
         f"- KV cache per instance: {settings.kv_cache_gib} GiB; vLLM arguments: "
         f"{shlex.join(results.vllm_args) or '(none)'}",
         f"- plain vLLM patched like pdserve instances (CPU build): {settings.patch_plain_vllm}",
@@ -268,14 +375,18 @@ def _setups_section(setups: Sequence[SetupResult]) -> list[str]:
         "| setup | what runs | cores per instance | started in |",
         "|---|---|---|---:|",
     ]
-    for entry in setups:
+    # One row per start (a start serves every mix), command lines of the first repetition.
+    starts = list({(e.name, e.repetition): e for e in reversed(setups)}.values())[::-1]
+    for entry in starts:
         start = entry.start_s
         out.append(
-            f"| {entry.name} | {entry.description} | {', '.join(entry.cores)}"
-            f" | {'-' if start is None else f'{start:.0f} s'} |"
+            f"| {entry.name}{where(None, entry.repetition)} | {entry.description}"
+            f" | {', '.join(entry.cores)} | {'-' if start is None else f'{start:.0f} s'} |"
         )
     out += ["", "Command lines (ports are picked at run time):", ""]
-    for entry in setups:
+    for entry in starts:
+        if (entry.repetition or 1) > 1:
+            continue
         for proc in entry.processes:
             env = " ".join(f"{k}={shlex.quote(v)}" for k, v in proc.env.items())
             out.append(
@@ -330,6 +441,7 @@ def render_report(results: CompareResults | Mapping[str, Any]) -> str:
         if entry.error:
             out += [f"**{entry.name} failed:**", "", "```text", entry.error[-3000:], "```", ""]
     out += _targets_section(results.targets)
+    out += _repeated_section(results)
     out += _cross_section(results.cross_check)
     plots = [Path(p).name for p in results.plots]
     if plots:

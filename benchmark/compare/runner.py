@@ -1,6 +1,14 @@
-"""The comparison itself: every setup started alone, warmed up, swept, cross-checked, stopped;
+"""The comparison itself: every setup started alone, warmed up, swept over every mix,
+cross-checked, stopped; all that once per repetition, the setups' order rotated each time;
 results.json and report.md rewritten after every step, so an interrupted run leaves its
-results so far."""
+results so far.
+
+Each setup is started fresh in every repetition rather than kept running while the others
+run: two setups never share the machine (an idle vLLM instance with the ``mq_busy_loop``
+patch still spins its core, and three setups' instances do not fit in this machine's RAM),
+and a fresh start leaves no warm cache or state from an earlier repetition. Within a start
+every mix is measured, so a start (~30 s per instance) is paid once per setup and repetition,
+not once per mix."""
 
 from __future__ import annotations
 
@@ -45,7 +53,13 @@ from benchmark.compare.measure import (
     start_setup,
     warm_up,
 )
-from benchmark.compare.models import CompareResults, CrossCheck, ModelInfo, PointEntry, SetupResult
+from benchmark.compare.models import (
+    CompareResults,
+    CrossCheck,
+    ModelInfo,
+    PointEntry,
+    SetupResult,
+)
 from benchmark.compare.report import load_text, num, render_report
 from benchmark.compare.settings import (
     COMPARE_LIST_FIELDS,
@@ -53,10 +67,21 @@ from benchmark.compare.settings import (
     REPORT_FILE,
     RESULTS_FILE,
     CompareSettings,
+    Mix,
+    warn_about,
 )
+from benchmark.compare.spread import repeated_ratios
 from benchmark.compare.targets import evaluate_targets
 from benchmark.run import load_points, result_path, write_result
-from benchmark.setups import ROUTER, Launch, SetupSpec, parse_setup, plan_setup, router_available
+from benchmark.setups import (
+    ROUTER,
+    Launch,
+    SetupPlan,
+    SetupSpec,
+    parse_setup,
+    plan_setup,
+    router_available,
+)
 from pdserve.cluster.processes import free_port
 from pdserve.instance.environment import is_cpu_build
 from pdserve.protocol.net import available_cores
@@ -85,6 +110,37 @@ def make_launch(settings: CompareSettings, vllm_args: Sequence[str]) -> Launch:
         cpu=is_cpu_build(),
         cores=tuple(available_cores()),
     )
+
+
+# What a start of one setup takes here, for the planned wall time (instances start together).
+START_GUESS_S = 45.0
+
+
+def rotation(names: Sequence[str], repetition: int) -> list[str]:
+    """The setups' order in ``repetition`` (0-based): A B C, B C A, C A B, A B C, ... so
+    that no setup always runs first (on a cold machine) or right after the same other one."""
+    shift = repetition % len(names) if names else 0
+    return [*names[shift:], *names[:shift]]
+
+
+def seed_base(settings: CompareSettings, repetition: int, mix_index: int) -> int:
+    """The first seed of a (repetition, mix): load i has base + i, the cross-check base +
+    loads, the warm-up base + loads + 1. Repetition 0's first mix keeps version 1's seeds;
+    every other (repetition, mix) has fresh prompts (and arrival times) of its own, the same
+    for every setup of the repetition."""
+    mixes = settings.mix_list()
+    stride = max(len(load_points(m.settings)) for m in mixes) + 2
+    return settings.seed + (repetition * len(mixes) + mix_index) * stride
+
+
+def planned_s(settings: CompareSettings, start_s: float = START_GUESS_S) -> float:
+    """A lower bound on the wall time: starts and arrival spans, no drain, no warm-up."""
+    per_start = start_s
+    for mix in settings.mix_list():
+        if mix.settings.arrival != "closed":
+            finite = [r for r in mix.settings.rate if r != float("inf")]
+            per_start += sum(mix.settings.num_requests / r for r in finite)
+    return settings.repetitions * len(settings.setup_names()) * per_start
 
 
 def default_log_dir() -> Path:
@@ -116,7 +172,8 @@ class Comparison:
         self.tokenizer = tokenizer
         self.output_dir = Path(settings.output_dir)
         self.log_dir = Path(settings.log_dir) if settings.log_dir else default_log_dir()
-        self.points: list[tuple[str, PointResult]] = []
+        # (series, mix, point) for the figures.
+        self.points: list[tuple[str, str | None, PointResult]] = []
         self.results = CompareResults(
             command=command,
             started_at=now(),
@@ -129,72 +186,131 @@ class Comparison:
             log_dir=str(self.log_dir),
         )
 
-    def requests(self, seed: int, **update: Any) -> list[BenchRequest]:
-        return build_workload(
-            self.settings.model_copy(update={"seed": seed, **update}), self.tokenizer
-        )
+    def requests(
+        self, seed: int, settings: CompareSettings | None = None, **update: Any
+    ) -> list[BenchRequest]:
+        settings = settings or self.settings
+        return build_workload(settings.model_copy(update={"seed": seed, **update}), self.tokenizer)
 
     def run(self) -> dict[str, Any]:
-        """Measures every setup; returns results.json's content."""
-        loads = load_points(self.settings)
-        names = self.settings.setup_names()
-        _log(f"setups {', '.join(names)}; loads {', '.join(load_text(x) for x in loads)}")
+        """Measures every setup in every repetition; returns results.json's content."""
+        settings = self.settings
+        names = settings.setup_names()
+        mixes = settings.mix_list()
+        _log(
+            f"setups {', '.join(names)}; {settings.repetitions} repetition(s); mixes "
+            f"{', '.join(m.name or '(flags)' for m in mixes)}; at least "
+            f"{planned_s(settings) / 60:.0f} min (starts and arrivals)"
+        )
+        for warning in warn_about(settings):
+            _log(f"warning: {warning}")
         try:
-            for name in names:
-                self.run_setup(parse_setup(name, self.settings.instances), loads)
+            for repetition in range(settings.repetitions):
+                for name in rotation(names, repetition):
+                    self.run_setup(parse_setup(name, settings.instances), repetition + 1, mixes)
         finally:
             self.finish()
         return self.results.to_json()
 
-    def run_setup(self, spec: SetupSpec, loads: Sequence[float]) -> None:
-        log_dir = self.log_dir / spec.name
+    def _entries(self, plan: SetupPlan, repetition: int, mixes: Sequence[Mix]) -> list[SetupResult]:
+        """One results.json entry per mix of this start of a setup (no repetition number
+        where there is one pass: nothing to tell apart)."""
+        numbered = repetition if self.settings.repetitions > 1 else None
+        base = plan.as_json() | {"spec": dataclasses.asdict(plan.spec), "repetition": numbered}
+        entries = [SetupResult.model_validate(base | {"mix": m.name}) for m in mixes]
+        self.results.setups += entries
+        return entries
+
+    def run_setup(self, spec: SetupSpec, repetition: int, mixes: Sequence[Mix]) -> None:
+        """Starts the setup, warms it up, measures every mix, stops it."""
+        log_dir = self.log_dir / spec.name / f"r{repetition}"
         plan = plan_setup(spec, self.launch, log_dir, self.port)
-        entry = SetupResult.model_validate(plan.as_json() | {"spec": dataclasses.asdict(spec)})
-        self.results.setups.append(entry)
-        _log(f"{spec.name}: starting ({spec.describe()}; logs in {log_dir})")
+        entries = self._entries(plan, repetition, mixes)
+        _log(f"{spec.name} (rep {repetition}): starting ({spec.describe()}; logs in {log_dir})")
         started = time.monotonic()
         try:
             running = self.start(plan, log_dir, self.settings.start_timeout_s)
         except (RuntimeError, TimeoutError, OSError) as error:
-            entry.error = f"did not start: {error}"
-            _log(f"{spec.name}: {entry.error}")
+            for entry in entries:
+                entry.error = f"did not start: {error}"
+            _log(f"{spec.name}: {entries[0].error}")
             self.save()
             return
-        entry.start_s = time.monotonic() - started
-        _log(f"{spec.name}: ready in {entry.start_s:.0f} s at {running.endpoint}")
+        start_s = time.monotonic() - started
+        for entry in entries:
+            entry.start_s = start_s
+        _log(f"{spec.name}: ready in {start_s:.0f} s at {running.endpoint}")
         try:
-            self.sweep(spec, running, entry, loads)
-            if self.settings.cross_check and spec.name == self.settings.cross_check_target()[0]:
-                self.results.cross_check = self.cross_check(spec, running, entry, loads)
-        except SETUP_ERRORS as error:
-            entry.error = f"{type(error).__name__}: {error}"
-            _log(f"{spec.name}: failed: {error}")
+            self.measure_mixes(spec, running, entries, mixes)
         finally:
             _log(f"{spec.name}: stopping")
             running.stop()
             self.save()
 
-    # sweep and cross_check take the same arguments: both act on the running setup's entry.
-    def sweep(
-        self, spec: SetupSpec, running: Running, entry: SetupResult, loads: Sequence[float]
+    def measure_mixes(
+        self,
+        spec: SetupSpec,
+        running: Running,
+        entries: Sequence[SetupResult],
+        mixes: Sequence[Mix],
     ) -> None:
-        settings = self.settings
-        if settings.warmup_requests:
-            # Seeds: load i has seed + i, the cross-check seed + len(loads), the warm-up next.
-            seed = settings.seed + len(loads) + 1
-            point = point_settings(settings, spec.name, running.endpoint, seed)
-            warm = self.requests(seed, num_requests=settings.warmup_requests)
-            entry.warmup_ok = self.warm(point, warm, spec.instances)
-            if entry.warmup_ok == 0:
-                raise RuntimeError(f"no warm-up request succeeded at {running.endpoint}")
-        for index, load in enumerate(loads):
-            seed = settings.seed + index
-            point = point_settings(settings, spec.name, running.endpoint, seed)
+        """The warm-up (once per start), then every mix; a failure ends this start."""
+        entry = entries[0]
+        try:
+            self.warm_setup(spec, running, entry, mixes[0])
+            for index, (mix_entry, mix) in enumerate(zip(entries, mixes, strict=True)):
+                entry = mix_entry
+                loads = load_points(mix.settings)
+                self.sweep(spec, running, entry, mix, index)
+                if self._cross_checks(spec, entry):
+                    self.results.cross_check = self.cross_check(spec, running, entry, loads)
+        except SETUP_ERRORS as error:
+            entry.error = f"{type(error).__name__}: {error}"
+            _log(f"{spec.name}: failed: {error}")
+            for later in entries[entries.index(entry) + 1 :]:
+                later.error = f"not measured: this start failed at mix {entry.mix}"
+
+    def _cross_checks(self, spec: SetupSpec, entry: SetupResult) -> bool:
+        """In the first repetition only (version 1 ran it once), on the chosen setup."""
+        return (
+            self.settings.cross_check
+            and (entry.repetition or 1) == 1
+            and spec.name == self.settings.cross_check_target()[0]
+        )
+
+    def warm_setup(self, spec: SetupSpec, running: Running, entry: SetupResult, mix: Mix) -> None:
+        settings = mix.settings
+        if not settings.warmup_requests:
+            return
+        repetition = (entry.repetition or 1) - 1
+        seed = seed_base(self.settings, repetition, 0) + len(load_points(settings)) + 1
+        point = point_settings(settings, spec.name, running.endpoint, seed)
+        warm = self.requests(seed, settings, num_requests=settings.warmup_requests)
+        entry.warmup_ok = self.warm(point, warm, spec.instances)
+        if entry.warmup_ok == 0:
+            raise RuntimeError(f"no warm-up request succeeded at {running.endpoint}")
+
+    def _point_label(self, spec: SetupSpec, entry: SetupResult) -> str:
+        """The points' file names: version 1's where there is one pass of one mix."""
+        if self.settings.repetitions == 1 and not self.settings.mixes:
+            return spec.name
+        return "-".join([spec.name, *([entry.mix] if entry.mix else []), f"r{entry.repetition}"])
+
+    def sweep(
+        self, spec: SetupSpec, running: Running, entry: SetupResult, mix: Mix, mix_index: int
+    ) -> None:
+        settings = mix.settings
+        base = seed_base(self.settings, (entry.repetition or 1) - 1, mix_index)
+        label = self._point_label(spec, entry)
+        for index, load in enumerate(load_points(settings)):
+            seed = base + index
+            point = point_settings(settings, label, running.endpoint, seed)
             before = running.counters()
-            result = self.measure(point, load, self.requests(seed))
+            result = self.measure(point, load, self.requests(seed, settings))
             after = running.counters()
             path = write_result(result, result_path(point, load))
-            self.points.append((spec.name, result))
+            series = spec.name if self.settings.repetitions == 1 else entry.label()
+            self.points.append((series, mix.name, result))
             s = result.summary
             entry.points.append(
                 PointEntry(
@@ -206,7 +322,7 @@ class Comparison:
                 )
             )
             _log(
-                f"{spec.name} @ {load_text(load)}: {s.completed}/{s.requests_sent} done, "
+                f"{entry.label()} @ {load_text(load)}: {s.completed}/{s.requests_sent} done, "
                 f"TTFT P99 {num(s.ttft_ms.p99)} ms, ITL P99 {num(s.itl_ms.p99)} ms, "
                 f"goodput {num(s.goodput, 3)} req/s"
             )
@@ -281,6 +397,14 @@ class Comparison:
     def save(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.results.targets = evaluate_targets(self.results.setups)
+        settings = self.settings
+        goodput = any(
+            m.settings.slo_ttft_ms is not None or m.settings.slo_tpot_ms is not None
+            for m in settings.mix_list()
+        )
+        self.results.repeated = repeated_ratios(
+            self.results.setups, settings.candidate_name(), goodput
+        )
         (self.output_dir / RESULTS_FILE).write_text(json.dumps(self.results.to_json(), indent=1))
         (self.output_dir / REPORT_FILE).write_text(render_report(self.results))
 
@@ -288,7 +412,11 @@ class Comparison:
         self.results.finished_at = now()
         self.results.load_average_end = load_average()
         if self.settings.plots:
-            paths = draw_plots(self.points, self.output_dir, self.settings.arrival)
+            paths = []
+            for mix in self.settings.mix_list():
+                points = [(series, p) for series, m, p in self.points if m == mix.name]
+                prefix = f"{mix.name}-" if mix.name else ""
+                paths += draw_plots(points, self.output_dir, mix.settings.arrival, prefix)
             self.results.plots = [str(p.relative_to(self.output_dir)) for p in paths]
         self.save()
         _log(f"report: {self.output_dir / REPORT_FILE}")

@@ -77,9 +77,32 @@ def goodput_target(setup: SetupResult, baseline: SetupResult) -> GoodputTarget |
     )
 
 
+Group = tuple[str | None, int | None]  # (mix, repetition): setups measured side by side
+
+
+def groups(setups: Sequence[SetupResult]) -> dict[Group, list[SetupResult]]:
+    """The setups by (mix, repetition), in the order they ran: only setups of one group met
+    the same prompts, so only they are compared with each other."""
+    out: dict[Group, list[SetupResult]] = {}
+    for entry in setups:
+        out.setdefault((entry.mix, entry.repetition), []).append(entry)
+    return out
+
+
 def evaluate_targets(setups: Sequence[SetupResult | Mapping[str, Any]]) -> Targets:
-    """The issue's targets (measured, not asserted) for every xPyD setup vs every colocated."""
+    """The issue's targets (measured, not asserted) for every xPyD setup vs every colocated,
+    within each repetition and mix (version 1: the one pass)."""
     measured = [SetupResult.model_validate(s) if isinstance(s, Mapping) else s for s in setups]
+    targets = Targets()
+    for (mix, repetition), group in groups(measured).items():
+        found = _group_targets(group)
+        where = {"mix": mix, "repetition": repetition}
+        targets.p99_itl += [row.model_copy(update=where) for row in found.p99_itl]
+        targets.goodput += [row.model_copy(update=where) for row in found.goodput]
+    return targets
+
+
+def _group_targets(measured: Sequence[SetupResult]) -> Targets:
     colocated = [s for s in measured if s.spec.both > 0 and s.points]
     disaggregated = [s for s in measured if s.spec.prefill > 0 and s.points]
     targets = Targets()

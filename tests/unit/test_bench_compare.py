@@ -394,7 +394,7 @@ def test_sweep_runs_each_setup_alone_in_order_and_writes_the_report(tmp_path: Pa
     events: list[str] = []
     with serve_in_thread() as fake:
         results = run_comparison(
-            tmp_path, fake, events, cross_check=True, cross_check_setup="pdserve-rr"
+            tmp_path, fake, events, cross_check=True, cross_check_setup="pdserve-rr", repetitions=1
         )
     expected = []
     for name in default_setups(2):
@@ -461,7 +461,7 @@ def test_a_setup_that_fails_is_reported_and_the_others_run(tmp_path: Path) -> No
     with serve_in_thread() as fake:
         results = run_comparison(
             tmp_path, fake, events, failing=["pdserve-rr"], setups=["pdserve-rr", "pdserve-1p1d"],
-            rate=[100.0], plots=False, warmup_requests=0,
+            rate=[100.0], plots=False, warmup_requests=0, repetitions=1,
         )  # fmt: skip
     assert events == [
         "start pdserve-rr",
@@ -669,5 +669,209 @@ def test_committed_results_read_back_into_the_models_unchanged() -> None:
     byte for byte; its report.md is rendered again from it."""
     text = (COMMITTED / "results.json").read_text()
     results = CompareResults.model_validate_json(text)
+    assert results.version == 1 and results.settings.repetitions == 1  # one pass
+    assert results.repeated is None and "## Ratios over" not in render_report(results)
     assert json.dumps(results.to_json(), indent=1) == text.rstrip("\n")
     assert render_report(results) == (COMMITTED / "report.md").read_text()
+
+
+# --- repetitions: rotation, seeds, median / spread / tie, the report ---------------------
+
+
+def test_rotation_starts_each_repetition_one_setup_later() -> None:
+    names = ["A", "B", "C"]
+    orders = [compare.rotation(names, r) for r in range(4)]
+    assert orders == [["A", "B", "C"], ["B", "C", "A"], ["C", "A", "B"], ["A", "B", "C"]]
+    assert compare.rotation(["A"], 5) == ["A"] and compare.rotation([], 1) == []
+
+
+def test_seeds_keep_version_1s_first_pass_and_are_fresh_after(tmp_path: Path) -> None:
+    settings = compare_settings(tmp_path, mixes=["a:rate=1/2/3", "b:rate=1"], repetitions=2)
+    bases = [compare.seed_base(settings, r, m) for r in range(2) for m in range(2)]
+    assert bases == [0, 5, 10, 15]  # stride: the most loads of a mix (3) + cross-check + warm-up
+    one = compare_settings(tmp_path, repetitions=1, seed=7)
+    assert compare.seed_base(one, 0, 0) == 7
+
+
+def test_mixes_parse_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    settings = compare_settings(
+        tmp_path, mixes=["pre:input_len=384,output_len=8,rate=0.5/1", "dec:workload=generate"]
+    )
+    pre, dec = settings.mix_list()
+    assert (pre.name, pre.settings.input_len, pre.settings.rate) == ("pre", 384, [0.5, 1.0])
+    assert (dec.settings.workload, dec.settings.rate) == ("generate", [50.0, 100.0])
+    assert settings.few_for_p99() == ["pre", "dec"] and len(compare.warn_about(settings)) == 1
+    for bad, message in [
+        (["x:seed=3"], "key=value"),
+        (["x:rate"], "key=value"),
+        (["a b:rate=1"], "NAME"),
+        (["x:rate=1", "x:rate=2"], "twice"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            compare_settings(tmp_path, mixes=bad)
+    with pytest.raises(ValidationError, match="not with --mixes"):
+        compare_settings(tmp_path, mixes=["x:rate=1"], cross_check=True)
+    with pytest.raises(ValidationError, match="--candidate"):
+        compare_settings(tmp_path, candidate="sglang")
+    args, _ = build_parser().parse_known_args(
+        ["bench", "compare", "--mixes", "a:rate=1", "b:rate=2", "--repetitions", "4"]
+    )
+    parsed = settings_from_args(args)
+    assert parsed.mixes == ["a:rate=1", "b:rate=2"] and parsed.repetitions == 4
+
+
+def test_policy_setups_are_both_instances_under_that_policy() -> None:
+    spec = parse_setup("pdserve-least-requests-resched", 2)
+    assert (spec.both, spec.policy, spec.rescheduling) == (2, "least-requests", True)
+    assert "live rescheduling" in spec.describe()
+    args = plan("pdserve-least-requests").processes[0].argv
+    assert args[args.index("--policy") + 1] == "least-requests" and "--no-rescheduling" in args
+    with pytest.raises(ValueError, match="POLICY one of pd, round-robin"):
+        parse_setup("pdserve-fastest", 2)
+
+
+def test_interleaved_repetitions_rotate_restart_and_give_fresh_prompts(tmp_path: Path) -> None:
+    events: list[str] = []
+    names = ["pdserve-rr", "pdserve-1p1d", "vllm-router"]
+    with serve_in_thread() as fake:
+        run_comparison(
+            tmp_path, fake, events, setups=names, rate=[100.0], warmup_requests=1,
+            mixes=["short:input_len=4,output_len=2", "long:input_len=16,output_len=3"],
+            plots=False,
+        )  # fmt: skip
+    starts = [e.split()[1] for e in events if e.startswith("start")]
+    assert starts == [*names, *names[1:], names[0], names[2], *names[:2]]
+    # Per start: one warm-up, every mix, then the stop.
+    a = names[0]
+    assert events[:5] == [
+        f"start {a}", f"warm {a}", f"point {a}-short-r1 100", f"point {a}-long-r1 100",
+        f"stop {a}",
+    ]  # fmt: skip
+    # Per start: 1 warm-up + 4 + 4 requests. Same prompts within a repetition, fresh across.
+    prompts = [json.dumps(p["prompt"]) for p in fake.payloads]
+    per_start = [prompts[i * 9 : (i + 1) * 9] for i in range(9)]
+    for rep in range(3):
+        first, *others = per_start[rep * 3 : rep * 3 + 3]
+        assert all(o == first for o in others)
+    assert not set(per_start[0][1:]) & set(per_start[3][1:])
+    assert not set(per_start[0][1:5]) & set(per_start[0][5:])  # each mix its own prompts
+
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["version"] == 2 and len(saved["setups"]) == 3 * 3 * 2
+    assert {(e["repetition"], e["mix"]) for e in saved["setups"]} == {
+        (r, m) for r in (1, 2, 3) for m in ("short", "long")
+    }
+    assert (tmp_path / "out" / "points" / "pdserve-1p1d-long-r2-poisson-100.json").is_file()
+    rows = saved["repeated"]
+    knee = [r for r in rows if r["metric"] == "goodput at knee" and r["mix"] == "short"]
+    assert [r["baseline"] for r in knee] == ["pdserve-1p1d", "vllm-router", "best of the others"]
+    assert all(len(r["ratios"]) == 3 for r in rows) and rows[0]["setup"] == "pdserve-rr"
+    ttft = next(r for r in rows if r["metric"] == "TTFT P99")
+    assert ttft["min_requests"] == 4 and ttft["outcome"] in ("tie", "too few requests")
+    # Targets per repetition: 1P1D against the two colocated setups, in each (mix, rep).
+    assert len(saved["targets"]["goodput"]) == 2 * 3 * 2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report == render_report(CompareResults.model_validate(saved))
+    assert "## Ratios over 3 repetitions: pdserve-rr / baseline" in report
+    assert "| pdserve-1p1d (mix long, rep 3) | 100 | 4/4 |" in report
+    assert "order rotated" in report and "- mix **long**:" in report
+
+
+def _rep_summary(goodput: float, ttft_p99: float, completed: int, attain: float = 1.0) -> Summary:
+    empty = LatencyStats()
+    return Summary(
+        requests_sent=completed, completed=completed, failed=0, duration_s=10.0,
+        total_input_tokens=0, total_output_tokens=0, request_throughput=1.0,
+        output_throughput=1.0, ttft_ms=LatencyStats(n=completed, mean=ttft_p99 / 2, p99=ttft_p99),
+        tpot_ms=empty, itl_ms=empty, e2e_ms=empty, slo_ttft_ms=100.0, goodput=goodput,
+        slo_attainment=attain,
+    )  # fmt: skip
+
+
+def _rep_entry(name: str, rep: int, goodput: float, ttft_p99: float, completed: int = 200) -> Any:
+    spec = parse_setup(name, 2)
+    return compare.SetupResult(
+        name=name,
+        repetition=rep,
+        spec={"prefill": spec.prefill, "decode": spec.decode, "both": spec.both},
+        points=[{"load": 1.0, "summary": _rep_summary(goodput, ttft_p99, completed)}],
+    )
+
+
+def test_median_spread_and_the_tie_rule() -> None:
+    Outcome = compare.Outcome
+    assert compare.median_spread([1.3, None, 1.1, 1.2]) == (1.2, 1.1, 1.3)
+    assert compare.median_spread([None]) == (None, None, None)
+    rule = compare.ratio_outcome
+    assert rule([1.3, 1.2, 1.4], "higher", None, p99=False) is Outcome.BETTER
+    assert rule([1.3, 0.9, 1.4], "higher", None, p99=False) is Outcome.TIE
+    assert rule([0.8, 1.0, 0.7], "lower", 500, p99=True) is Outcome.TIE  # 1.0 is in the spread
+    assert rule([0.8, 0.9, 0.7], "lower", 500, p99=True) is Outcome.BETTER
+    assert rule([0.8, 0.9, 0.7], "higher", None, p99=False) is Outcome.WORSE
+    assert rule([0.8, 0.9, 0.7], "lower", 99, p99=True) is Outcome.TOO_FEW_REQUESTS
+    assert rule([0.8, 0.9, 0.7], "lower", 99, p99=False) is Outcome.BETTER  # not a P99
+    assert rule([1.3, None, 1.4], "higher", None, p99=False) is Outcome.TOO_FEW_REPETITIONS
+    assert rule([None, None], "higher", None, p99=False) is Outcome.UNMEASURED
+    assert Outcome.TIE == "tie"  # an enum, written to results.json as its value
+
+
+def test_repeated_ratios_per_baseline_and_against_the_best() -> None:
+    # Candidate's goodput 1.3, 1.25, 1.4 x the router's; 0.9, 1.2, 1.1 x 1P1D's: a tie.
+    goodputs = {
+        "pdserve-rr": [1.3, 1.25, 1.4],
+        "vllm-router": [1.0, 1.0, 1.0],
+        "pdserve-1p1d": [1.3 / 0.9, 1.25 / 1.2, 1.4 / 1.1],
+    }
+    setups = [
+        _rep_entry(name, rep + 1, values[rep], 100.0 if name == "pdserve-rr" else 200.0)
+        for rep in range(3)
+        for name, values in goodputs.items()
+    ]
+    setups[-1] = _rep_entry("pdserve-1p1d", 3, goodputs["pdserve-1p1d"][2], 200.0, completed=50)
+    rows = {(r.metric, r.baseline): r for r in compare.repeated_ratios(setups, "pdserve-rr")}
+    router = rows[("goodput at knee", "vllm-router")]
+    assert router.ratios == pytest.approx([1.3, 1.25, 1.4]) and router.median == pytest.approx(1.3)
+    assert (router.low, router.high) == (pytest.approx(1.25), pytest.approx(1.4))
+    assert router.outcome is compare.Outcome.BETTER and router.load is None
+    assert rows[("goodput at knee", "pdserve-1p1d")].outcome is compare.Outcome.TIE
+    best = rows[("goodput at knee", "best of the others")]
+    assert best.ratios == pytest.approx([0.9, 1.2, 1.1]) and best.outcome is compare.Outcome.TIE
+    assert rows[("TTFT P99", "vllm-router")].outcome is compare.Outcome.BETTER
+    few = rows[("TTFT P99", "pdserve-1p1d")]
+    assert few.min_requests == 50 and few.outcome is compare.Outcome.TOO_FEW_REQUESTS
+    assert rows[("TTFT mean", "pdserve-1p1d")].outcome is compare.Outcome.BETTER
+    # A setup that failed in one repetition leaves that repetition out of its ratios.
+    setups[1] = setups[1].model_copy(update={"error": "did not start", "points": []})
+    again = {(r.metric, r.baseline): r for r in compare.repeated_ratios(setups, "pdserve-rr")}
+    gone = again[("goodput at knee", "vllm-router")]
+    assert gone.ratios[0] is None and gone.outcome is compare.Outcome.TOO_FEW_REPETITIONS
+    assert not any(
+        "goodput" in m
+        for m, _ in {
+            (r.metric, r.baseline) for r in compare.repeated_ratios(setups, "pdserve-rr", False)
+        }
+    )
+
+
+def test_report_shows_median_spread_and_outcome(tmp_path: Path) -> None:
+    setups = [
+        _rep_entry(name, rep, goodput, 100.0)
+        for rep, (a, b) in enumerate([(1.3, 1.0), (1.2, 1.0), (1.5, 1.0)], start=1)
+        for name, goodput in (("pdserve-rr", a), ("vllm-router", b))
+    ]
+    results = CompareResults(
+        command="pdserve bench compare", started_at="t", instances=2,
+        machine=compare.machine_info(), versions={}, settings=compare_settings(tmp_path),
+        vllm_args=[], model={"loaded": "m", "served_name": None}, log_dir="/logs",
+        setups=setups, repeated=compare.repeated_ratios(setups, "pdserve-rr"),
+    )  # fmt: skip
+    report = render_report(results)
+    assert (
+        "| - | goodput at knee | vllm-router | knee | higher | 1.30 | 1.20-1.50 "
+        "| 1.30 / 1.20 / 1.50 | - | **better** |" in report
+    )
+    assert "| peak goodput | vllm-router | sweep |" in report
+    assert "| - | TTFT P99 | vllm-router | 1 | lower | 1.00 | 1.00-1.00" in report
+    assert "| 200 | tie |" in report
+    assert "| pdserve-rr (rep 2) | 1 | 200/200 |" in report
+    assert json.loads(json.dumps(results.to_json()))["repeated"][0]["outcome"] == "better"

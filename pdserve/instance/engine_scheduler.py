@@ -21,7 +21,7 @@ from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv, is_loopback
 from pdserve.protocol.push import PeriodicPusher
-from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals, TransferCounters
 from pdserve.protocol.wire import cluster_secret
 
 if TYPE_CHECKING:
@@ -46,10 +46,14 @@ class LoadReporter:
         self._seq = 0
         self._keys: dict[str, str | None] = {}
         self._last_step_at: float | None = None
-        self._last_prefill_tokens = 0
         self._step_ms = 0.0
         self._prefill_rate = 0.0
         self._preemptions = 0
+        self._max_batched_tokens = 0
+        # The step-time model's features: the last step's (timed at the next schedule()),
+        # and the sums over every timed step so far.
+        self._last_work = StepTotals()
+        self._totals = StepTotals()
         self._pusher = PeriodicPusher(
             settings.control_address,
             cluster_secret(loopback_only=is_loopback(settings.host)),
@@ -64,23 +68,26 @@ class LoadReporter:
             self._keys[request.request_id] = params.request_key if params else None
         return self._keys[request.request_id]
 
-    def _time_step(self, busy: bool, prefill_tokens: int) -> None:
+    def _time_step(self, busy: bool, work: StepTotals) -> None:
+        """Times the previous step (from its schedule() to this one) and adds it to the
+        averages and totals; an idle gap in between leaves that step untimed."""
         now = time.perf_counter()
         if self._last_step_at is not None and busy:
             dt = now - self._last_step_at
             self._step_ms += _EMA * (dt * 1e3 - self._step_ms)
-            if self._last_prefill_tokens > 0 and dt > 0:
-                rate = self._last_prefill_tokens / dt
+            last = self._last_work
+            if last.prefill_tokens > 0 and dt > 0:
+                rate = last.prefill_tokens / dt
                 self._prefill_rate += _EMA * (rate - self._prefill_rate)
+            self._totals = add_step(self._totals, last, dt)
         self._last_step_at = now if busy else None
-        self._last_prefill_tokens = prefill_tokens
+        self._last_work = work
 
     def on_schedule(self, scheduler: Scheduler, output: SchedulerOutput) -> None:
         """Step timing and preemptions, from what ``schedule()`` decided."""
-        running = scheduler.running
-        decode_steps = sum(1 for r in running if r.num_computed_tokens >= r.num_prompt_tokens)
-        prefill_tokens = max(0, output.total_num_scheduled_tokens - decode_steps)
-        self._time_step(output.total_num_scheduled_tokens > 0, prefill_tokens)
+        self._max_batched_tokens = scheduler.max_num_scheduled_tokens
+        work = step_work(scheduler.running, output.num_scheduled_tokens)
+        self._time_step(output.total_num_scheduled_tokens > 0, work)
         self._preemptions += len(output.preempted_req_ids or ())
 
     def observe(self, scheduler: Scheduler, transfers: TransferCounters) -> None:
@@ -106,6 +113,7 @@ class LoadReporter:
         unfinished_prefill = sum(
             max(0, r.num_prompt_tokens - r.num_computed_tokens) for r in running
         )
+        decoding = [r for r in running if r.num_output_tokens > 0]
         self._latest = LoadReport(
             instance_id=self.instance_id,
             seq=0,
@@ -127,6 +135,10 @@ class LoadReporter:
             running=listed,
             transfers=transfers,
             incarnation=self.incarnation,
+            num_decoding=len(decoding),
+            decode_context_tokens=sum(r.num_tokens for r in decoding),
+            max_num_batched_tokens=self._max_batched_tokens,
+            totals=self._totals,
         )
 
     def _next_report(self) -> LoadReport | None:
@@ -139,6 +151,45 @@ class LoadReporter:
 
     def stop(self) -> None:
         self._pusher.stop()
+
+
+def step_work(running: list[Request], scheduled: dict[str, int]) -> StepTotals:
+    """The features of the step ``schedule()`` just made (one pass over the running
+    requests; their ``num_computed_tokens`` already count this step's tokens, as vLLM
+    advances them in ``schedule()``). A decode is one token after every other computed
+    token of a request with output; anything else is a prompt chunk."""
+    prefill = decode = context = 0
+    pairs = 0.0
+    for request in running:
+        count = scheduled.get(request.request_id, 0)
+        if count <= 0:
+            continue
+        before = request.num_computed_tokens - count
+        if count == 1 and request.num_output_tokens > 0 and before == request.num_tokens - 1:
+            decode += 1
+            context += before + 1
+        else:
+            prefill += count
+            pairs += count * (before + count / 2)
+    return StepTotals(
+        steps=1,
+        prefill_tokens=prefill,
+        prefill_pairs=pairs,
+        decode_seqs=decode,
+        decode_context=context,
+    )
+
+
+def add_step(totals: StepTotals, step: StepTotals, seconds: float) -> StepTotals:
+    """``totals`` plus one step of ``seconds`` that computed ``step``."""
+    return StepTotals(
+        steps=totals.steps + step.steps,
+        seconds=totals.seconds + seconds,
+        prefill_tokens=totals.prefill_tokens + step.prefill_tokens,
+        prefill_pairs=totals.prefill_pairs + step.prefill_pairs,
+        decode_seqs=totals.decode_seqs + step.decode_seqs,
+        decode_context=totals.decode_context + step.decode_context,
+    )
 
 
 class PdserveScheduler(Scheduler):

@@ -104,6 +104,26 @@ class KVHoldings(msgspec.Struct, frozen=True):
         )
 
 
+class StepTotals(msgspec.Struct, array_like=True, frozen=True):
+    """Cumulative sums over an engine's busy steps: what they computed and how long they took.
+
+    The features are those of the simulator's step-time model (``pdserve.sim.profile``), so
+    that the gateway can fit that model online (``pdserve.scheduler.step_model``): the
+    difference of two reports is the sum over the steps in between, and a linear model holds
+    for sums exactly (unlike the moving averages, which mix a long prefill step into the
+    decode steps after it). Cumulative, so a lost or skipped report loses nothing.
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    prefill_tokens: int = 0
+    # Sum over prompt chunks of chunk x (context before + chunk / 2).
+    prefill_pairs: float = 0.0
+    decode_seqs: int = 0
+    # Context tokens the decoding sequences attended over.
+    decode_context: int = 0
+
+
 class LoadReport(msgspec.Struct, tag=True, frozen=True):
     instance_id: str
     seq: int
@@ -125,6 +145,13 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""
     running: list[RunningRequest] = []
     transfers: TransferCounters = TransferCounters()
+    # Running requests that have output (decoding), and their tokens (prompt + output so
+    # far): the batch and context of the decode steps, for the step-time model.
+    num_decoding: int = 0
+    decode_context_tokens: int = 0
+    # The engine's token budget per step (vLLM's max_num_batched_tokens); 0: not reported.
+    max_num_batched_tokens: int = 0
+    totals: StepTotals = StepTotals()
 
 
 class HoldingsReport(msgspec.Struct, tag=True, frozen=True):

@@ -48,6 +48,7 @@ from pdserve.sim.report import TransferCache, load_report
 
 # As pdserve.instance.engine_scheduler: the weight of the moving averages.
 EMA = 0.2
+_NO_WORK = StepWork()
 # An average of 0.2-weighted updates forgets all but this many of the last values (0.8^40).
 _EMA_MEMORY = 40
 _NO_STEPS: list[float] = []
@@ -96,7 +97,7 @@ class SimEngine:
         self._items: list[tuple[Leg, int]] = []
         self._step_end = 0.0
         self._step_seconds = 0.0
-        self._step_prefill = 0
+        self._step_work = _NO_WORK
         self._step_pull_s = 0.0  # synchronous pulls of the step being scheduled
         self._step_pulled: list[Leg] = []
         self._epoch: Epoch | None = None
@@ -545,7 +546,7 @@ class SimEngine:
                 return
         self._items = items
         work = self._work(items)
-        self._step_prefill = work.prefill_tokens
+        self._step_work = work
         self._step_seconds = self.profile.step_seconds(work) + self._step_pull_s
         self._step_pull_s = 0.0
         self._step_end = now + self._step_seconds
@@ -596,7 +597,7 @@ class SimEngine:
             self._start_step(now)
 
     def _apply_step(self, now: float) -> list[Leg]:
-        self._count_step(self._step_seconds, self._step_prefill)
+        self._count_step(self._step_seconds, self._step_work)
         finished = []
         for leg, count in self._items:
             if leg.state is not LegState.RUNNING:
@@ -619,11 +620,15 @@ class SimEngine:
             self._free(leg)
             leg.state = LegState.FINISHED
 
-    def _count_step(self, seconds: float, prefill_tokens: int) -> None:
+    def _count_step(self, seconds: float, work: StepWork) -> None:
         c = self.counters
         c.steps += 1
         c.busy_s += seconds
+        prefill_tokens = work.prefill_tokens
         c.prefill_tokens += prefill_tokens
+        c.prefill_pairs += work.prefill_attention
+        c.decode_seqs += work.decode_seqs
+        c.decode_context += work.decode_context_tokens
         self.step_ms += EMA * (seconds * 1e3 - self.step_ms)
         if prefill_tokens > 0 and seconds > 0:
             self.prefill_rate += EMA * (prefill_tokens / seconds - self.prefill_rate)
@@ -646,6 +651,11 @@ class SimEngine:
         in_flight = done < epoch.last
         bs = self.block_size
         pool = self.pool
+        c = self.counters
+        seqs = len(self.running)
+        context = sum(leg.num_computed + 1 for leg in self.running)  # at step ``lo``
+        c.decode_seqs += seqs * count
+        c.decode_context += context * count + seqs * count * (count - 1) // 2
         for leg in self.running:
             leg.num_computed += count
             leg.num_output += count
@@ -657,7 +667,6 @@ class SimEngine:
                     assert allocated, "an epoch ran out of blocks"
                     leg.own_blocks += new
         epoch.applied = done
-        c = self.counters
         c.steps += count
         c.busy_s += last_at - (first_at - steps[lo])
         # Only the last updates matter: older values weigh less than 0.8^40 after them.

@@ -57,6 +57,10 @@ class EngineCounters:
     steps: int = 0
     busy_s: float = 0.0
     prefill_tokens: int = 0
+    # The rest of the step-time model's features, summed over steps (``StepTotals``).
+    prefill_pairs: float = 0.0
+    decode_seqs: int = 0
+    decode_context: int = 0
     loads_ok: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0

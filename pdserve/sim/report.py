@@ -6,7 +6,9 @@ blocks and output tokens), waiting ones (the queue and those holding blocks: pul
 flight and pulled requests waiting for a slot), free and total blocks, the prompt tokens not
 computed yet (unfinished prompts of running requests, everything the waiting have left), the
 blocks the plain waiting queue will want, the moving averages, cumulative preemptions and
-transfer counters.
+transfer counters; the decoding requests and their context tokens, the step budget and the
+step-time model's totals (``StepTotals``, of the steps applied so far: an epoch's steps
+count once applied).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from pdserve.protocol.reports import LoadReport, RunningRequest, TransferCounters
+from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals, TransferCounters
 from pdserve.sim.blocks import BlockPool
-from pdserve.sim.legs import EngineCounters, Leg
+from pdserve.sim.legs import EngineConfig, EngineCounters, Leg
 
 MAX_LISTED_REQUESTS = 512  # as the real reporter
 
@@ -29,6 +31,7 @@ class Reported(Protocol):
     block_size: int
     running: list[Leg]
     pool: BlockPool
+    config: EngineConfig
     counters: EngineCounters
     step_ms: float
     prefill_rate: float
@@ -85,7 +88,11 @@ def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = Fa
     free = engine.pool.free
     queued = engine.waiting_tokens
     extra = ahead + int(in_flight)
+    decoding = context = 0
     for leg in running:
+        if leg.num_output or ahead:
+            decoding += 1
+            context += leg.prompt_tokens + leg.num_output + ahead
         computed = leg.num_computed
         if computed < leg.prompt_tokens:
             queued += leg.prompt_tokens - computed
@@ -114,4 +121,15 @@ def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = Fa
         incarnation=engine.incarnation,
         running=listed,
         transfers=engine.transfers.of(engine.counters),
+        num_decoding=decoding,
+        decode_context_tokens=context,
+        max_num_batched_tokens=engine.config.max_num_batched_tokens,
+        totals=step_totals(engine.counters),
+    )
+
+
+def step_totals(c: EngineCounters) -> StepTotals:
+    """The engine's step-time totals as a report carries them."""
+    return StepTotals(
+        c.steps, c.busy_s, c.prefill_tokens, c.prefill_pairs, c.decode_seqs, c.decode_context
     )

@@ -75,3 +75,19 @@ def test_running_requests_with_a_key_are_listed(reporter: LoadReporter) -> None:
         ("key-1", 4, 10)
     ]
     assert report.waiting_prompt_tokens == 10  # the anonymous request's unfinished prefill
+
+
+def test_step_work_counts_the_step_time_models_features() -> None:
+    from pdserve.instance.engine_scheduler import add_step, step_work
+    from pdserve.protocol.reports import StepTotals
+
+    # After schedule(): computed tokens already count this step's (vLLM advances them).
+    decoding = request("d", 101, computed=101, prompt=80)  # one token after 100 computed
+    chunk = request("c", 300, computed=200, prompt=300)  # a 100-token chunk after 100
+    work = step_work([decoding, chunk], {"d": 1, "c": 100})
+    assert work == StepTotals(
+        steps=1, prefill_tokens=100, prefill_pairs=100 * (100 + 50), decode_seqs=1,
+        decode_context=101,
+    )  # fmt: skip
+    totals = add_step(add_step(StepTotals(), work, 0.5), work, 0.25)
+    assert totals.steps == 2 and totals.seconds == 0.75 and totals.decode_context == 202

@@ -72,7 +72,7 @@ def figures(summary: Summary) -> dict[str, float | None]:
 
 
 def sim_settings(run: RunSettings, serve: ServeSettings, profile: str) -> SimSettings:
-    own = {"rate", "arrival", "burstiness", "slo_ttft_ms", "slo_tpot_ms", "label"}
+    own = {"rate", "arrival", "burstiness", "label"}
     workload = {
         k: v for k, v in run.model_dump().items() if k in SimSettings.model_fields and k not in own
     }

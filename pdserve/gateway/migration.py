@@ -55,7 +55,7 @@ from pdserve.logs import get_logger
 from pdserve.scheduler.rescheduling import (
     ReschedulingSettings,
     plan_drain,
-    plan_migrations,
+    plan_round,
     preempted_since,
 )
 
@@ -397,8 +397,14 @@ class Migrator:
         backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s
         self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < backoff}
         left_alone = set(self.moving) | set(self._failed_at)
-        plans = plan_migrations(
-            snapshot, self.settings, left_alone, preempted, budget, self.watermark
+        plans = plan_round(
+            self.ctx.control.policy,
+            snapshot,
+            self.settings,
+            left_alone,
+            preempted,
+            budget,
+            self.watermark,
         )
         started = 0
         for plan in plans:

@@ -12,6 +12,8 @@
 - a ``both`` instance chosen for decode serves the whole request.
 
 ``RoundRobinPolicy`` and ``LeastRequestsPolicy`` are the baselines the benchmarks compare to.
+``adaptive`` (``pdserve.scheduler.adaptive``) treats roles as preferences and places each
+request against the SLOs (``DispatchSettings.slo``).
 
 Roles are preferences, not limits: every instance runs the same KV connector (``kv_both``) and
 can serve a whole request. When no decode-capable instance is usable (a ``--decode 0``
@@ -24,12 +26,15 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pdserve.scheduler.adaptive import AdaptivePolicy
+from pdserve.scheduler.rescheduling import MigrationPlan
+from pdserve.scheduler.slo import SloSettings
 from pdserve.scheduler.snapshot import (
     POOLS,
     ClusterSnapshot,
@@ -39,13 +44,15 @@ from pdserve.scheduler.snapshot import (
     RequestEstimate,
 )
 
-PolicyName = Literal["pd", "round-robin", "least-requests"]
+PolicyName = Literal["pd", "round-robin", "least-requests", "adaptive"]
 
 
 class DispatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    policy: PolicyName = Field("pd", description="dispatch policy: pd, round-robin, least-requests")
+    policy: PolicyName = Field(
+        "pd", description="dispatch policy: pd, round-robin, least-requests, adaptive"
+    )
     short_prompt_tokens: int = Field(
         64, ge=0, description="prompts up to this many tokens are prefilled on the decode instance"
     )
@@ -61,6 +68,7 @@ class DispatchSettings(BaseModel):
     default_prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="prefill rate assumed until an instance has measured its own"
     )
+    slo: SloSettings = Field(default_factory=SloSettings)
 
 
 @dataclass(frozen=True)
@@ -181,20 +189,52 @@ class PdPolicy:
         return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
 
     def _check_room(self, decode: InstanceView, request: RequestEstimate) -> None:
-        """Raises ``NoCapacity`` when the best decode instance cannot take the request's KV.
+        check_room(decode, request, self.settings.watermark)
 
-        Only for a disaggregated placement (a colocated request waits in the instance's own
-        queue, holding nothing elsewhere), and only for a request that fits an empty
-        instance: a larger one waits nowhere better.
-        """
-        load = decode.load
-        if load is None:
-            return
-        need = request.prompt_blocks(decode.block_size)
-        free = decode.virtual_free_blocks(self.settings.watermark)
-        capacity = load.total_blocks - int(self.settings.watermark * load.total_blocks)
-        if need > free and need <= capacity:
-            raise NoCapacity(decode.instance_id, need, free)
+
+def check_room(decode: InstanceView, request: RequestEstimate, watermark: float) -> None:
+    """Raises ``NoCapacity`` when the decode instance cannot take the request's KV.
+
+    Only for a disaggregated placement (a colocated request waits in the instance's own
+    queue, holding nothing elsewhere), and only for a request that fits an empty
+    instance: a larger one waits nowhere better.
+    """
+    load = decode.load
+    if load is None:
+        return
+    need = request.prompt_blocks(decode.block_size)
+    free = decode.virtual_free_blocks(watermark)
+    capacity = load.total_blocks - int(watermark * load.total_blocks)
+    if need > free and need <= capacity:
+        raise NoCapacity(decode.instance_id, need, free)
+
+
+class AdaptiveDispatch:
+    """``pdserve.scheduler.adaptive``'s placements as dispatch decisions (and its
+    rescheduling, which the migrators call through ``rescheduling.plan_round``)."""
+
+    def __init__(self, settings: DispatchSettings) -> None:
+        self.settings = settings
+        self.adaptive = AdaptivePolicy(settings.slo, settings.default_prefill_tokens_per_s)
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        placement = self.adaptive.place(snapshot, request)
+        if placement is None:
+            raise NoInstance("decode")
+        if placement.prefill is not None:
+            decode = snapshot.get(placement.decode)
+            assert decode is not None
+            check_room(decode, request, self.settings.watermark)
+        return Dispatch(decode=placement.decode, prefill=placement.prefill)
+
+    def plan_migrations(
+        self,
+        snapshot: ClusterSnapshot,
+        moving: Collection[str],
+        preempted: Mapping[str, bool],
+        budget: int,
+    ) -> list[MigrationPlan]:
+        return self.adaptive.plan_migrations(snapshot, moving, preempted, budget)
 
 
 class RoundRobinPolicy:
@@ -250,4 +290,6 @@ def make_policy(settings: DispatchSettings) -> DispatchPolicy:
         return RoundRobinPolicy()
     if settings.policy == "least-requests":
         return LeastRequestsPolicy()
+    if settings.policy == "adaptive":
+        return AdaptiveDispatch(settings)
     return PdPolicy(settings)

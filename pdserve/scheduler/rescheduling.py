@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -87,6 +87,35 @@ def plan_migrations(
             usage[source.instance_id] -= plan.blocks / max(1, _total(source))
             usage[target.instance_id] += plan.blocks / max(1, _total(target))
     return plans
+
+
+@runtime_checkable
+class PlansMigrations(Protocol):
+    """A dispatch policy with its own rescheduling rules (``adaptive``)."""
+
+    def plan_migrations(
+        self,
+        snapshot: ClusterSnapshot,
+        moving: Collection[str],
+        preempted: Mapping[str, bool],
+        budget: int,
+    ) -> list[MigrationPlan]: ...
+
+
+def plan_round(
+    policy: object,
+    snapshot: ClusterSnapshot,
+    settings: ReschedulingSettings,
+    moving: Collection[str],
+    preempted: Mapping[str, bool],
+    budget: int,
+    watermark: float,
+) -> list[MigrationPlan]:
+    """One rescheduling round of either migrator: the dispatch policy's own rules where it
+    has them (they must agree with where it places requests), else ``plan_migrations``."""
+    if isinstance(policy, PlansMigrations):
+        return policy.plan_migrations(snapshot, moving, preempted, budget)
+    return plan_migrations(snapshot, settings, moving, preempted, budget, watermark)
 
 
 def preempted_since(snapshot: ClusterSnapshot, last_counts: dict[str, int]) -> dict[str, bool]:

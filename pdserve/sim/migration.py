@@ -1,6 +1,7 @@
 """Live migration and the rescheduling loop, on the simulated clock.
 
-Which requests move and where is ``pdserve.scheduler.rescheduling.plan_migrations``, called
+Which requests move and where is ``pdserve.scheduler.rescheduling.plan_round`` (the
+dispatch policy's own rules, else ``plan_migrations``), called
 every ``reschedule_interval_s`` with the bookkeeping of ``Migrator.reschedule_once``
 (preemptions since the last round, the migration budget, the back-off of failed moves). How
 one move runs follows ``Migrator._run`` (pdserve/gateway/migration.py):
@@ -30,7 +31,7 @@ from typing import Any
 
 from pdserve.gateway.migration import RETRY_AFTER_ROUNDS, MigrationFailure, MigrationStatus
 from pdserve.gateway.session import CUT_FALLBACK_S
-from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_migrations, preempted_since
+from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_round, preempted_since
 from pdserve.sim.blocks import Chain
 from pdserve.sim.gateway import Phase, Session, SimGateway
 from pdserve.sim.legs import Leg, LegState
@@ -236,7 +237,7 @@ class ReschedulerCounters:
 
 
 class SimRescheduler:
-    """``Migrator``'s rounds and bookkeeping around ``plan_migrations``."""
+    """``Migrator``'s rounds and bookkeeping around ``plan_round``."""
 
     def __init__(
         self,
@@ -280,8 +281,14 @@ class SimRescheduler:
         backoff = RETRY_AFTER_ROUNDS * self.settings.reschedule_interval_s
         self._failed_at = {k: t for k, t in self._failed_at.items() if now - t < backoff}
         left_alone = set(self.moving) | set(self._failed_at)
-        plans = plan_migrations(
-            snapshot, self.settings, left_alone, preempted, budget, self.watermark
+        plans = plan_round(
+            self.gateway.control.policy,
+            snapshot,
+            self.settings,
+            left_alone,
+            preempted,
+            budget,
+            self.watermark,
         )
         started = 0
         for plan in plans:

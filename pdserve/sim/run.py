@@ -164,7 +164,7 @@ def simulate_point(
     migrations = cluster.rescheduler.counters
     return SimPoint(
         rate=rate,
-        summary=summarize(records, simulated, settings.slo_ttft_ms, settings.slo_tpot_ms),
+        summary=summarize(records, simulated, dispatch.slo.ttft_ms, dispatch.slo.tpot_ms),
         records=records,
         preemptions=sum(e.counters.preemptions for e in engines),
         migrations=migrations.completed,

@@ -3,7 +3,9 @@
 The policy (``DispatchSettings``), the rescheduling (``ReschedulingSettings``) and the
 gateway's limits (``GatewaySettings``, less what only a network server needs) are mounted
 as they are, so a policy flag means the same in a simulation as in a real cluster; the
-workload is the benchmark's own ``WorkloadSettings``.
+workload is the benchmark's own ``WorkloadSettings``. The SLOs that goodput counts are the
+cluster's own (``DispatchSettings.slo``: ``--slo-ttft-ms``, ``--slo-tpot-ms``), which the
+``adaptive`` policy also places against: one setting for both.
 """
 
 from __future__ import annotations
@@ -54,8 +56,6 @@ class SimSettings(WorkloadSettings):
     burstiness: float = Field(
         1.0, gt=0, description="gamma shape: 1 = Poisson, <1 burstier, >1 more regular"
     )
-    slo_ttft_ms: float | None = Field(None, gt=0, description="TTFT SLO for goodput (ms)")
-    slo_tpot_ms: float | None = Field(None, gt=0, description="TPOT SLO for goodput (ms)")
     report_interval_s: float = Field(
         0.1, gt=0, description="seconds between an instance's load reports"
     )

@@ -14,6 +14,7 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.reports import Role
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.scheduler.rescheduling import ReschedulingSettings
+from pdserve.scheduler.slo import SloSettings
 from pdserve.sim.cluster import InstanceChange, SimCluster
 from pdserve.sim.gateway import Outcome, Session
 from pdserve.sim.legs import EngineConfig
@@ -259,7 +260,9 @@ def test_a_request_without_a_decode_instance_fails_with_no_instance() -> None:
     assert session.outcome is Outcome.NO_INSTANCE and not session.record().success
 
 
-def point(tmp_path: Path, **overrides: object) -> SimPoint:
+def point(
+    tmp_path: Path, dispatch: DispatchSettings | None = None, **overrides: object
+) -> SimPoint:
     path = tmp_path / "profile.json"
     save_profile(PROFILE, path)
     values: dict[str, object] = dict(
@@ -268,12 +271,18 @@ def point(tmp_path: Path, **overrides: object) -> SimPoint:
     values.update(overrides)
     settings = SimSettings.model_validate({**values, "profile": str(path)})
     return simulate_point(
-        settings, PROFILE, DispatchSettings(), ReschedulingSettings(), GatewaySettings(), 5.0
+        settings,
+        PROFILE,
+        dispatch or DispatchSettings(),
+        ReschedulingSettings(),
+        GatewaySettings(),
+        5.0,
     )
 
 
 def test_a_point_is_summarized_by_the_benchmarks_code(tmp_path: Path) -> None:
-    result = point(tmp_path, slo_ttft_ms=1000, slo_tpot_ms=100)
+    slo = SloSettings(ttft_ms=1000, tpot_ms=100)
+    result = point(tmp_path, DispatchSettings(slo=slo))
     data = result.as_json()
     for name in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms", "decision_us"):
         assert set(data[name]) >= {"mean", "p50", "p99"}

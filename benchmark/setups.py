@@ -271,6 +271,24 @@ def plan_router(spec: SetupSpec, launch: Launch, port: Callable[[], int]) -> Set
     return SetupPlan(spec, processes, endpoint, bindings, instance_urls=urls)
 
 
+# Policies that place against the cluster's SLOs (pdserve.scheduler.slo): they get the
+# comparison's --slo-ttft-ms / --slo-tpot-ms, which the comparison itself consumes.
+SLO_POLICIES = ("adaptive",)
+
+
+def slo_args(spec: SetupSpec, settings: SetupSettings) -> list[str]:
+    """``--slo-ttft-ms X --slo-tpot-ms Y`` for an SLO-aware policy, from the comparison's
+    settings (a ``CompareSettings``); the SLO it is judged by is the one it aims at."""
+    if spec.kind != "pdserve" or spec.policy not in SLO_POLICIES:
+        return []
+    out = []
+    for flag, name in (("--slo-ttft-ms", "slo_ttft_ms"), ("--slo-tpot-ms", "slo_tpot_ms")):
+        value = getattr(settings, name, None)
+        if value is not None:
+            out += [flag, f"{value:g}"]
+    return out
+
+
 def plan_pdserve(
     spec: SetupSpec, launch: Launch, port: Callable[[], int], log_dir: Path
 ) -> SetupPlan:
@@ -302,6 +320,7 @@ def plan_pdserve(
         "--log-dir",
         str(log_dir),
         *(["--model", launch.user_model] if launch.user_model else []),
+        *slo_args(spec, launch.settings),
         *launch.vllm_args,
     )
     endpoint = f"http://{host}:{gateway_port}"

@@ -153,11 +153,14 @@ _BENCHES = (
         "start setups one after another (vllm-router, pdserve colocated, xPyD, xPyD "
         "with rescheduling), run the same sweep on each; report.md, JSON and plots",
         "Starts each setup alone on this machine, warms it up, measures it at "
-        "every load with the same requests, stops it, and writes report.md, results.json, "
+        "every load with the same requests, stops it; all that over --repetitions passes, "
+        "the order rotated each time; writes report.md (median, spread, tie per ratio), "
+        "results.json, "
         "per-request JSON and PNG figures. Arguments pdserve does not know are passed to "
         "every vLLM instance of every setup.",
         "pdserve bench compare [--setups NAME ...] [--instances N] [--rate X ...] "
         "[--workload W] [--num-requests N] [--slo-ttft-ms X] [--slo-tpot-ms X] "
+        "[--repetitions R] [--mixes NAME:key=value,... ...] [--candidate SETUP] "
         "[--cross-check] [--output-dir DIR] ... [vLLM args]",
         True,
     ),

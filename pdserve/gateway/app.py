@@ -24,13 +24,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdserve.gateway.context import GatewayContext
+from pdserve.gateway.context import GatewayContext, SloShedding
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.migration import MIGRATION_MODES, Migrator
-from pdserve.gateway.openai_api import Kind, parse_json_body, parse_request
+from pdserve.gateway.openai_api import (
+    Kind,
+    estimate_of,
+    parse_json_body,
+    parse_request,
+    parse_service,
+)
 from pdserve.gateway.responses import SSE_DONE, Folder, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
@@ -39,6 +45,7 @@ from pdserve.gateway.utility_api import add_utility_routes
 from pdserve.logs import get_logger
 from pdserve.protocol.reports import ROLES
 from pdserve.protocol.wire import instance_api_key
+from pdserve.scheduler.admission import TtftPredictor
 from pdserve.scheduler.dispatch import DispatchSettings, Serving, make_policy, serving
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 
@@ -171,10 +178,12 @@ async def _serve(kind: Kind, request: Request) -> Response:
     ctx: GatewayContext = request.app.state.ctx
     endpoint = "chat" if kind == "chat" else "completions"
     parsed = parse_request(kind, await _read_body(request))
+    service = parse_service(request.headers, parsed)
     _check_model(ctx, parsed.model)
+    ctx.admit(estimate_of(parsed, service))
     slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
     await slot.__aenter__()
-    session = RequestSession(ctx, request.app.state.sessions, kind, parsed)
+    session = RequestSession(ctx, request.app.state.sessions, kind, parsed, service)
     chunks = session.generate()
     try:
         first = await chunks.__anext__()
@@ -277,7 +286,9 @@ def create_app(
         settings.upstream_stall_timeout_s,
     )
     kv = KVControlClient(secret)
-    ctx = GatewayContext(settings, control, upstream, kv, metrics)
+    predictor = TtftPredictor(dispatch.default_prefill_tokens_per_s)
+    shedding = SloShedding(settings, predictor, dispatch.slo)
+    ctx = GatewayContext(settings, control, upstream, kv, metrics, shedding)
     sessions = SessionRegistry()
     migrator = Migrator(
         ctx, sessions, rescheduling or ReschedulingSettings(), watermark=dispatch.watermark

@@ -8,29 +8,36 @@ registry of live sessions) → ``migration`` (moves sessions) → ``app`` (wires
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
-from pdserve.gateway.metrics import GatewayMetrics
+from pdserve.gateway.metrics import GatewayMetrics, Refusal
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
+from pdserve.scheduler.admission import TtftPredictor, Verdict
+from pdserve.scheduler.slo import SloSettings
+from pdserve.scheduler.snapshot import RequestEstimate
 
 
 class Admission:
     """At most ``max_inflight`` requests at once, ``max_queued`` more waiting, others 429."""
 
-    def __init__(self, max_inflight: int, max_queued: int) -> None:
+    def __init__(
+        self, max_inflight: int, max_queued: int, on_refuse: Callable[[], object] = lambda: None
+    ) -> None:
         self._slots = asyncio.Semaphore(max_inflight)
         self.max_queued = max_queued
         self.inflight = 0
         self.queued = 0
+        self.on_refuse = on_refuse
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         if self._slots.locked() and self.queued >= self.max_queued:
+            self.on_refuse()
             raise APIError(
                 429, "the cluster is at capacity; retry shortly", headers={"Retry-After": "1"}
             )
@@ -47,6 +54,36 @@ class Admission:
             self._slots.release()
 
 
+class SloShedding:
+    """``--shed-over-slo``: the lowest priority class is refused (429 + Retry-After) while
+    no instance is predicted to meet its TTFT SLO, so that a backlog it cannot escape does
+    not also delay the requests that matter more. Off by default: refusing is the
+    operator's choice."""
+
+    def __init__(
+        self, settings: GatewaySettings, predictor: TtftPredictor, slo: SloSettings
+    ) -> None:
+        self.enabled = settings.shed_over_slo
+        # In the policies' convention (higher is more important): vLLM's value, negated.
+        self.lowest_class = -settings.shed_priority
+        self.predictor = predictor
+        self.slo = slo
+
+    def check(self, control: ControlPlane, estimate: RequestEstimate) -> None:
+        """Raises the 429 of a request to shed; returns for every other."""
+        if not self.enabled or estimate.priority > self.lowest_class:
+            return
+        judged = self.predictor.admit(control.snapshot(), estimate, self.slo.ttft_s(estimate))
+        if judged.verdict is Verdict.REFUSE:
+            raise APIError(
+                429,
+                f"no instance is predicted to meet this request's TTFT SLO (best "
+                f"{judged.predicted_ttft_s:.1f} s); low-priority requests are shed until "
+                "the queues drain",
+                headers={"Retry-After": str(judged.retry_after_s)},
+            )
+
+
 class GatewayContext:
     def __init__(
         self,
@@ -55,13 +92,27 @@ class GatewayContext:
         upstream: Upstream,
         kv: KVControlClient,
         metrics: GatewayMetrics,
+        shedding: SloShedding,
     ) -> None:
         self.settings = settings
         self.control = control
         self.upstream = upstream
         self.kv = kv
         self.metrics = metrics
-        self.admission = Admission(settings.max_inflight, settings.max_queued)
+        self.admission = Admission(
+            settings.max_inflight,
+            settings.max_queued,
+            metrics.refused.labels(Refusal.QUEUE_FULL).inc,
+        )
+        self.shedding = shedding
+
+    def admit(self, estimate: RequestEstimate) -> None:
+        """Admission control before a request takes a slot: its refusals are counted."""
+        try:
+            self.shedding.check(self.control, estimate)
+        except APIError:
+            self.metrics.refused.labels(Refusal.OVER_SLO).inc()
+            raise
 
     def default_model(self) -> str:
         models = self.control.models()

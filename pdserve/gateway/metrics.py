@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -9,6 +10,32 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from pdserve.gateway.control_plane import ControlPlane
+from pdserve.protocol.reports import Role
+from pdserve.scheduler.dispatch import Dispatch
+
+
+class DispatchMode(enum.StrEnum):
+    """How a request was placed (``pdserve_dispatches{mode}``)."""
+
+    DISAGGREGATED = "disaggregated"  # prefilled on one instance, decoded on another
+    LOCAL = "local"  # whole on a decode-capable instance
+    FALLBACK = "fallback"  # whole on a prefill instance: no decode-capable one was usable
+
+
+def dispatch_mode(choice: Dispatch, role: Role | None) -> DispatchMode:
+    """``role``: that of the instance the request runs whole on (``choice.decode``)."""
+    if choice.prefill is not None:
+        return DispatchMode.DISAGGREGATED
+    return DispatchMode.FALLBACK if role == "prefill" else DispatchMode.LOCAL
+
+
+class Refusal(enum.StrEnum):
+    """Why a request was refused before any instance saw it (``pdserve_refused_requests``)."""
+
+    QUEUE_FULL = "queue_full"  # 429: --max-queued requests already wait for a slot
+    OVER_SLO = "over_slo"  # 429: --shed-over-slo, no instance predicted to meet its TTFT SLO
+    NO_INSTANCE = "no_instance"  # 503: no usable instance at all
+
 
 _LATENCY = (
     0.005,
@@ -151,7 +178,24 @@ class GatewayMetrics:
             "pdserve_held_for_decode_room_seconds",
             "time a request waited at the gateway because every decode instance was full",
         )
-        self.dispatches = Counter("pdserve_dispatches", "placements by mode", ["mode"], registry=r)
+        self.held_requests = Gauge(
+            "pdserve_held_requests",
+            "requests the gateway holds now, waiting for decode room or briefly silent instances",
+            registry=r,
+        )
+        self.refused = Counter(
+            "pdserve_refused_requests",
+            "requests refused before any instance saw them, by reason "
+            "(queue_full, over_slo, no_instance)",
+            ["reason"],
+            registry=r,
+        )
+        self.dispatches = Counter(
+            "pdserve_dispatches",
+            "placements by mode (disaggregated, local, fallback: whole on a prefill instance)",
+            ["mode"],
+            registry=r,
+        )
         self.failovers = Counter(
             "pdserve_failovers", "requests continued after an instance failed", registry=r
         )
@@ -179,3 +223,4 @@ class GatewayMetrics:
 
     def watch(self, control: ControlPlane) -> None:
         self._control = control
+        self.held_requests.set_function(lambda: float(control.held_requests))

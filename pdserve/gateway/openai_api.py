@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.vllm_fields import refuse_fields
+from pdserve.scheduler.snapshot import RequestEstimate
 
 Kind = Literal["chat", "completion"]
 ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1/completions"}
@@ -28,6 +31,12 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 GATEWAY_FIELDS = ("stream", "stream_options", "return_token_ids", "kv_transfer_params", "n")
 # Nesting of request bodies (objects and arrays); tool and response-format schemas included.
 MAX_JSON_DEPTH = 64
+# vLLM's bounds of its ``priority`` field.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+# Headers of a request's service class; a priority header wins over the body's field.
+PRIORITY_HEADERS = ("x-priority", "x-vllm-priority")  # the second: vLLM's own name
+SLO_HEADERS = {"slo_ttft_ms": "x-slo-ttft-ms", "slo_tpot_ms": "x-slo-tpot-ms"}
+MAX_SLO_MS = 86_400_000.0  # a day: anything longer is not an objective
 
 
 class StreamOptions(BaseModel):
@@ -50,6 +59,8 @@ class _Common(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     min_tokens: int | None = Field(None, ge=0)
     return_token_ids: bool = False
+    # vLLM's: lower is scheduled earlier, 0 normal (see ``Service``).
+    priority: StrictInt = Field(0, ge=INT64_MIN, le=INT64_MAX)
 
     @field_validator("n")
     @classmethod
@@ -188,3 +199,89 @@ def parse_request(kind: Kind, body: Any) -> ChatRequest | CompletionRequest:
     if request.stream_options is not None and not request.stream:
         raise APIError(400, "stream_options needs stream=true", param="stream_options")
     return request
+
+
+@dataclass(frozen=True)
+class Service:
+    """What a request asks of the service beyond its body's sampling: priority and SLOs.
+
+    ``vllm_priority`` keeps vLLM's convention (the ``priority`` field, and the ``x-priority``
+    header, mean the same): lower is scheduled earlier, 0 is normal, negative is more
+    important. It reaches every leg, where vLLM honours it on instances started with
+    ``--scheduling-policy priority`` (``pdserve serve --priority-scheduling``) and ignores
+    it otherwise. The policies get ``priority``, turned around (higher is more important,
+    0 normal: ``RequestEstimate.priority``). The SLOs (milliseconds) are the request's own,
+    None: the cluster's.
+    """
+
+    vllm_priority: int = 0
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+
+    @property
+    def priority(self) -> int:
+        return -self.vllm_priority
+
+
+def estimate_of(request: ChatRequest | CompletionRequest, service: Service) -> RequestEstimate:
+    """What the policies and admission control know of a request before any instance saw
+    it (``budget``: 256 output tokens where the client set none)."""
+    return RequestEstimate(
+        estimate_prompt_tokens(request),
+        request.budget() or 256,
+        priority=service.priority,
+        slo_ttft_ms=service.slo_ttft_ms,
+        slo_tpot_ms=service.slo_tpot_ms,
+    )
+
+
+def _integer(text: str) -> int | None:
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _priority_header(headers: Mapping[str, str]) -> int | None:
+    for name in PRIORITY_HEADERS:
+        text = headers.get(name)
+        if text is None:
+            continue
+        value = _integer(text)
+        if value is None or not INT64_MIN <= value <= INT64_MAX:
+            raise APIError(
+                400,
+                f"{name}: an integer is required (vLLM's priority: lower is scheduled "
+                f"earlier, 0 normal), got {text[:40]!r}",
+                param=name,
+            )
+        return value
+    return None
+
+
+def _slo_header(headers: Mapping[str, str], name: str) -> float | None:
+    text = headers.get(name)
+    if text is None:
+        return None
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_SLO_MS:  # NaN fails too
+        raise APIError(
+            400,
+            f"{name}: a number of milliseconds above 0 and at most {MAX_SLO_MS:.0f} is "
+            f"required, got {text[:40]!r}",
+            param=name,
+        )
+    return value
+
+
+def parse_service(headers: Mapping[str, str], request: ChatRequest | CompletionRequest) -> Service:
+    """The request's priority (header, else body) and SLO headers; APIError 400 if invalid.
+
+    ``headers``: case-insensitive (Starlette's), or a dict with lower-case names.
+    """
+    priority = _priority_header(headers)
+    slos = {field: _slo_header(headers, name) for field, name in SLO_HEADERS.items()}
+    return Service(request.priority if priority is None else priority, **slos)

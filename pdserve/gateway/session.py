@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -27,13 +28,15 @@ from typing import Any, Literal
 
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.errors import APIError
+from pdserve.gateway.metrics import Refusal, dispatch_mode
 from pdserve.gateway.openai_api import (
     ENDPOINTS,
     GATEWAY_FIELDS,
     ChatRequest,
     CompletionRequest,
     Kind,
-    estimate_prompt_tokens,
+    Service,
+    estimate_of,
 )
 from pdserve.gateway.upstream import (
     UpstreamBroken,
@@ -133,11 +136,13 @@ class RequestSession:
         registry: SessionRegistry,
         kind: Kind,
         request: ChatRequest | CompletionRequest,
+        service: Service | None = None,
     ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.kind = kind
         self.request = request
+        self.service = service if service is not None else Service(request.priority)
         self.key = uuid.uuid4().hex
         self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + self.key
         self.created = int(time.time())
@@ -147,6 +152,7 @@ class RequestSession:
         self.include_usage = bool(options and options.include_usage) or not request.stream
         self.base_body = self._base_body(request)
         self.budget = request.budget()
+        self.estimate = estimate_of(request, self.service)
         self.prompt_ids: list[int] | None = None
         self.output_ids: list[int] = []
         self.output_text = ""
@@ -169,6 +175,8 @@ class RequestSession:
     def _base_body(self, request: ChatRequest | CompletionRequest) -> dict[str, Any]:
         body = request.model_dump(exclude_unset=True, exclude=set(GATEWAY_FIELDS))
         body["model"] = self.model
+        if self.service.vllm_priority or "priority" in body:
+            body["priority"] = self.service.vllm_priority  # a header's wins over the body's
         if isinstance(request, CompletionRequest):
             body["max_tokens"] = request.budget()
             if isinstance(request.prompt, list) and isinstance(request.prompt[0], str):
@@ -220,17 +228,20 @@ class RequestSession:
 
     async def generate(self) -> AsyncGenerator[dict[str, Any], None]:
         """Yields STARTED, then client-format chunks; raises APIError before STARTED."""
-        estimate = RequestEstimate(estimate_prompt_tokens(self.request), self.budget or 256)
+        estimate = self.estimate
         try:
             choice, held_s = await self.ctx.control.dispatch_with_room(
                 estimate, self.key, self.ctx.settings.admission_wait_s
             )
         except NoInstance as e:
+            self.ctx.metrics.refused.labels(Refusal.NO_INSTANCE).inc()
             raise APIError(503, f"{e}; try again later", headers={"Retry-After": "1"}) from None
         if held_s > 0:
             self.ctx.metrics.held_for_room_seconds.observe(held_s)
         target, source = choice.decode, None
-        self.ctx.metrics.dispatches.labels("disaggregated" if choice.prefill else "local").inc()
+        record = self.ctx.control.record(choice.decode)
+        mode = dispatch_mode(choice, record.info.role if record is not None else None)
+        self.ctx.metrics.dispatches.labels(mode).inc()
         logger.debug(
             "pdserve: request %s: prefill on %s, decode on %s",
             self.key,
@@ -415,8 +426,8 @@ class RequestSession:
         if self.failovers > self.ctx.settings.max_failovers:
             raise _Abandon(f"instance {self.instance_id} failed {self.failovers} times")
         self.ctx.metrics.failovers.inc()
-        tokens = len(self.prompt_ids) if self.prompt_ids else estimate_prompt_tokens(self.request)
-        estimate = RequestEstimate(tokens + len(self.output_ids), self.budget or 256)
+        tokens = len(self.prompt_ids) if self.prompt_ids else self.estimate.prompt_tokens
+        estimate = dataclasses.replace(self.estimate, prompt_tokens=tokens + len(self.output_ids))
         try:
             # No wait for room: the request is already streaming, so it goes on at once.
             choice, _ = await self.ctx.control.dispatch_with_room(estimate, None, 0.0)

@@ -46,6 +46,18 @@ class GatewaySettings(BaseModel):
         description="longest a request is held while every decode instance is full, before "
         "it is placed whole on one (where it queues)",
     )
+    shed_over_slo: bool = Field(
+        False,
+        description="admission control: refuse requests of the lowest priority class "
+        "(--shed-priority) with 429 and Retry-After while no instance is predicted to meet "
+        "their TTFT SLO (queued prompt tokens / measured prefill rate; the request's "
+        "x-slo-ttft-ms, else the cluster's --slo-ttft-ms)",
+    )
+    shed_priority: int = Field(
+        1,
+        description="the lowest class for --shed-over-slo: requests whose priority (vLLM's: "
+        "lower is scheduled earlier, 0 normal) is at least this",
+    )
     max_failovers: int = Field(
         2, ge=0, description="times a request continues on another instance after a failure"
     )

@@ -53,6 +53,7 @@ GATEWAY: frozenset[str] = frozenset(
         "logprobs",
         "top_logprobs",
         "cache_salt",
+        "priority",
     }
 )
 
@@ -80,7 +81,6 @@ PASSED: frozenset[str] = frozenset(
         "mm_processor_kwargs",
         "parallel_tool_calls",
         "presence_penalty",
-        "priority",
         "prompt_logprobs",
         "reasoning_effort",
         "repetition_detection",

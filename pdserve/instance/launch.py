@@ -83,6 +83,8 @@ def vllm_argv(
         "--scheduler-cls",
         SCHEDULER_CLS,
     ]
+    if settings.priority_scheduling and not has_flag(extra, "--scheduling-policy"):
+        argv += ["--scheduling-policy", "priority"]
     if settings.control_address and not has_flag(extra, "--api-key"):
         # In a cluster, only holders of the cluster secret (the gateway) may call /v1.
         argv += ["--api-key", instance_api_key(cluster_secret(is_loopback(settings.host)))]

@@ -46,6 +46,12 @@ class InstanceSettings(BaseModel):
         "recompute", description="when a KV pull fails: prefill locally, or fail the request"
     )
     report_interval_s: float = Field(0.1, gt=0, description="seconds between load reports")
+    priority_scheduling: bool = Field(
+        False,
+        description="vLLM's --scheduling-policy priority: a request's priority (the gateway "
+        "passes the client's, lower first) orders the waiting queue and which running "
+        "request is preempted last",
+    )
     cpu_cores: str | None = Field(
         None, description="CPU build: cores for this instance's worker (VLLM_CPU_OMP_THREADS_BIND)"
     )

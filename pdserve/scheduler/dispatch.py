@@ -33,6 +33,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.scheduler.adaptive import AdaptivePolicy
+from pdserve.scheduler.admission import prefill_wait_s
 from pdserve.scheduler.rescheduling import MigrationPlan
 from pdserve.scheduler.slo import SloSettings
 from pdserve.scheduler.snapshot import (
@@ -155,10 +156,7 @@ class PdPolicy:
         self.fallback_ranking = Ranking("any", self.prefill_key)
 
     def prefill_wait_s(self, view: InstanceView) -> float:
-        rate = view.load.prefill_tokens_per_s if view.load else 0.0
-        if rate <= 0:
-            rate = self.settings.default_prefill_tokens_per_s
-        return view.queued_prompt_tokens() / rate
+        return prefill_wait_s(view, self.settings.default_prefill_tokens_per_s)
 
     def decode_key(self, view: InstanceView) -> tuple[float, int]:
         """Lowest first: the most freeness, then the fewest requests."""

@@ -875,3 +875,13 @@ def test_report_shows_median_spread_and_outcome(tmp_path: Path) -> None:
     assert "| 200 | tie |" in report
     assert "| pdserve-rr (rep 2) | 1 | 200/200 |" in report
     assert json.loads(json.dumps(results.to_json()))["repeated"][0]["outcome"] == "better"
+
+
+def test_an_slo_aware_policy_gets_the_comparisons_slos(tmp_path: Path) -> None:
+    from benchmark.setups import SetupSpec, slo_args
+
+    settings = compare_settings(tmp_path, slo_ttft_ms=6000, slo_tpot_ms=150)
+    adaptive = SetupSpec("pdserve-adaptive", "pdserve", both=2, policy="adaptive")
+    assert slo_args(adaptive, settings) == ["--slo-ttft-ms", "6000", "--slo-tpot-ms", "150"]
+    assert slo_args(parse_setup("pdserve-1p1d", 2), settings) == []
+    assert slo_args(adaptive, SetupSettings()) == []  # no SLO known: none passed

@@ -17,7 +17,10 @@ class SloSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ttft_ms: float | None = Field(
-        None, gt=0, description="time-to-first-token SLO (ms): adaptive places against it; goodput"
+        None,
+        gt=0,
+        description="time-to-first-token SLO (ms): adaptive places against it, "
+        "--shed-over-slo refuses by it; goodput",
     )
     tpot_ms: float | None = Field(
         None, gt=0, description="time-per-output-token SLO (ms): adaptive packs decodes below it"

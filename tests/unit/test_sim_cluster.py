@@ -253,9 +253,22 @@ def test_an_instance_joining_gets_work() -> None:
     assert all(s.outcome is Outcome.COMPLETED for s in served)
 
 
-def test_a_request_without_a_decode_instance_fails_with_no_instance() -> None:
-    c = cluster(["prefill"])
-    (session,) = sessions([(0.0, 10, 10)])
+def test_without_a_decode_instance_requests_are_served_whole_on_the_prefill_instance() -> None:
+    """Roles are preferences (``--prefill 1 --decode 0``), as in the gateway: no 503; a
+    decode instance that joins later takes the decodes of long prompts."""
+    c = cluster(["prefill"], changes=[InstanceChange(1.0, role="decode")])
+    served = poisson_like(40, 0.05)
+    c.run(served)
+    assert all(s.outcome is Outcome.COMPLETED for s in served)
+    assert all(s.output == s.output_len and s.record().success for s in served)
+    assert served[0].prefill_leg is None and served[-1].prefill_leg is not None
+    assert c.engines["decode-00"].counters.steps > 0
+    assert c.leaks() == []
+
+
+def test_a_request_with_no_usable_instance_fails_with_no_instance() -> None:
+    c = cluster(["prefill"], changes=[InstanceChange(0.1, instance_id="prefill-00")])
+    (session,) = sessions([(2.0, 10, 10)])
     c.run([session])
     assert session.outcome is Outcome.NO_INSTANCE and not session.record().success
 

@@ -341,6 +341,33 @@ class ControlPlane:
         self._pending_oldest.set(instance_id, record._pending_since)
         self._held_oldest.set(instance_id, record._held_since)
 
+    def _make_view(self, record: InstanceRecord, now: float) -> None:
+        """``record.view(now)`` after a report (its view dropped), without the detours."""
+        fields = record.__dict__
+        if record.pending or record.held:
+            pending = record.pending_total(now)
+        else:
+            fields["_pending_since"] = fields["_held_since"] = math.inf
+            pending = _NO_PENDING
+        info = record.info
+        instance_id = info.instance_id
+        view = InstanceView.of(
+            instance_id,
+            info.role,
+            fields["healthy"],
+            not fields["draining"],
+            fields["load"],
+            pending,
+            info.max_model_len,
+        )
+        fields["_view"] = view
+        if self.instances.get(instance_id) is not record:
+            return  # forgotten meanwhile (a listener of its health): as ``_record_viewed``
+        self._dirty.pop(instance_id, None)
+        self._index.set(instance_id, view)
+        self._pending_oldest.set(instance_id, fields["_pending_since"])
+        self._held_oldest.set(instance_id, fields["_held_since"])
+
     def _register(self, info: Register, now: float) -> None:
         record = self.instances.get(info.instance_id)
         if record is None or (record.info.pid, record.info.url, record.info.incarnation) != (
@@ -386,9 +413,12 @@ class ControlPlane:
         if record.pending:
             fields["pending"] = [(t, p) for t, p in record.pending if now - t < PENDING_GRACE_S]
         fields["_view"] = None
-        self._dirty[report.instance_id] = record
-        self._update_health(record, now)
-        record.view(now)  # made here, off the decisions' path
+        if not (fields["healthy"] and now >= fields["suspect_until"]):
+            # A healthy instance reporting now stays healthy (its silence is 0): only the
+            # others have their health to update.
+            self._dirty[report.instance_id] = record
+            self._update_health(record, now)
+        self._make_view(record, now)  # made here, off the decisions' path
         self._reports += 1
         if not self._reports % 64:
             self._index.tidy()

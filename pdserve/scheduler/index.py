@@ -14,9 +14,10 @@ instances:
   sorted ids;
 - per ``Ranking`` asked for, a heap of ``(key, position, stamp, id)``: ``best`` is its top,
   once the entries of replaced views (an older stamp) above it are dropped. An update is
-  one push, O(log n); ``tidy()`` drops the stale entries of a heap once they outnumber the
-  live ones (the control plane calls it while handling load reports, off the decisions'
-  path; ``set`` does it itself only far later). Ties go to the earliest position, as
+  one push, O(log n), or none when the view's key did not change (its entry stays the live
+  one: same key, same position); ``tidy()`` drops the stale entries of a heap once they
+  outnumber the live ones (the control plane calls it while handling load reports, off the
+  decisions' path; ``set`` does it itself only far later). Ties go to the earliest position, as
   ``min`` over the pool.
 
 ``pool``, ``best`` and ``ids`` answer only while the index is at the snapshot's version; an
@@ -69,12 +70,19 @@ class _Pool:
 class _Ranked:
     """One ranking's heap over its pool (with stale entries, see the module doc)."""
 
-    __slots__ = ("heap", "key", "pool")
+    __slots__ = ("heap", "key", "keys", "pool", "stamps")
 
     def __init__(self, key: Callable[[InstanceView], Any], pool: _Pool) -> None:
         self.key = key
         self.pool = pool
         self.heap: list[_Entry] = []
+        # Each member's live entry: its key and stamp (an entry with another stamp is stale).
+        self.keys: dict[str, Any] = {}
+        self.stamps: dict[str, int] = {}
+
+    def forget(self, instance_id: str) -> None:
+        self.keys.pop(instance_id, None)
+        self.stamps.pop(instance_id, None)
 
 
 class ClusterIndex:
@@ -116,6 +124,8 @@ class ClusterIndex:
             for name, pool in self._pools.items():
                 if name not in pools and pool.members.pop(instance_id, None) is not None:
                     pool.members_tuple = pool.ids_tuple = None
+                    for ranked in self._ranked_in[name]:
+                        ranked.forget(instance_id)
                 elif name in pools and instance_id not in pool.members:
                     pool.ordered = False
                     pool.ids_tuple = None
@@ -125,10 +135,16 @@ class ClusterIndex:
             members[instance_id] = view
             member_of.members_tuple = None
             for ranked in self._ranked_in[name]:
+                key = ranked.key(view)
+                keys = ranked.keys
+                if instance_id in keys and keys[instance_id] == key:
+                    continue  # its live entry stays right: same key, same position
+                keys[instance_id] = key
+                ranked.stamps[instance_id] = stamp
                 heap = ranked.heap
-                heapq.heappush(heap, (ranked.key(view), position, stamp, instance_id))
+                heapq.heappush(heap, (key, position, stamp, instance_id))
                 if len(heap) > _FORCE_AT * len(members) + 64:
-                    self._tidy(heap)
+                    self._tidy(ranked)
 
     def remove(self, instance_id: str) -> None:
         if instance_id not in self._views:
@@ -140,15 +156,17 @@ class ClusterIndex:
         for pool in self._pools.values():
             if pool.members.pop(instance_id, None) is not None:
                 pool.members_tuple = pool.ids_tuple = None
+        for ranked in self._ranked.values():
+            ranked.forget(instance_id)
 
     def tidy(self) -> None:
         """Drops the stale entries of the heaps where they outnumber the live ones."""
         for ranked in self._ranked.values():
             if len(ranked.heap) > _TIDY_AT * len(ranked.pool.members) + 64:
-                self._tidy(ranked.heap)
+                self._tidy(ranked)
 
-    def _tidy(self, heap: list[_Entry]) -> None:
-        stamps = self._stamp
+    def _tidy(self, ranked: _Ranked) -> None:
+        heap, stamps = ranked.heap, ranked.stamps
         heap[:] = [entry for entry in heap if stamps.get(entry[3]) == entry[2]]
         heapq.heapify(heap)
 
@@ -204,7 +222,9 @@ class ClusterIndex:
             positions, stamps, key = self._position, self._stamp, ranking.key
             ranked.heap = [(key(v), positions[i], stamps[i], i) for i, v in pool.members.items()]
             heapq.heapify(ranked.heap)
-        heap, stamps = ranked.heap, self._stamp
+            ranked.keys = {entry[3]: entry[0] for entry in ranked.heap}
+            ranked.stamps = {entry[3]: entry[2] for entry in ranked.heap}
+        heap, stamps = ranked.heap, ranked.stamps
         while heap:
             _, _, stamp, instance_id = heap[0]
             if stamps.get(instance_id) == stamp:

@@ -40,7 +40,7 @@ import msgspec
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport
 from pdserve.sim.blocks import BlockPool, PrefixKey
-from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, epoch_length
+from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, plan_epoch
 from pdserve.sim.events import EventQueue
 from pdserve.sim.legs import EngineConfig, EngineCounters, Leg, LegState
 from pdserve.sim.profile import StepProfile, StepWork
@@ -200,9 +200,11 @@ class SimEngine:
         epoch ends after the step in flight, so the next step is scheduled afresh."""
         if self.alive and now >= self._next_capture_at:
             self._capture(now)
+        epoch = self._epoch
         if interrupt:
             self._version += 1
-        epoch = self._epoch
+            if epoch is not None:
+                epoch.intact = False  # the running requests may change
         if epoch is None:
             return
         self._advance(epoch, now)
@@ -275,7 +277,8 @@ class SimEngine:
         if epoch is None:
             ahead, in_flight, steps = 0, False, 0
         else:  # the epoch's steps by then, counted without applying them
-            done = bisect_right(epoch.ends, self.tick_time(tick), epoch.applied, epoch.last)
+            at = self.report_phase_s + tick * self.report_interval_s  # tick_time(tick)
+            done = bisect_right(epoch.ends, at, epoch.applied, epoch.last)
             ahead, in_flight, steps = done - epoch.applied, done < epoch.last, done
         state = (self._version, steps, in_flight)
         snapshot = self._snapshot
@@ -287,11 +290,12 @@ class SimEngine:
             self._snapshot_state = state
         self._captured_tick = tick
         # A little early rather than late: latest_tick decides, this only skips the call.
-        self._next_capture_at = self.tick_time(tick + 1) - 1e-9 * self.report_interval_s
+        interval = self.report_interval_s
+        self._next_capture_at = self.report_phase_s + (tick + 1) * interval - 1e-9 * interval
 
     def report(self, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
         """This state's load report (``pdserve.sim.report.load_report``)."""
-        return load_report(self, seq, ahead, in_flight)
+        return load_report(self, seq, ahead, in_flight, self._epoch)
 
     # --- queues and blocks ------------------------------------------------------------------
 
@@ -454,8 +458,11 @@ class SimEngine:
         i = 0
         while i < len(running) and budget > 0:
             leg = running[i]
-            count = min(leg.num_tokens - leg.num_computed, budget)
-            new = cdiv(leg.num_computed + count, bs) - leg.own_blocks - leg.hit_blocks
+            computed = leg.num_computed
+            count = leg.prompt_tokens + leg.num_output - computed  # leg.num_tokens - computed
+            if count > budget:  # noqa: PLR1730 (cheaper than a call)
+                count = budget
+            new = -(-(computed + count) // bs) - leg.own_blocks - leg.hit_blocks
             if new > 0:
                 while not pool.allocate(new):
                     victim = running.pop()
@@ -540,9 +547,9 @@ class SimEngine:
         self._busy = True
         self._gen += 1
         if epoch_ok and self.config.epochs:
-            steps = epoch_length(self.running, self.pool.free, self.block_size)
+            steps, firsts = plan_epoch(self.running, self.pool.free, self.block_size)
             if steps > 1:
-                self._start_epoch(now, steps)
+                self._start_epoch(now, steps, firsts)
                 return
         self._items = items
         work = self._work(items)
@@ -635,11 +642,25 @@ class SimEngine:
 
     # --- epochs -----------------------------------------------------------------------------
 
-    def _start_epoch(self, now: float, steps: int) -> None:
-        context = sum(leg.num_computed + 1 for leg in self.running)
-        durations = epoch_durations(self.profile, len(self.running), context, steps)
+    def _start_epoch(self, now: float, steps: int, firsts: list[int]) -> None:
+        running = self.running
+        context = tokens = 0
+        decoding = True  # output and the prompt computed, as every request of an epoch has
+        for leg in running:
+            computed = leg.num_computed
+            context += computed + 1
+            tokens += leg.prompt_tokens + leg.num_output
+            if not leg.num_output or computed < leg.prompt_tokens:
+                decoding = False
+        durations = epoch_durations(self.profile, len(running), context, steps)
         ends = epoch_ends(now, durations)
-        self._epoch = Epoch(ends=ends, steps=durations, last=steps)
+        epoch = self._epoch = Epoch(ends=ends, steps=durations, last=steps)
+        if decoding:  # what reports need (``Epoch``): they count these as decoding
+            epoch.intact = True
+            epoch.seqs = len(running)
+            epoch.tokens = tokens
+            epoch.context = context
+            epoch.plan_blocks(firsts, self.block_size)
         self.queue.at(ends[-1], self._on_step_end, self._gen)
 
     def _apply(self, epoch: Epoch, done: int) -> None:
@@ -653,9 +674,14 @@ class SimEngine:
         pool = self.pool
         c = self.counters
         seqs = len(self.running)
-        context = sum(leg.num_computed + 1 for leg in self.running)  # at step ``lo``
+        if epoch.intact:  # the same sum, from the start's
+            context = epoch.context + seqs * lo
+        else:
+            context = sum(leg.num_computed + 1 for leg in self.running)  # at step ``lo``
         c.decode_seqs += seqs * count
         c.decode_context += context * count + seqs * count * (count - 1) // 2
+        if in_flight and epoch.intact and epoch.blocks_by(done + 1) == epoch.allocated:
+            in_flight = False  # the step in flight needs no new block (see ``Epoch``)
         for leg in self.running:
             leg.num_computed += count
             leg.num_output += count
@@ -666,6 +692,7 @@ class SimEngine:
                     allocated = pool.allocate(new)
                     assert allocated, "an epoch ran out of blocks"
                     leg.own_blocks += new
+                    epoch.allocated += new
         epoch.applied = done
         c.steps += count
         c.busy_s += last_at - (first_at - steps[lo])

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals, TransferCounters
 from pdserve.sim.blocks import BlockPool
+from pdserve.sim.epoch import Epoch
 from pdserve.sim.legs import EngineConfig, EngineCounters, Leg
 
 MAX_LISTED_REQUESTS = 512  # as the real reporter
@@ -54,25 +55,36 @@ class TransferCache:
     """The transfer counters as a report carries them, made again only when they changed."""
 
     def __init__(self) -> None:
-        self._key: tuple[int, int, int, float] = (0, 0, 0, 0.0)
         self._counters = TransferCounters()
 
     def of(self, c: EngineCounters) -> TransferCounters:
-        key = (c.loads_ok, c.bytes_received, c.bytes_sent, c.load_seconds)
-        if key != self._key:
-            self._key = key
-            self._counters = TransferCounters(
+        t = self._counters
+        if (
+            c.loads_ok != t.loads_ok
+            or c.bytes_received != t.bytes_received
+            or c.bytes_sent != t.bytes_sent
+            or c.load_seconds != t.load_seconds
+        ):  # field by field: cheaper than a key tuple per report
+            t = self._counters = TransferCounters(
                 loads_ok=c.loads_ok,
                 bytes_received=c.bytes_received,
                 bytes_sent=c.bytes_sent,
                 load_seconds=c.load_seconds,
             )
-        return self._counters
+        return t
 
 
-def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
+def load_report(
+    engine: Reported,
+    seq: int,
+    ahead: int = 0,
+    in_flight: bool = False,
+    epoch: Epoch | None = None,
+) -> LoadReport:
     """The engine's report, ``ahead`` epoch steps after its applied state (``in_flight``:
-    the next step has started, so has its blocks), which is cheaper than applying them."""
+    the next step has started, so has its blocks), which is cheaper than applying them;
+    in an ``intact`` epoch, from what the epoch kept of its requests (the same numbers as
+    a pass over them)."""
     bs = engine.block_size
     running = engine.running
     request = RunningRequest
@@ -89,6 +101,13 @@ def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = Fa
     queued = engine.waiting_tokens
     extra = ahead + int(in_flight)
     decoding = context = 0
+    if epoch is not None and epoch.intact:
+        # Every request decodes; each applied or ``ahead`` step added one token to each.
+        decoding = epoch.seqs
+        context = epoch.tokens + decoding * (epoch.applied + ahead)
+        if ahead:
+            free -= epoch.blocks_by(epoch.applied + extra) - epoch.allocated
+        running = []
     for leg in running:
         if leg.num_output or ahead:
             decoding += 1
@@ -107,7 +126,7 @@ def load_report(engine: Reported, seq: int, ahead: int = 0, in_flight: bool = Fa
     return LoadReport(
         instance_id=engine.instance_id,
         seq=seq,
-        num_running=len(running),
+        num_running=len(engine.running),
         num_waiting=len(engine.waiting) + len(engine.loading) + len(engine.ready),
         num_loading=len(engine.loading),
         free_blocks=free,

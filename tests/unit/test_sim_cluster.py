@@ -324,3 +324,30 @@ def test_pdserve_sim_writes_the_points(tmp_path: Path) -> None:
     assert data["settings"]["dispatch"]["policy"] == "least-requests"
     assert data["settings"]["rescheduling"]["rescheduling"] is True
     assert all(p["completed"] == 15 for p in data["points"])
+
+
+def test_a_report_made_from_the_epoch_is_the_one_a_pass_over_the_requests_makes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reports in the middle of an epoch come from what the epoch kept (``Epoch.intact``):
+    each must equal the report a pass over the running requests makes, with small pools
+    (block boundaries inside epochs, preemptions) and a migration's interruptions."""
+    import pdserve.sim.engine as sim_engine
+    from pdserve.sim.report import load_report
+
+    made = Counter[str]()
+
+    def checked(engine, seq, ahead=0, in_flight=False, epoch=None):  # type: ignore[no-untyped-def]
+        report = load_report(engine, seq, ahead, in_flight, epoch)
+        assert report == load_report(engine, seq, ahead, in_flight, None)
+        made["epoch" if epoch is not None and epoch.intact else "pass"] += 1
+        return report
+
+    monkeypatch.setattr(sim_engine, "load_report", checked)
+    c = cluster(
+        ["prefill", "decode", "both", "both"],
+        engine=EngineConfig.of(PROFILE, num_blocks=60),
+        rescheduling=ReschedulingSettings(rescheduling=True),
+    )
+    c.run(poisson_like(80, 0.04, n_out=120))
+    assert made["epoch"] > 100 and made["pass"] > 10, made

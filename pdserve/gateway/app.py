@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pdserve.gateway.context import GatewayContext, SloShedding
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
+from pdserve.gateway.fanout import FanOut, folder_for, open_request
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.migration import MIGRATION_MODES, Migrator
@@ -37,7 +38,7 @@ from pdserve.gateway.openai_api import (
     parse_request,
     parse_service,
 )
-from pdserve.gateway.responses import SSE_DONE, Folder, sse
+from pdserve.gateway.responses import SSE_DONE, sse
 from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
@@ -163,8 +164,10 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def _fold(session: RequestSession, chunks: AsyncIterator[dict[str, Any]]) -> Response:
-    folder = Folder(session)
+async def _fold(
+    session: RequestSession | FanOut, chunks: AsyncIterator[dict[str, Any]]
+) -> Response:
+    folder = folder_for(session)
     async for chunk in chunks:
         if "error" in chunk and "choices" not in chunk:
             return JSONResponse(
@@ -183,7 +186,7 @@ async def _serve(kind: Kind, request: Request) -> Response:
     ctx.admit(estimate_of(parsed, service))
     slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
     await slot.__aenter__()
-    session = RequestSession(ctx, request.app.state.sessions, kind, parsed, service)
+    session = open_request(ctx, request.app.state.sessions, kind, parsed, service)
     chunks = session.generate()
     try:
         first = await chunks.__anext__()
@@ -227,7 +230,7 @@ async def _serve(kind: Kind, request: Request) -> Response:
     return folding.result()
 
 
-def _observe_end(ctx: GatewayContext, session: RequestSession) -> None:
+def _observe_end(ctx: GatewayContext, session: RequestSession | FanOut) -> None:
     if session.finish_reason is not None and session.last_token_at is not None:
         ctx.metrics.e2e_seconds.observe(session.last_token_at - session.arrived)
 

@@ -1,6 +1,6 @@
 """The OpenAI request bodies the gateway accepts, checked before any instance sees them.
 
-Fields pdserve relies on are validated strictly (types, ranges, ``n == 1``); any other field
+Fields pdserve relies on are validated strictly (types, ranges); any other field
 is passed through to vLLM, which validates it in turn. A few are refused (``vllm_fields``):
 ``kv_transfer_params`` would let a client point an instance at arbitrary KV sources.
 
@@ -17,7 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.vllm_fields import refuse_fields
@@ -29,6 +37,8 @@ ENDPOINTS: dict[Kind, str] = {"chat": "/v1/chat/completions", "completion": "/v1
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 # Fields the gateway sets on every upstream request.
 GATEWAY_FIELDS = ("stream", "stream_options", "return_token_ids", "kv_transfer_params", "n")
+# Choices per request (prompts x n): each is a session of its own (``fanout``).
+MAX_SEQUENCES = 128
 # Nesting of request bodies (objects and arrays); tool and response-format schemas included.
 MAX_JSON_DEPTH = 64
 # vLLM's bounds of its ``priority`` field.
@@ -54,20 +64,13 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_SEQUENCES)
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     min_tokens: int | None = Field(None, ge=0)
     return_token_ids: bool = False
     # vLLM's: lower is scheduled earlier, 0 normal (see ``Service``).
     priority: StrictInt = Field(0, ge=INT64_MIN, le=INT64_MAX)
-
-    @field_validator("n")
-    @classmethod
-    def _single_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("pdserve serves n=1 only; send several requests instead")
-        return n
 
     @field_validator("stop")
     @classmethod
@@ -92,26 +95,42 @@ class ChatRequest(_Common):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int] | list[str]
+    # One prompt (text or token ids), or a batch of them: one choice per prompt and sample.
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int] | list[str]:
-        if isinstance(prompt, list):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            if isinstance(prompt[0], str):
-                if len(prompt) != 1:
-                    raise ValueError("pdserve serves one prompt per request")
-            elif any(t < 0 for t in prompt):  # type: ignore[operator]
-                raise ValueError("token ids must be non-negative")
-        elif not prompt:
+    def _prompts(cls, prompt: Any) -> Any:
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            _check_one_prompt(prompt)
+            return prompt
+        if not prompt:
             raise ValueError("prompt is empty")
+        if len(prompt) > MAX_SEQUENCES:
+            raise ValueError(f"at most {MAX_SEQUENCES} prompts per request")
+        for one in prompt:
+            _check_one_prompt(one)
         return prompt
+
+    @model_validator(mode="after")
+    def _sequences(self) -> CompletionRequest:
+        prompts = len(self.prompt) if isinstance(self.prompt, list) else 1
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], int):
+            prompts = 1
+        if prompts * self.n > MAX_SEQUENCES:
+            raise ValueError(f"prompts x n is at most {MAX_SEQUENCES}")
+        return self
 
     def budget(self) -> int:
         return self.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+
+
+def _check_one_prompt(prompt: str | list[int]) -> None:
+    if not prompt:
+        raise ValueError("prompt is empty")
+    if isinstance(prompt, list) and any(t < 0 for t in prompt):
+        raise ValueError("token ids must be non-negative")
 
 
 def _message_text(message: Message) -> str:
@@ -128,12 +147,17 @@ def estimate_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
     """A routing estimate (about 4 characters per token), exact for token-id prompts."""
     if isinstance(request, CompletionRequest):
         prompt = request.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return len(prompt)
-        text = prompt if isinstance(prompt, str) else str(prompt[0])
-        return math.ceil(len(text) / 4) + 1
+        if isinstance(prompt, str) or isinstance(prompt[0], int):
+            return _prompt_estimate(prompt)  # type: ignore[arg-type]
+        return sum(_prompt_estimate(one) for one in prompt)  # type: ignore[union-attr]
     chars = sum(len(_message_text(m)) for m in request.messages)
     return math.ceil(chars / 4) + 8 * len(request.messages)
+
+
+def _prompt_estimate(prompt: str | list[int]) -> int:
+    if isinstance(prompt, list):
+        return len(prompt)
+    return math.ceil(len(prompt) / 4) + 1
 
 
 def _describe(error: ValidationError) -> tuple[str, str | None]:

@@ -53,7 +53,7 @@ from pdserve.kv.messages import (
     tokens_digest,
 )
 from pdserve.logs import get_logger
-from pdserve.scheduler.dispatch import NoInstance
+from pdserve.scheduler.dispatch import Dispatch, NoInstance
 from pdserve.scheduler.snapshot import RequestEstimate
 
 logger = get_logger(__name__)
@@ -137,13 +137,20 @@ class RequestSession:
         kind: Kind,
         request: ChatRequest | CompletionRequest,
         service: Service | None = None,
+        follow: RequestSession | None = None,
     ) -> None:
+        """``follow``: another sample of the same prompt (``fanout``); this one decodes where
+        that one did, from the prompt's KV in that instance's prefix cache."""
         self.ctx = ctx
         self.registry = registry
         self.kind = kind
         self.request = request
         self.service = service if service is not None else Service(request.priority)
         self.key = uuid.uuid4().hex
+        self.follow = follow
+        # Set at this session's first token (``first_token_on``: where), or when it ends.
+        self.first_token = asyncio.Event()
+        self.first_token_on: str | None = None
         self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + self.key
         self.created = int(time.time())
         self.model = request.model or ctx.default_model()
@@ -230,8 +237,11 @@ class RequestSession:
         """Yields STARTED, then client-format chunks; raises APIError before STARTED."""
         estimate = self.estimate
         try:
-            choice, held_s = await self.ctx.control.dispatch_with_room(
-                estimate, self.key, self.ctx.settings.admission_wait_s
+            choice, held_s = (
+                await self._follow_leader()
+                or await self.ctx.control.dispatch_with_room(
+                    estimate, self.key, self.ctx.settings.admission_wait_s
+                )
             )
         except NoInstance as e:
             self.ctx.metrics.refused.labels(Refusal.NO_INSTANCE).inc()
@@ -281,11 +291,27 @@ class RequestSession:
                 raise error from None
             yield {"error": error.body()["error"]}
         finally:
+            self.first_token.set()  # a follower waits no more
             self.ctx.control.forget_held(self.key)
             self.registry.detach(self)
             self._drop_untaken_cut()
             if self._migration is not None:
                 self._migration.finish("the request ended before its new instance answered")
+
+    async def _follow_leader(self) -> tuple[Dispatch, float] | None:
+        """Where the leader sample decodes, once it has its first token (its prompt's KV is
+        in that instance's prefix cache then); None if it has none, or that instance left."""
+        if self.follow is None:
+            return None
+        await self.follow.first_token.wait()
+        target = self.follow.first_token_on
+        view = self.ctx.control.snapshot().get(target) if target is not None else None
+        if view is None or not view.usable:
+            return None
+        choice = Dispatch(decode=view.instance_id)
+        # The prompt's blocks are the leader's (prefix cache): only the output is new.
+        self.ctx.control.place(choice, dataclasses.replace(self.estimate, prompt_tokens=0))
+        return choice, 0.0
 
     async def _prefill(self, prefill: str) -> SourceSpec | None:
         """Runs the prefill leg; None if the decode instance should prefill after all."""
@@ -503,6 +529,8 @@ class RequestSession:
             now = time.perf_counter()
             if self.first_token_at is None:
                 self.first_token_at = now
+                self.first_token_on = self.instance_id
+                self.first_token.set()
                 self.ctx.metrics.ttft_seconds.observe(now - self.arrived)
                 logger.debug(
                     "pdserve: request %s: first token from %s after %.2f s",

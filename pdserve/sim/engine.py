@@ -277,8 +277,7 @@ class SimEngine:
         if epoch is None:
             ahead, in_flight, steps = 0, False, 0
         else:  # the epoch's steps by then, counted without applying them
-            at = self.report_phase_s + tick * self.report_interval_s  # tick_time(tick)
-            done = bisect_right(epoch.ends, at, epoch.applied, epoch.last)
+            done = bisect_right(epoch.ends, self.tick_time(tick), epoch.applied, epoch.last)
             ahead, in_flight, steps = done - epoch.applied, done < epoch.last, done
         state = (self._version, steps, in_flight)
         snapshot = self._snapshot
@@ -290,8 +289,7 @@ class SimEngine:
             self._snapshot_state = state
         self._captured_tick = tick
         # A little early rather than late: latest_tick decides, this only skips the call.
-        interval = self.report_interval_s
-        self._next_capture_at = self.report_phase_s + (tick + 1) * interval - 1e-9 * interval
+        self._next_capture_at = self.tick_time(tick + 1) - 1e-9 * self.report_interval_s
 
     def report(self, seq: int, ahead: int = 0, in_flight: bool = False) -> LoadReport:
         """This state's load report (``pdserve.sim.report.load_report``)."""

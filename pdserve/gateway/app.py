@@ -33,6 +33,7 @@ from pdserve.gateway.metrics import GatewayMetrics
 from pdserve.gateway.migration import MIGRATION_MODES, Migrator
 from pdserve.gateway.openai_api import (
     Kind,
+    client_request_id,
     estimate_of,
     parse_json_body,
     parse_request,
@@ -186,7 +187,8 @@ async def _serve(kind: Kind, request: Request) -> Response:
     ctx.admit(estimate_of(parsed, service))
     slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
     await slot.__aenter__()
-    session = open_request(ctx, request.app.state.sessions, kind, parsed, service)
+    request_id = client_request_id(request.headers, parsed)
+    session = open_request(ctx, request.app.state.sessions, kind, parsed, service, request_id)
     chunks = session.generate()
     try:
         first = await chunks.__anext__()
@@ -209,9 +211,8 @@ async def _serve(kind: Kind, request: Request) -> Response:
                 await slot.__aexit__(None, None, None)
                 _observe_end(ctx, session)
 
-        return StreamingResponse(
-            body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
+        headers = {"Cache-Control": "no-cache", "X-Request-Id": session.request_id}
+        return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
 
     folding = asyncio.ensure_future(_fold(session, chunks))
     leaving = asyncio.ensure_future(_wait_for_disconnect(request))
@@ -227,7 +228,9 @@ async def _serve(kind: Kind, request: Request) -> Response:
         _observe_end(ctx, session)
     if folding.cancelled():
         return Response(status_code=499)
-    return folding.result()
+    answer = folding.result()
+    answer.headers["X-Request-Id"] = session.request_id
+    return answer
 
 
 def _observe_end(ctx: GatewayContext, session: RequestSession | FanOut) -> None:

@@ -121,6 +121,7 @@ async def interleave(
             with contextlib.suppress(RuntimeError):
                 await stream.aclose()
 
+
 def _is_usage_chunk(chunk: dict[str, Any]) -> bool:
     return not chunk.get("choices") and "usage" in chunk and "error" not in chunk
 
@@ -140,6 +141,7 @@ class FanOut:
         self.client_stream = leader.client_stream
         self.include_usage = leader.include_usage
         self.response_id = leader.response_id
+        self.request_id = leader.request_id
         self.arrived = leader.arrived
         self._usages: list[tuple[Sample, dict[str, int]]] = []
 
@@ -218,17 +220,20 @@ def open_request(
     kind: Kind,
     request: ChatRequest | CompletionRequest,
     service: Service,
+    request_id: str | None = None,
 ) -> RequestSession | FanOut:
     """The session(s) serving a client request: one, or a ``FanOut`` of one per sample, each
     later sample of a prompt following that prompt's first (see the module doc)."""
     samples = split(request)
     if len(samples) == 1:
-        return RequestSession(ctx, registry, kind, request, service)
+        return RequestSession(ctx, registry, kind, request, service, request_id=request_id)
     leaders: dict[int, RequestSession] = {}
     sessions = []
     for sample in samples:
         leader = leaders.get(sample.prompt_index)
-        session = RequestSession(ctx, registry, kind, sample.request, service, follow=leader)
+        session = RequestSession(
+            ctx, registry, kind, sample.request, service, follow=leader, request_id=request_id
+        )
         leaders.setdefault(sample.prompt_index, session)
         sessions.append(session)
     return FanOut(samples, sessions)

@@ -309,3 +309,27 @@ def parse_service(headers: Mapping[str, str], request: ChatRequest | CompletionR
     priority = _priority_header(headers)
     slos = {field: _slo_header(headers, name) for field, name in SLO_HEADERS.items()}
     return Service(request.priority if priority is None else priority, **slos)
+
+
+# What an X-Request-Id may be: the id reaches vLLM's logs and response ids unchanged.
+MAX_REQUEST_ID_CHARS = 256
+
+
+def client_request_id(
+    headers: Mapping[str, str], request: ChatRequest | CompletionRequest
+) -> str | None:
+    """The client's id for the request: the ``X-Request-Id`` header, else the body's
+    ``request_id`` (vLLM's order); None when it sent neither. A 400 for an id that is not
+    printable ASCII of at most ``MAX_REQUEST_ID_CHARS``."""
+    given = headers.get("x-request-id")
+    param = "X-Request-Id"
+    if given is None:
+        body_id = (request.model_extra or {}).get("request_id")
+        if body_id is None:
+            return None
+        given, param = str(body_id), "request_id"
+    if not 0 < len(given) <= MAX_REQUEST_ID_CHARS or not (given.isascii() and given.isprintable()):
+        raise APIError(
+            400, f"{param} must be 1-{MAX_REQUEST_ID_CHARS} printable ASCII characters", param=param
+        )
+    return given

@@ -100,6 +100,7 @@ class Folder:
             choice["text"] = "".join(self.text)
         body = session.envelope(streamed=False)
         body.update(choices=[choice], usage=session.usage())
+        session.extras.add_to(body, choice)
         if session.request.return_token_ids:
             choice["token_ids"] = self.token_ids
             if session.kind == "chat":

@@ -38,6 +38,7 @@ from pdserve.gateway.openai_api import (
     Service,
     estimate_of,
 )
+from pdserve.gateway.prompt_extras import PromptExtras
 from pdserve.gateway.upstream import (
     UpstreamBroken,
     UpstreamStream,
@@ -138,9 +139,12 @@ class RequestSession:
         request: ChatRequest | CompletionRequest,
         service: Service | None = None,
         follow: RequestSession | None = None,
+        request_id: str | None = None,
     ) -> None:
         """``follow``: another sample of the same prompt (``fanout``); this one decodes where
-        that one did, from the prompt's KV in that instance's prefix cache."""
+        that one did, from the prompt's KV in that instance's prefix cache. ``request_id``: the
+        client's ``X-Request-Id``: the base of the response's id and the id every leg carries
+        (vLLM logs it), as in plain vLLM."""
         self.ctx = ctx
         self.registry = registry
         self.kind = kind
@@ -151,13 +155,16 @@ class RequestSession:
         # Set at this session's first token (``first_token_on``: where), or when it ends.
         self.first_token = asyncio.Event()
         self.first_token_on: str | None = None
-        self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + self.key
+        self.response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + (request_id or self.key)
+        self.request_id = request_id or self.key
+        self.upstream_headers = {"X-Request-Id": self.request_id}
         self.created = int(time.time())
         self.model = request.model or ctx.default_model()
         self.client_stream = request.stream
         options = request.stream_options
         self.include_usage = bool(options and options.include_usage) or not request.stream
         self.base_body = self._base_body(request)
+        self.extras = PromptExtras(kind, request, self.client_stream)
         self.budget = request.budget()
         self.estimate = estimate_of(request, self.service)
         self.prompt_ids: list[int] | None = None
@@ -212,6 +219,7 @@ class RequestSession:
     def _leg_body(self, source: SourceSpec | None) -> dict[str, Any]:
         body = copy.deepcopy(self.base_body)
         body.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+        self.extras.strip(body)
         kv = params_to_json(TransferParams(source=source, request_key=self.key))
         continuing = bool(self.output_ids)
         if self.prompt_ids is not None and (continuing or source is not None):
@@ -264,6 +272,9 @@ class RequestSession:
                 source = await self._prefill(choice.prefill)
                 target, source = self._decode_target(target, choice.prefill, source, estimate)
             self.ctx.control.decode_started(self.key, target)
+            if self.extras.active:
+                url = self.ctx.control.url(target)
+                await self.extras.prepare(self.ctx, url, self.base_body, self.upstream_headers)
             while True:
                 async for chunk in self._leg(target, source):
                     if not started:
@@ -319,7 +330,9 @@ class RequestSession:
         url = self.ctx.control.url(prefill) + ENDPOINTS[self.kind]
         started = time.perf_counter()
         try:
-            answer = await self.ctx.upstream.post_json(url, self._prefill_body(transfer_id))
+            answer = await self.ctx.upstream.post_json(
+                url, self._prefill_body(transfer_id), self.upstream_headers
+            )
         except UpstreamBroken as e:
             logger.warning("pdserve: prefill on %s failed (%s); prefilling on decode", prefill, e)
             self.ctx.control.mark_broken(prefill)
@@ -338,6 +351,7 @@ class RequestSession:
             logger.warning("pdserve: prefill on %s exported no KV; prefilling on decode", prefill)
             return None
         self.prompt_ids = _prompt_ids(answer)
+        self.extras.capture(answer)
         return params.source
 
     def _decode_target(
@@ -392,7 +406,7 @@ class RequestSession:
         self.registry.attach(self, target)
         released = source is None
         try:
-            async with self.ctx.upstream.stream(url, body) as stream:
+            async with self.ctx.upstream.stream(url, body, self.upstream_headers) as stream:
                 self._stream = stream
                 async for event in stream:
                     error = check_api_error_event(event)
@@ -574,6 +588,7 @@ class RequestSession:
     def _client_chunk(self, event: dict[str, Any], choice: dict[str, Any]) -> dict[str, Any]:
         out_choice = dict(choice)
         out_choice["index"] = 0
+        self.extras.decorate(out_choice)
         chunk = self.envelope(streamed=True)
         chunk["choices"] = [out_choice]
         if not self.request.return_token_ids:

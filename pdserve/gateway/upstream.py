@@ -61,10 +61,12 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
-    async def post_json(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def post_json(
+        self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """POSTs and returns the JSON answer; raises APIError or UpstreamBroken."""
         try:
-            async with self.session.post(url, json=body) as response:
+            async with self.session.post(url, json=body, headers=headers) as response:
                 payload = await _read_json(response)
                 if response.status != 200:
                     raise from_upstream(response.status, payload)
@@ -83,13 +85,15 @@ class Upstream:
             raise UpstreamBroken(f"{url}: {type(e).__name__}: {e}") from e
 
     @asynccontextmanager
-    async def stream(self, url: str, body: dict[str, Any]) -> AsyncIterator[UpstreamStream]:
+    async def stream(
+        self, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> AsyncIterator[UpstreamStream]:
         """Opens an SSE response; APIError if the instance refuses the request.
 
         Leaving the context closes the connection, which makes vLLM abort the request.
         """
         try:
-            response = await self.session.post(url, json=body)
+            response = await self.session.post(url, json=body, headers=headers)
         except _READ_ERRORS as e:
             raise UpstreamBroken(f"{url}: {type(e).__name__}: {e}") from e
         try:

@@ -86,6 +86,7 @@ class FakeInstance:
         self.free_blocks = free_blocks
         self.control_address: str | None = None
         self.received: list[dict[str, Any]] = []
+        self.headers: list[str] = []  # the X-Request-Id of each generate request
         self.port = 0
         self._runner: web.AppRunner | None = None
 
@@ -196,6 +197,7 @@ class FakeInstance:
         except ValueError:
             return _vllm_error(400, "invalid JSON")
         self.received.append(body)
+        self.headers.append(request.headers.get("X-Request-Id", ""))
         if self.hold is not None:
             await self.hold.wait()
         chat = request.path.endswith("/chat/completions")

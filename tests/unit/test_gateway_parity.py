@@ -1,0 +1,45 @@
+"""vLLM parity at the gateway with fake instances: n > 1 and batched prompts as one answer,
+the client's X-Request-Id end to end, echo of the prompt."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.unit.gateway_harness import LiveGateway
+
+pytestmark = pytest.mark.unit
+
+
+def test_n_and_batched_prompts_make_one_answer_in_vllms_choice_order() -> None:
+    with LiveGateway() as live:
+        body = {"prompt": ["ab", "c"], "n": 2, "max_tokens": 3, "seed": 5}
+        answer = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).json()
+        assert [c["index"] for c in answer["choices"]] == [0, 1, 2, 3]
+        assert answer["usage"]["completion_tokens"] == 4 * 3
+        sent = [b for i in live.instances for b in i.received if b.get("stream")]
+        seeds = sorted(b.get("seed") for b in sent)
+        assert seeds == [5, 5, 6, 6]  # sample j gets seed + j, as vLLM's children
+        assert all(b.get("n", 1) == 1 for b in sent)
+
+
+def test_the_clients_request_id_names_the_answer_and_every_leg() -> None:
+    with LiveGateway() as live:
+        body = {"prompt": "hello there", "max_tokens": 2}
+        answer = httpx.post(
+            f"{live.url}/v1/completions", json=body, headers={"X-Request-Id": "abc-1"}
+        )
+        assert answer.headers["x-request-id"] == "abc-1"
+        assert answer.json()["id"] == "cmpl-abc-1"
+        assert {i.headers[-1] for i in live.instances if i.headers} == {"abc-1"}
+        bad = httpx.post(f"{live.url}/v1/completions", json=body, headers={"X-Request-Id": ""})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+
+
+def test_echo_puts_the_prompt_before_the_completion() -> None:
+    with LiveGateway() as live:
+        body = {"prompt": "hello", "max_tokens": 2, "echo": True}
+        answer = httpx.post(f"{live.url}/v1/completions", json=body).json()
+        assert answer["choices"][0]["text"].startswith("hello")
+        sent = [b for i in live.instances for b in i.received]
+        assert all("echo" not in b for b in sent)

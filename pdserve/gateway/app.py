@@ -2,6 +2,7 @@
 
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``,
 vLLM's ``/tokenize``, ``/detokenize``, ``/version`` and ``/ping`` (``utility_api``),
+``/v1/responses`` (``responses_api``),
 ``/admin/instances`` (and ``/admin/instances/{id}/drain|undrain``). Every error is in
 OpenAI's error format. Nothing a client sends reaches an instance unchecked, and a client that
 goes away is noticed: its upstream requests are closed, which makes vLLM abort them and free
@@ -40,6 +41,7 @@ from pdserve.gateway.openai_api import (
     parse_service,
 )
 from pdserve.gateway.responses import SSE_DONE, sse
+from pdserve.gateway.responses_api import add_responses_routes
 from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.gateway.upstream import Upstream
@@ -385,6 +387,7 @@ def create_app(
         )
 
     add_utility_routes(app, health)
+    add_responses_routes(app)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

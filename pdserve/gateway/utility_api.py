@@ -22,7 +22,7 @@ from pdserve.gateway.upstream import UpstreamBroken
 from pdserve.gateway.vllm_fields import refuse_fields
 
 
-def _instance_url(ctx: GatewayContext, model: str | None) -> str:
+def instance_url(ctx: GatewayContext, model: str | None) -> str:
     """The URL of the usable instance serving ``model`` (any, if None) with the fewest
     requests; 503 when there is none, 404 for a model nobody serves."""
     served = ctx.control.models()
@@ -52,7 +52,7 @@ async def _forward_post(request: Request, path: str) -> dict[str, Any]:
     ctx: GatewayContext = request.app.state.ctx
     body = _checked_body(await request.body())
     model = body.get("model")
-    url = _instance_url(ctx, model if isinstance(model, str) else None)
+    url = instance_url(ctx, model if isinstance(model, str) else None)
     try:
         return await ctx.upstream.post_json(url + path, body)
     except UpstreamBroken as e:
@@ -75,7 +75,7 @@ def add_utility_routes(app: FastAPI, health: Callable[[], Awaitable[Response]]) 
     @router.get("/version")
     async def version(request: Request) -> Any:
         ctx: GatewayContext = request.app.state.ctx
-        url = _instance_url(ctx, None)
+        url = instance_url(ctx, None)
         try:
             return await ctx.upstream.get_json(url + "/version")
         except UpstreamBroken as e:

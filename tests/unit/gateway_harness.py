@@ -101,6 +101,8 @@ class FakeInstance:
         app.router.add_post("/detokenize", self._detokenize)
         app.router.add_post("/tokenize", self._tokenize)
         app.router.add_get("/version", self._version)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_get("/v1/responses/{response_id}", self._response)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -165,6 +167,22 @@ class FakeInstance:
         self.received.append(body)
         tokens = _text_ids(str(body["prompt"]))
         return web.json_response({"tokens": tokens, "count": len(tokens), "max_model_len": 64})
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(body)
+        answer = {"id": f"resp_{self.name}_{len(self.received)}", "object": "response"}
+        if not body.get("stream"):
+            return web.json_response(answer)
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await stream.prepare(request)
+        created = {"type": "response.created", "response": answer}
+        await stream.write(f"event: response.created\ndata: {json.dumps(created)}\n\n".encode())
+        await stream.write_eof()
+        return stream
+
+    async def _response(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": request.match_info["response_id"], "from": self.name})
 
     async def _version(self, request: web.Request) -> web.Response:
         return web.json_response({"version": f"fake-{self.name}"})

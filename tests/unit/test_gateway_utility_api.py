@@ -50,3 +50,24 @@ def test_no_instance_is_503_with_retry_after() -> None:
         answer = httpx.post(f"{live.url}/tokenize", json={"prompt": "a"})
         assert answer.status_code == 503
         assert answer.headers["retry-after"] == "2"
+
+
+def test_responses_stay_with_the_instance_that_made_them() -> None:
+    with LiveGateway([FakeInstance("a", "both"), FakeInstance("b", "both")]) as live:
+        made = httpx.post(f"{live.url}/v1/responses", json={"model": MODEL, "input": "x"})
+        assert made.status_code == 200, made.text
+        response_id = made.json()["id"]
+        home = response_id.split("_")[1]
+        fetched = httpx.get(f"{live.url}/v1/responses/{response_id}").json()
+        assert fetched["from"] == home
+        follow_up = {"model": MODEL, "input": "y", "previous_response_id": response_id}
+        again = httpx.post(f"{live.url}/v1/responses", json=follow_up).json()
+        assert again["id"].split("_")[1] == home
+        streamed = httpx.post(
+            f"{live.url}/v1/responses", json={"model": MODEL, "input": "z", "stream": True}
+        )
+        assert streamed.text.startswith("event: response.created\ndata: ")
+        stream_id = streamed.text.split('"id": "')[1].split('"')[0]
+        assert httpx.get(f"{live.url}/v1/responses/{stream_id}").json()["from"] in ("a", "b")
+        missing = httpx.get(f"{live.url}/v1/responses/resp_nobody")
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "response_id"

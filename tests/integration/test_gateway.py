@@ -123,7 +123,8 @@ def test_sixteen_concurrent_requests_match(client: openai.OpenAI, reference: Pla
         ({"model": MODEL}, 400, "prompt"),
         ({"model": MODEL, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
-        ({"model": MODEL, "prompt": "hi", "n": 3}, 400, "n=1"),
+        ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n: "),
+        ({"model": MODEL, "prompt": "hi", "use_beam_search": True}, 400, "beam search"),
         ({"model": "no-such-model", "prompt": "hi"}, 404, "does not exist"),
         ({"model": MODEL, "prompt": [1] * 9000, "max_tokens": 4}, 400, "maximum context length"),
         ({"model": MODEL, "prompt": [-5]}, 400, "non-negative"),
@@ -178,17 +179,28 @@ def test_models_health_metrics_admin(cluster: ServeCluster) -> None:
         assert name in text
 
 
-def test_no_decode_instance_gives_503(cluster: ServeCluster) -> None:
-    for name in ("decode-0", "decode-1"):
-        assert http_json(f"{cluster.url}/admin/instances/{name}/drain", {})[0] == 200
+def test_without_decode_instances_the_prefill_instance_serves_then_503(
+    cluster: ServeCluster, reference: PlainVLLM
+) -> None:
+    """Roles are preferences: with both decode instances drained, the prefill instance
+    serves requests whole (plain vLLM's greedy text); with every instance drained, 503."""
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6}
+    names = ("decode-0", "decode-1", "prefill-0")
     try:
-        status, answer = http_json(
-            cluster.url + "/v1/completions", {"model": MODEL, "prompt": "hello", "max_tokens": 2}
-        )
-        assert status == 503
-        assert "decode" in answer["error"]["message"]
+        for name in names[:2]:
+            assert http_json(f"{cluster.url}/admin/instances/{name}/drain", {})[0] == 200
+        status, health = http_json(cluster.url + "/health")
+        assert status == 200 and health["serving"] == "colocated-only", health
+        status, answer = http_json(cluster.url + "/v1/completions", {**body, "temperature": 0})
+        assert status == 200, answer
+        want = reference.complete(body["prompt"], max_tokens=6)
+        assert answer["choices"][0]["text"] == want["choices"][0]["text"]
+        assert http_json(f"{cluster.url}/admin/instances/prefill-0/drain", {})[0] == 200
+        status, answer = http_json(cluster.url + "/v1/completions", body)
+        assert status == 503, answer
+        assert "no healthy instance" in answer["error"]["message"]
     finally:
-        for name in ("decode-0", "decode-1"):
+        for name in names:
             http_json(f"{cluster.url}/admin/instances/{name}/undrain", {})
 
 

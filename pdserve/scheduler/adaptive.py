@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pdserve.protocol.reports import Role
 from pdserve.scheduler.rescheduling import MigrationPlan
@@ -104,6 +104,16 @@ class Load:
         return load is not None and load.num_decoding > 0
 
 
+def _weighted(load: Load, weight: float) -> Load:
+    """``load`` with its pending requests (and their context) counted ``weight`` times."""
+    view, report = load.view, load.view.load
+    assert report is not None
+    pending = view.pending
+    seqs = report.num_decoding + report.num_loading + round(weight * pending.requests)
+    context = report.decode_context_tokens + round(weight * pending.blocks * view.block_size)
+    return replace(load, seqs=seqs, context=context)
+
+
 class AdaptivePolicy:
     """The placement and rescheduling rules of the module docstring."""
 
@@ -117,26 +127,47 @@ class AdaptivePolicy:
     # --- what the predictions read ------------------------------------------------------------
 
     def loads(self, snapshot: ClusterSnapshot) -> list[Load]:
-        """Every usable instance, its totals fed to the step-time fit on the way."""
+        """Every usable instance, its totals fed to the step-time fit on the way; its
+        pending requests weighted by ``pending_weight``."""
         out = []
         for view in snapshot.usable():
             load = view.load
             assert load is not None
             self.fit.observe(view.instance_id, load.totals)
-            block = view.block_size
             rate = load.prefill_tokens_per_s or self.default_rate
             out.append(
                 Load(
                     view=view,
                     seqs=load.num_decoding + load.num_loading + view.pending.requests,
-                    context=load.decode_context_tokens + view.pending.blocks * block,
+                    context=load.decode_context_tokens + view.pending.blocks * view.block_size,
                     queued=view.queued_prompt_tokens(),
                     chunk=load.max_num_batched_tokens,
                     rate=rate,
                     share=self.fit.prefill_share(view.instance_id, rate),
                 )
             )
-        return out
+        weight = self.pending_weight(out)
+        if weight >= 1.0:
+            return out
+        return [_weighted(load, weight) for load in out]
+
+    def pending_weight(self, loads: Sequence[Load]) -> float:
+        """How many of the requests sent to an instance and not decoding there yet count in
+        its batch (module docstring, "pending decodes"): a decode lifetime over the mean
+        wait of the queued prompts they wait behind, at most 1."""
+        queued = sum(load.queued for load in loads)
+        if queued <= 0 or self.mean_output <= 0:
+            return 1.0
+        prompt = max(1, int(self.mean_prompt))
+        waited = sum(load.queued * self.prefill_s(load, load.queued, prompt) for load in loads)
+        wait = waited / queued
+        lifetime = self.mean_output * self.slo_tpot_s(loads)
+        return 1.0 if wait <= lifetime else lifetime / wait
+
+    def slo_tpot_s(self, loads: Sequence[Load]) -> float:
+        """The cluster's TPOT objective for a mean request (``tpot_objective_s``)."""
+        mean = RequestEstimate(max(1, int(self.mean_prompt)), max(1, int(self.mean_output)))
+        return self.tpot_objective_s(mean, loads)
 
     @property
     def model(self) -> StepModel:

@@ -87,7 +87,11 @@ CASES = [
     Case("detokenize", "/detokenize", {"model": MODEL, "tokens": [504, 3575]}, extra=("prompt",)),
     Case("version", "/version", method="GET", extra=("version",)),
     Case("models", "/v1/models", method="GET", extra=("object",)),
-    Case("responses", "/v1/responses", {"model": MODEL, "input": SHORT, **GREEDY}),
+    Case(
+        "responses",
+        "/v1/responses",
+        {"model": MODEL, "input": SHORT, "max_output_tokens": 8, **GREEDY},
+    ),
     Case(
         "responses stream",
         "/v1/responses",

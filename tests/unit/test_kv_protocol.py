@@ -140,7 +140,7 @@ def test_the_initiator_refuses_a_server_of_another_version() -> None:
             importer._pair_with(address, time.monotonic() + 5)
         assert raised.value.failure is KVFailure.PROTOCOL_MISMATCH
         assert f"version {PROTOCOL_VERSION + 1}" in str(raised.value)
-        sent = answers.get(timeout=1)
+        sent = answers.get(timeout=5)
         assert isinstance(sent, PairOpen) and sent.protocol == PROTOCOL_VERSION
         assert sent.plane_digest == importer.layout.plane_digest
     finally:

@@ -3,10 +3,13 @@ the client's X-Request-Id end to end, echo of the prompt."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import httpx
 import pytest
 
-from tests.unit.gateway_harness import LiveGateway
+from tests.unit.gateway_harness import FakeInstance, LiveGateway
 
 pytestmark = pytest.mark.unit
 
@@ -43,3 +46,31 @@ def test_echo_puts_the_prompt_before_the_completion() -> None:
         assert answer["choices"][0]["text"].startswith("hello")
         sent = [b for i in live.instances for b in i.received]
         assert all("echo" not in b for b in sent)
+
+
+def test_every_sample_of_n_fails_over_when_its_instance_dies() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pdserve.protocol.reports import Deregister
+    from tests.unit.test_gateway_kv_faults import completion, on_loop, post, wait_until
+
+    dying = FakeInstance("decode-0", "decode", free_blocks=1000)
+    dying.pause_after_first = asyncio.Event()
+    survivor = FakeInstance("decode-1", "decode", free_blocks=900)
+    with LiveGateway([dying, survivor]) as gateway, ThreadPoolExecutor(1) as pool:
+        sessions = gateway.app.state.sessions
+        request = pool.submit(post, gateway, completion(list(range(1, 41)), stream=True, n=2))
+        # The second sample follows the first onto its instance (one prefill per prompt).
+        wait_until(
+            lambda: (
+                len(sessions.on("decode-0")) == 2
+                and all(s.output_ids for s in sessions.on("decode-0"))
+            ),
+            what="both samples' first tokens on decode-0",
+        )
+        on_loop(gateway, lambda: gateway.ctx.control.handle(Deregister(instance_id="decode-0")))
+        response = request.result(timeout=30)
+    assert response.status_code == 200 and response.text.rstrip().endswith("data: [DONE]")
+    finished = [line for line in response.text.splitlines() if '"finish_reason":"length"' in line]
+    assert sorted(json.loads(line[6:])["choices"][0]["index"] for line in finished) == [0, 1]
+    assert len([b for b in survivor.received if b.get("stream")]) == 2  # both continued there

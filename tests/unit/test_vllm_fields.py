@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import pytest
 
 from pdserve.gateway.errors import APIError
@@ -55,3 +56,20 @@ def test_passed_fields_reach_the_instances_unchanged() -> None:
             request = parse_request(kind, {**BODIES[kind], name: value})
             forwarded = request.model_dump(exclude_unset=True, exclude=set(GATEWAY_FIELDS))
             assert forwarded.get(name) == value, name
+
+
+def test_every_responses_field_reaches_the_instance_unchanged() -> None:
+    """``/v1/responses`` is relayed whole: every field of vLLM's ResponsesRequest but the
+    refused ones arrives at the instance as sent."""
+    responses = pytest.importorskip("vllm.entrypoints.openai.responses.protocol")
+    from tests.unit.gateway_harness import MODEL, FakeInstance, LiveGateway
+
+    names = set(responses.ResponsesRequest.model_fields) - set(REFUSED)
+    body = {name: f"value of {name}" for name in names}
+    # Read by the gateway too: the model, whether to stream, and which response goes on.
+    body |= {"model": MODEL, "stream": False, "previous_response_id": None}
+    instance = FakeInstance("both-0", "both")
+    with LiveGateway([instance]) as live:
+        answer = httpx.post(f"{live.url}/v1/responses", json=body)
+    assert answer.status_code == 200, answer.text
+    assert instance.received == [body]

@@ -14,6 +14,17 @@ the load reports and the step-time model fitted online from them
   added, at its mid-life context (prompt + half its output), plus *d*'s queued prompt
   tokens spread over the request's output tokens (prefill steps stall every decode there).
 
+**Pending decodes.** A disaggregated request's decode share is held on its decode instance
+until its prefill ends (``ControlPlane.place``), so the snapshot's pending requests include
+decodes that start only after the prompts queued ahead of them. Counted whole, a prefill
+backlog of W seconds makes every decoder look W x rate sequences fuller than it will be;
+it then refuses prompts, which go to the backlog, which grows: the collapse of
+``benchmark/results/sim-adaptive-8`` without rescheduling (seed 1 at 5 req/s: the policy saw
+228 decoding sequences where 33 ran; KV was never short: >5000 of 5867 blocks free, no
+preemption). They count by ``pending_weight``: a decode lifetime (mean output x TPOT
+objective) over the token-weighted mean wait of the queued prompts, at most 1 (Little's law:
+of requests landing over W, those alive in one lifetime).
+
 Decisions (each rule has a unit test in ``tests/unit/test_adaptive.py``):
 
 1. **Decode: bin-packing below a bound.** The request decodes on the instance that already
@@ -161,13 +172,14 @@ class AdaptivePolicy:
         prompt = max(1, int(self.mean_prompt))
         waited = sum(load.queued * self.prefill_s(load, load.queued, prompt) for load in loads)
         wait = waited / queued
-        lifetime = self.mean_output * self.slo_tpot_s(loads)
+        lifetime = self.lifetime_s()
         return 1.0 if wait <= lifetime else lifetime / wait
 
-    def slo_tpot_s(self, loads: Sequence[Load]) -> float:
-        """The cluster's TPOT objective for a mean request (``tpot_objective_s``)."""
+    def lifetime_s(self) -> float:
+        """A mean request's decode at the TPOT objective: the longest a decode that meets
+        its SLO runs (the horizon of ``pending_weight``)."""
         mean = RequestEstimate(max(1, int(self.mean_prompt)), max(1, int(self.mean_output)))
-        return self.tpot_objective_s(mean, loads)
+        return self.mean_output * self.tpot_objective_s(mean, ())
 
     @property
     def model(self) -> StepModel:

@@ -16,7 +16,7 @@ from pdserve.scheduler.dispatch import (
 )
 from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_round
 from pdserve.scheduler.slo import SloSettings
-from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, RequestEstimate
+from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, Pending, RequestEstimate
 from pdserve.scheduler.step_model import StepFit
 
 # Qwen3-32B on an H20 as the simulator's profile has it (seconds per unit).
@@ -294,3 +294,15 @@ def test_plan_round_uses_the_policys_own_rescheduling() -> None:
     default = plan_round(make_policy(DispatchSettings()), snap, settings, (), {}, 4, 0.01)
     assert ours and all(m.target == "light" for m in ours)
     assert default == []  # KV usage is low everywhere: the default rules see nothing to do
+
+
+def test_decodes_waiting_behind_a_long_prefill_queue_count_for_a_lifetime_only() -> None:
+    p = policy()
+    # 30 requests wait ~30 s for their prefill on "busy" and will decode on "dec", which
+    # decodes 2 now: in a 10 s decode lifetime (200 tokens at 50 ms) about a third of them
+    # land while a new one decodes, so "dec" still tolerates a prompt and prefills it.
+    held = Pending(requests=30, prompt_tokens=0, blocks=30 * 70)
+    dec = InstanceView("dec", "both", load=report("dec", decoding=2), pending=held)
+    snap = snapshot(dec, view("busy", queued=40_000))
+    assert p.pending_weight(p.loads(snap)) == pytest.approx(1 / 3, rel=0.2)
+    assert p.place(snap, REQUEST) == Placement("dec")

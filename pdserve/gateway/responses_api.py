@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.errors import APIError, from_upstream
 from pdserve.gateway.openai_api import parse_json_body
-from pdserve.gateway.utility_api import instance_url
+from pdserve.gateway.utility_api import pick_instance
 from pdserve.gateway.vllm_fields import refuse_fields
 
 # Responses whose instance the gateway remembers (oldest forgotten first).
@@ -48,29 +48,25 @@ class ResponseHomes:
         return self._homes.get(response_id)
 
 
-def _home_url(ctx: GatewayContext, homes: ResponseHomes, response_id: str) -> str:
+def _home(ctx: GatewayContext, homes: ResponseHomes, response_id: str) -> tuple[str, str]:
+    """The id and URL of the live instance that made ``response_id``; 404 if none."""
     instance_id = homes.home(response_id)
     record = ctx.control.record(instance_id) if instance_id is not None else None
-    if record is None:
+    if instance_id is None or record is None:
         raise APIError(404, f"no response {response_id} on a live instance", param="response_id")
-    return record.info.url
+    return instance_id, record.info.url
 
 
-def _target(ctx: GatewayContext, homes: ResponseHomes, body: dict[str, Any]) -> str:
+def _target(ctx: GatewayContext, homes: ResponseHomes, body: dict[str, Any]) -> tuple[str, str]:
     previous = body.get("previous_response_id")
     if isinstance(previous, str):
-        return _home_url(ctx, homes, previous)
+        return _home(ctx, homes, previous)
     model = body.get("model")
-    return instance_url(ctx, model if isinstance(model, str) else None)
+    return pick_instance(ctx, model if isinstance(model, str) else None)
 
 
-def _instance_of(ctx: GatewayContext, url: str) -> str | None:
-    return next((i for i, r in ctx.control.instances.items() if r.info.url == url), None)
-
-
-def _learn(homes: ResponseHomes, ctx: GatewayContext, url: str, answer: Any) -> None:
-    instance_id = _instance_of(ctx, url)
-    if instance_id is not None and isinstance(answer, dict) and isinstance(answer.get("id"), str):
+def _learn(homes: ResponseHomes, instance_id: str, answer: Any) -> None:
+    if isinstance(answer, dict) and isinstance(answer.get("id"), str):
         homes.remember(answer["id"], instance_id)
 
 
@@ -84,7 +80,7 @@ def _peek_id(head: bytes) -> str | None:
 
 
 async def _relay(
-    ctx: GatewayContext, homes: ResponseHomes, url: str, response: aiohttp.ClientResponse
+    homes: ResponseHomes, instance_id: str, response: aiohttp.ClientResponse
 ) -> AsyncIterator[bytes]:
     head = b""
     learned = False
@@ -94,7 +90,7 @@ async def _relay(
                 head += piece
                 found = _peek_id(head)
                 if found is not None:
-                    _learn(homes, ctx, url, {"id": found})
+                    _learn(homes, instance_id, {"id": found})
                     learned = True
             yield piece
     finally:
@@ -107,7 +103,7 @@ async def _create(request: Request, homes: ResponseHomes) -> Response:
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     refuse_fields(body)
-    url = _target(ctx, homes, body)
+    instance_id, url = _target(ctx, homes, body)
     headers = {k: v for k, v in request.headers.items() if k.lower() == "x-request-id"}
     try:
         response = await ctx.upstream.session.post(
@@ -124,17 +120,18 @@ async def _create(request: Request, homes: ResponseHomes) -> Response:
             response.close()
         if response.status != 200:
             raise from_upstream(response.status, answer)
-        _learn(homes, ctx, url, answer)
+        _learn(homes, instance_id, answer)
         return JSONResponse(answer)
     return StreamingResponse(
-        _relay(ctx, homes, url, response),
+        _relay(homes, instance_id, response),
         media_type=response.headers.get("content-type", "text/event-stream"),
     )
 
 
 async def _about(request: Request, homes: ResponseHomes, response_id: str, suffix: str) -> Any:
     ctx: GatewayContext = request.app.state.ctx
-    url = _home_url(ctx, homes, response_id) + f"/v1/responses/{response_id}{suffix}"
+    _, home = _home(ctx, homes, response_id)
+    url = home + f"/v1/responses/{response_id}{suffix}"
     method = ctx.upstream.session.get if not suffix else ctx.upstream.session.post
     try:
         async with method(url) as response:

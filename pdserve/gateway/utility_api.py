@@ -22,9 +22,9 @@ from pdserve.gateway.upstream import UpstreamBroken
 from pdserve.gateway.vllm_fields import refuse_fields
 
 
-def instance_url(ctx: GatewayContext, model: str | None) -> str:
-    """The URL of the usable instance serving ``model`` (any, if None) with the fewest
-    requests; 503 when there is none, 404 for a model nobody serves."""
+def pick_instance(ctx: GatewayContext, model: str | None) -> tuple[str, str]:
+    """The id and URL of the usable instance serving ``model`` (any, if None) with the
+    fewest requests; 503 when there is none, 404 for a model nobody serves."""
     served = ctx.control.models()
     if model and served and model not in served:
         raise APIError(
@@ -37,7 +37,8 @@ def instance_url(ctx: GatewayContext, model: str | None) -> str:
             candidates.append((view.num_requests, view.instance_id, record.info.url))
     if not candidates:
         raise APIError(503, "no instance is ready to serve", headers={"Retry-After": "2"})
-    return min(candidates)[2]
+    _, instance_id, url = min(candidates)
+    return instance_id, url
 
 
 def _checked_body(raw: bytes) -> dict[str, Any]:
@@ -52,7 +53,7 @@ async def _forward_post(request: Request, path: str) -> dict[str, Any]:
     ctx: GatewayContext = request.app.state.ctx
     body = _checked_body(await request.body())
     model = body.get("model")
-    url = instance_url(ctx, model if isinstance(model, str) else None)
+    _, url = pick_instance(ctx, model if isinstance(model, str) else None)
     try:
         return await ctx.upstream.post_json(url + path, body)
     except UpstreamBroken as e:
@@ -75,7 +76,7 @@ def add_utility_routes(app: FastAPI, health: Callable[[], Awaitable[Response]]) 
     @router.get("/version")
     async def version(request: Request) -> Any:
         ctx: GatewayContext = request.app.state.ctx
-        url = instance_url(ctx, None)
+        _, url = pick_instance(ctx, None)
         try:
             return await ctx.upstream.get_json(url + "/version")
         except UpstreamBroken as e:

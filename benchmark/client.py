@@ -5,12 +5,22 @@ so the server's own token count arrives in the last chunk; chunk arrival times a
 with ``time.perf_counter()`` as each line is read, which is what TTFT and ITL are made of
 (definitions in ``pdserve.workload.metrics``). A run always ends by itself: after the last request,
 or at ``time_limit_s``, when requests still in flight are cancelled and recorded as failed.
+
+A conversation (the ``conversations`` workload) is sent turn by turn: turn k+1 a think time
+after turn k's last chunk, its prompt built from turn k's prompt as sent and the answer the
+server actually gave (its ``token_ids``, asked for with ``return_token_ids``; its text where
+prompts are text), so the prefix it re-sends is exactly what the server computed. A turn that
+fails ends its conversation: the turns left are recorded as failed, not sent. The schedule
+then gives each conversation's start (``conversation_schedule``); a closed loop keeps that
+many conversations going.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -22,10 +32,12 @@ from pydantic import BaseModel, Field
 from tqdm import tqdm
 
 from pdserve.workload.arrivals import ClosedLoop, OpenLoop, Schedule
+from pdserve.workload.conversations import next_prompt
 from pdserve.workload.metrics import RequestRecord
 from pdserve.workload.workloads import BenchRequest
 
 ERROR_TEXT_LIMIT = 500
+_log = logging.getLogger(__name__)
 
 
 class ClientSettings(BaseModel):
@@ -56,7 +68,7 @@ class Target:
     request_timeout_s: float
 
     def payload(self, request: BenchRequest) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "model": self.model,
             "prompt": request.prompt,
             "max_tokens": request.output_len,
@@ -65,6 +77,9 @@ class Target:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if request.conversation is not None:
+            body["return_token_ids"] = True  # the next turn re-sends the answer's ids
+        return body
 
 
 @dataclass
@@ -131,6 +146,9 @@ class StreamState:
     chunks: int = 0
     last: float = 0.0
     usage_tokens: int | None = None
+    # The answer, for a conversation's next turn.
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    text: list[str] = dataclasses.field(default_factory=list)
 
 
 def observe_chunk(
@@ -139,13 +157,16 @@ def observe_chunk(
     """Folds one chunk arriving at ``at`` (seconds since send) into the record."""
     if chunk.get("error"):
         record.error = json.dumps(chunk["error"])[:ERROR_TEXT_LIMIT]
-    elif chunk.get("choices"):
+    elif choices := chunk.get("choices"):
         if record.ttft_s is None:
             record.ttft_s = at
         else:
             record.itl_s.append(at - state.last)
         state.last = at
         state.chunks += 1
+        for choice in choices:
+            state.token_ids += choice.get("token_ids") or []
+            state.text.append(choice.get("text") or "")
     elif usage := chunk.get("usage"):
         state.usage_tokens = usage.get("completion_tokens")
 
@@ -162,8 +183,9 @@ def finish_record(record: RequestRecord, state: StreamState) -> None:
 
 async def send(
     session: aiohttp.ClientSession, target: Target, request: BenchRequest, record: RequestRecord
-) -> None:
-    """Streams one completion into ``record``; never raises, except on cancellation."""
+) -> StreamState:
+    """Streams one completion into ``record`` (returns what the parser kept); never raises,
+    except on cancellation."""
     state = StreamState()
     sent = time.perf_counter()
     try:
@@ -176,7 +198,7 @@ async def send(
             if response.status != 200:
                 body = await response.text()
                 record.error = f"HTTP {response.status}: {body[:ERROR_TEXT_LIMIT]}"
-                return
+                return state
             async for line in response.content:
                 at = time.perf_counter() - sent
                 chunk = parse_sse_line(line)
@@ -188,6 +210,37 @@ async def send(
         raise
     except Exception as error:  # a benchmark records failures; it does not stop on them
         record.error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_LIMIT]
+    return state
+
+
+def units(requests: Sequence[BenchRequest]) -> list[list[int]]:
+    """What the schedule starts: each request alone, or each conversation's turns in order."""
+    out: list[list[int]] = []
+    current: int | None = None
+    for index, request in enumerate(requests):
+        if request.conversation is None or request.conversation != current:
+            out.append([])
+        current = request.conversation
+        out[-1].append(index)
+    return out
+
+
+def follow_up(sent: BenchRequest, state: StreamState, request: BenchRequest) -> BenchRequest:
+    """Turn k+1 built on turn k's actual answer; the workload's own prompt (built on a
+    sampled answer) only where the server gave no token ids back."""
+    if request.user is None:
+        return request
+    answer: list[int] | str
+    if isinstance(sent.prompt, str):
+        answer = "".join(state.text)
+    elif state.token_ids:
+        answer = state.token_ids
+    else:
+        _log.warning("no token_ids in the answer: the next turn re-sends a sampled answer")
+        return request
+    prompt = next_prompt(sent.prompt, answer, request.user)
+    tokens = request.input_len if isinstance(prompt, str) else len(prompt)
+    return dataclasses.replace(request, prompt=prompt, input_len=tokens)
 
 
 class Runner:
@@ -213,8 +266,7 @@ class Runner:
         )
         self.start = 0.0
 
-    async def one(self, session: aiohttp.ClientSession, index: int) -> None:
-        request = self.requests[index]
+    def _record(self, index: int, request: BenchRequest) -> RequestRecord:
         record = RequestRecord(
             index=index,
             input_len=request.input_len,
@@ -222,25 +274,56 @@ class Runner:
             start_s=time.perf_counter() - self.start,
         )
         self.records.append(record)
-        await send(session, self.target, request, record)
+        return record
+
+    async def one(
+        self, session: aiohttp.ClientSession, index: int, request: BenchRequest | None = None
+    ) -> tuple[RequestRecord, StreamState]:
+        request = request or self.requests[index]
+        record = self._record(index, request)
+        state = await send(session, self.target, request, record)
         self.bar.update()
+        return record, state
+
+    async def unit(self, session: aiohttp.ClientSession, indices: Sequence[int]) -> None:
+        """One request, or a conversation: each turn after the previous one's answer and
+        its think time, built on that answer; a failed turn ends the conversation."""
+        previous: tuple[BenchRequest, StreamState] | None = None
+        for position, index in enumerate(indices):
+            request = self.requests[index]
+            if previous is not None:
+                await asyncio.sleep(request.think_s)
+                request = follow_up(*previous, request)
+            record, state = await self.one(session, index, request)
+            if not record.success:
+                self._not_sent(indices[position + 1 :], request.turn)
+                return
+            previous = (request, state)
+
+    def _not_sent(self, indices: Sequence[int], turn: int) -> None:
+        for index in indices:
+            record = self._record(index, self.requests[index])
+            record.error = f"not sent: turn {turn} of its conversation failed"
+            self.bar.update()
 
     async def open_loop(self, session: aiohttp.ClientSession, schedule: OpenLoop) -> None:
-        """Sends each request at its time, whether or not earlier ones have finished."""
+        """Starts each request (or conversation) at its time, whether or not earlier ones
+        have finished."""
         async with asyncio.TaskGroup() as group:
-            for index, at in enumerate(schedule.times[: len(self.requests)]):
+            for unit, at in zip(units(self.requests), schedule.times, strict=False):
                 delay = self.start + at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                group.create_task(self.one(session, index))
+                group.create_task(self.unit(session, unit))
 
     async def closed_loop(self, session: aiohttp.ClientSession, schedule: ClosedLoop) -> None:
-        """``concurrency`` workers, each sending the next request when its last one ends."""
-        indices: Iterator[int] = iter(range(len(self.requests)))
+        """``concurrency`` workers, each starting the next request (or conversation) when its
+        last one ends."""
+        pending: Iterator[list[int]] = iter(units(self.requests))
 
         async def worker() -> None:
-            for index in indices:  # a shared iterator: each index goes to one worker
-                await self.one(session, index)
+            for unit in pending:  # a shared iterator: each unit goes to one worker
+                await self.unit(session, unit)
 
         async with asyncio.TaskGroup() as group:
             for _ in range(schedule.concurrency):

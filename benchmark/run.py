@@ -12,6 +12,10 @@ can be compared afterwards with ``python -m benchmark.plots DIR1 DIR2 --output-d
 
 The flags are generated from ``RunSettings`` (``pdserve.settings``), so the CLI, the
 defaults and the JSON record of the settings cannot disagree.
+
+Each point also reports the prefix-cache hit rate and the KV bytes moved between instances
+over it (``benchmark.cache_counters``: the servers' counters before and after), where the
+server at ``--url`` is a vLLM instance or a pdserve gateway.
 """
 
 from __future__ import annotations
@@ -28,13 +32,19 @@ from typing import Any
 import aiohttp
 from pydantic import Field, ValidationError
 
+from benchmark.cache_counters import Sources, cache_stats, discover, scrape
 from benchmark.client import ClientSettings, Target, drive, resolve_target
 from benchmark.command import Bench, add_settings_arguments
 from benchmark.plots import plot_results
 from pdserve.settings import from_args
-from pdserve.workload.arrivals import ArrivalKind, make_schedule
-from pdserve.workload.metrics import PointResult, Summary, summarize
-from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload
+from pdserve.workload.arrivals import ArrivalKind
+from pdserve.workload.metrics import CacheStats, PointResult, Summary, summarize
+from pdserve.workload.workloads import (
+    BenchRequest,
+    WorkloadSettings,
+    build_workload,
+    schedule_for,
+)
 
 # Fields with several values; pdserve.settings handles scalar fields only.
 LIST_FIELDS = ("rate", "concurrency")
@@ -85,16 +95,21 @@ def result_path(settings: RunSettings, load: float) -> Path:
 
 
 async def run_point(
-    settings: RunSettings, target: Target, requests: Sequence[BenchRequest], load: float
+    settings: RunSettings,
+    target: Target,
+    requests: Sequence[BenchRequest],
+    load: float,
+    sources: Sources | None = None,
 ) -> PointResult:
-    """Sends the requests at one load and summarizes what came back."""
-    schedule = make_schedule(
-        settings.arrival, load, len(requests), settings.burstiness, settings.seed
-    )
+    """Sends the requests at one load and summarizes what came back; ``sources``: whose
+    counters give the point's prefix-cache hits and KV bytes (None: none are read)."""
+    schedule = schedule_for(requests, settings.arrival, load, settings.burstiness, settings.seed)
     what = "concurrency" if settings.arrival == "closed" else "rate"
+    before = await asyncio.to_thread(scrape, sources) if sources else {}
     outcome = await drive(
         target, requests, schedule, settings.time_limit_s, settings.progress, f"{what} {load:g}"
     )
+    after = await asyncio.to_thread(scrape, sources) if sources else {}
     summary = summarize(
         outcome.records, outcome.duration_s, settings.slo_ttft_ms, settings.slo_tpot_ms
     )
@@ -107,6 +122,7 @@ async def run_point(
         settings=settings.model_dump(mode="json"),
         summary=summary,
         records=outcome.records,
+        cache=cache_stats(before, after),
     )
 
 
@@ -120,13 +136,14 @@ def write_result(result: PointResult, path: Path) -> Path:
 async def run_async(settings: RunSettings) -> dict[str, Any]:
     """``run`` for callers that already have an event loop."""
     target = await resolve_target(settings)
+    sources = await asyncio.to_thread(discover, settings.url, settings.api_key)
     results: list[PointResult] = []
     files: list[str] = []
     for index, load in enumerate(load_points(settings)):
         # New prompts (seed + index) per load point: vLLM's prefix cache would serve prompts
         # sent again at the next load, flattering every later point.
         requests = build_workload(settings.model_copy(update={"seed": settings.seed + index}))
-        results.append(await run_point(settings, target, requests, load))
+        results.append(await run_point(settings, target, requests, load, sources))
         files.append(str(write_result(results[-1], result_path(settings, load))))
     plots = plot_results(results, Path(settings.output_dir)) if settings.plots else []
     return {
@@ -138,6 +155,7 @@ async def run_async(settings: RunSettings) -> dict[str, Any]:
                 "file": f,
                 "timed_out": r.timed_out,
                 "summary": r.summary.model_dump(mode="json"),
+                "cache": r.cache.model_dump(mode="json") if r.cache else None,
             }
             for r, f in zip(results, files, strict=True)
         ],
@@ -173,7 +191,23 @@ def format_table(result: dict[str, Any]) -> str:
             f" {_cell(s.e2e_ms.p50):>9} {_cell(s.goodput, 2):>8} {_cell(attainment):>6}"
             + ("  (time limit)" if point["timed_out"] else "")
         )
+    lines += cache_lines(result["points"])
     return "\n".join([*lines, "latencies in ms; TTFT/TPOT without P are means"])
+
+
+def cache_lines(points: Sequence[dict[str, Any]]) -> list[str]:
+    """Per point, the prefix-cache hit rate and the KV bytes moved, where counted."""
+    lines = []
+    for point in points:
+        if point.get("cache") is None:
+            continue
+        cache = CacheStats.model_validate(point["cache"])
+        rate = "-" if cache.hit_rate is None else f"{100 * cache.hit_rate:.1f}%"
+        moved = (
+            "-" if cache.kv_transfer_bytes is None else f"{cache.kv_transfer_bytes / 1e6:.1f} MB"
+        )
+        lines.append(f"{point['load']:>6g}: prefix-cache hit rate {rate}, KV moved {moved}")
+    return lines
 
 
 def add_run_arguments(

@@ -5,6 +5,14 @@ A setup is named on the command line (``--setups``):
 ``vllm-router``
     N plain vLLM instances (no pdserve code in them) behind the Rust ``vllm-router`` (PyPI
     ``vllm-router`` 0.1.x) in round-robin mode: the usual colocated deployment.
+``vllm-router-POLICY``
+    The same under another vllm-router policy (``-`` for ``_``): ``vllm-router-cache-aware``
+    is its ``cache_aware`` (an approximate radix tree of the prompt *text* per worker,
+    routing to the longest match above ``--cache-threshold`` 0.3 of the text, else to the
+    worker with the smallest tree, and to the shortest queue once the load differs by more
+    than 64 requests and 1.5x; its defaults). It routes a token-id prompt on the string
+    ``token_ids:<count>``, not on the ids, so prompts it should match must be text
+    (``--conversation-prompts text``).
 ``pdserve-rr``
     ``pdserve serve --both N --policy round-robin``: the same N colocated instances behind
     pdserve's gateway, which shows what the gateway itself costs.
@@ -62,6 +70,10 @@ from pdserve.scheduler.dispatch import PolicyName
 ROUTER = "vllm-router"
 PDSERVE_RR = "pdserve-rr"
 XPYD = re.compile(r"^pdserve-(\d+)p(\d+)d(-resched)?$")
+ROUTER_POLICY = re.compile(r"^vllm-router-([a-z][a-z-]*)$")
+# vllm-router 0.1.x's policies that need nothing but the workers' URLs (kv_aware needs
+# KV event sources, sticky_least_loaded session ids).
+ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random", "consistent_hash")
 POLICY_SETUP = re.compile(r"^pdserve-([a-z][a-z-]*?)(-resched)?$")
 STOP_GRACE_S = 60.0
 
@@ -107,7 +119,7 @@ class SetupSpec:
 
     def describe(self) -> str:
         if self.kind == "vllm-router":
-            return f"{self.both} plain vLLM instances behind vllm-router (round_robin)"
+            return f"{self.both} plain vLLM instances behind vllm-router ({self.policy})"
         if self.both:
             text = f"pdserve, {self.both} colocated instances, policy {self.policy}"
         else:
@@ -119,6 +131,14 @@ def parse_setup(name: str, instances: int) -> SetupSpec:
     """The setup a ``--setups`` name stands for, with ``instances`` instances in all."""
     if name == ROUTER:
         return SetupSpec(name, "vllm-router", both=instances, policy="round_robin")
+    if router := ROUTER_POLICY.match(name):
+        policy = router[1].replace("-", "_")
+        if policy not in ROUTER_POLICIES:
+            raise ValueError(
+                f"setup {name}: vllm-router's policy must be one of "
+                + ", ".join(p.replace("_", "-") for p in ROUTER_POLICIES)
+            )
+        return SetupSpec(name, "vllm-router", both=instances, policy=policy)
     if name == PDSERVE_RR:
         return SetupSpec(name, "pdserve", both=instances, policy="round-robin")
     match = XPYD.match(name)
@@ -139,8 +159,8 @@ def _policy_setup(name: str, instances: int) -> SetupSpec:
     policies = get_args(PolicyName)
     if match is None or match[1] not in policies:
         raise ValueError(
-            f"unknown setup {name!r}: {ROUTER}, {PDSERVE_RR}, pdserve-XpYd[-resched] or "
-            f"pdserve-POLICY[-resched] with POLICY one of {', '.join(policies)}"
+            f"unknown setup {name!r}: {ROUTER}[-POLICY], {PDSERVE_RR}, pdserve-XpYd[-resched] "
+            f"or pdserve-POLICY[-resched] with POLICY one of {', '.join(policies)}"
         )
     return SetupSpec(name, "pdserve", both=instances, policy=match[1], rescheduling=bool(match[2]))
 
@@ -253,7 +273,7 @@ def plan_router(spec: SetupSpec, launch: Launch, port: Callable[[], int]) -> Set
         "--worker-urls",
         *urls,
         "--policy",
-        "round_robin",
+        spec.policy,
         # Its Prometheus exporter listens on a fixed port by default.
         "--prometheus-host",
         host,
@@ -375,11 +395,18 @@ def metric_total(text: str, name: str, **labels: str) -> float | None:
 
 # Counters read before and after every load point; their differences go into the report.
 Counters = dict[str, tuple[str, dict[str, str]]]
-VLLM_COUNTERS: Counters = {"preemptions": ("vllm:num_preemptions_total", {})}
+# The prefix cache's are in tokens (vLLM counts queried and cached prompt tokens); the KV
+# bytes are what instances pulled from each other (benchmark.cache_counters).
+VLLM_COUNTERS: Counters = {
+    "preemptions": ("vllm:num_preemptions_total", {}),
+    "prefix_cache_queries": ("vllm:prefix_cache_queries_total", {}),
+    "prefix_cache_hits": ("vllm:prefix_cache_hits_total", {}),
+}
 GATEWAY_COUNTERS: Counters = {
     "migrations": ("pdserve_migrations_total", {"result": "completed"}),
     "dispatch_disaggregated": ("pdserve_dispatches_total", {"mode": "disaggregated"}),
     "dispatch_local": ("pdserve_dispatches_total", {"mode": "local"}),
+    "kv_received_bytes": ("pdserve_kv_received_bytes_total", {}),
 }
 
 
@@ -449,7 +476,8 @@ class RunningSetup:
                 )
 
     def counters(self) -> dict[str, float]:
-        """vLLM's preemptions (all instances) and, behind pdserve, migrations and dispatches."""
+        """vLLM's preemptions and prefix-cache counts (all instances) and, behind pdserve,
+        migrations, dispatches and KV bytes moved."""
         found: dict[str, float] = {}
         texts = [fetch_text(url + "/metrics") for url in self.instance_urls]
         for key, (name, labels) in VLLM_COUNTERS.items():

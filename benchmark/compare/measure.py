@@ -70,9 +70,13 @@ def measure_point(point: RunSettings, load: float, requests: Sequence[BenchReque
 
 
 def warm_up(point: RunSettings, requests: Sequence[BenchRequest], concurrency: int) -> int:
-    """Sends short versions of ``requests`` (closed loop); returns how many succeeded."""
+    """Sends short versions of ``requests`` (closed loop, a conversation's turns as requests
+    of their own); returns how many succeeded."""
     short = [
-        dataclasses.replace(r, output_len=min(r.output_len, WARMUP_OUTPUT_TOKENS)) for r in requests
+        dataclasses.replace(
+            r, output_len=min(r.output_len, WARMUP_OUTPUT_TOKENS), conversation=None, user=None
+        )
+        for r in requests
     ]
 
     async def go() -> int:

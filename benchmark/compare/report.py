@@ -85,6 +85,42 @@ def results_table(setups: Sequence[SetupResult], arrival: str) -> list[str]:
     return lines
 
 
+CACHE_KEYS = ("prefix_cache_queries", "prefix_cache_hits", "kv_received_bytes")
+
+
+def cache_table(setups: Sequence[SetupResult]) -> list[str]:
+    """Prefix-cache hit rate and KV bytes moved per setup and load, where counted (results
+    from before these counters have none: no table)."""
+    rows = [(e, p) for e in setups for p in e.points if set(CACHE_KEYS) & set(p.counters)]
+    if not rows:
+        return []
+    lines = [
+        "## Prefix cache and KV moved",
+        "",
+        "vLLM's prefix-cache counters (in tokens, summed over the instances: queried, found "
+        "cached) and the KV bytes instances pulled from each other (pdserve's gateway), as "
+        "differences over the load point. In a disaggregated setup both instances of a "
+        "request look its prompt up.",
+        "",
+        "| setup | load | queried tokens | cached tokens | hit rate | KV moved (MB) "
+        "| KV per request (kB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry, point in rows:
+        c = point.counters
+        queries, hits = c.get("prefix_cache_queries"), c.get("prefix_cache_hits")
+        rate = hits / queries if hits is not None and queries else None
+        moved = c.get("kv_received_bytes")
+        done = point.summary.completed
+        per_request = moved / done / 1e3 if moved is not None and done else None
+        lines.append(
+            f"| {entry.label()} | {load_text(point.load)} | {num(queries, 0)} | {num(hits, 0)}"
+            f" | {'-' if rate is None else f'{100 * rate:.1f}%'}"
+            f" | {num(None if moved is None else moved / 1e6)} | {num(per_request)} |"
+        )
+    return [*lines, ""]
+
+
 def _targets_section(targets: Targets) -> list[str]:
     lines = ["## Targets (measured, not asserted)", ""]
     if not targets.p99_itl:
@@ -326,6 +362,7 @@ def _workload_lines(settings: CompareSettings, name: str | None = None) -> list[
     lines = [
         f"- workload: {settings.workload}"
         + (f" ({settings.input_len} input, {settings.output_len} output tokens)" if fixed else "")
+        + _conversation_text(settings)
         + f", {settings.num_requests} requests per load, max context "
         f"{settings.max_context}, seed {settings.seed}",
         f"- arrivals: {arrival}"
@@ -336,6 +373,18 @@ def _workload_lines(settings: CompareSettings, name: str | None = None) -> list[
     if name is None:
         return lines
     return [f"- mix **{name}**:", *[f"  {line}" for line in lines]]
+
+
+def _conversation_text(settings: CompareSettings) -> str:
+    """What a conversations workload was, in words ('' for any other)."""
+    if settings.workload != "conversations":
+        return ""
+    return (
+        f" ({settings.prefix_groups} tenants with {settings.prefix_len}-token system prompts; "
+        f"{settings.turns} turns of {settings.input_len}-token user messages and "
+        f"{settings.output_len}-token answers, think time {settings.think_time_s:g} s mean; "
+        f"prompts as {settings.conversation_prompts})"
+    )
 
 
 def _comparison_lines(results: CompareResults) -> list[str]:
@@ -436,6 +485,7 @@ def render_report(results: CompareResults | Mapping[str, Any]) -> str:
         "",
         *results_table(results.setups, results.settings.arrival),
         "",
+        *cache_table(results.setups),
     ]
     for entry in results.setups:
         if entry.error:

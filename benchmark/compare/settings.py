@@ -49,6 +49,11 @@ MIX_FIELDS = (
     "slo_tpot_ms",
     "high_priority_fraction",
     "time_limit_s",
+    "prefix_groups",
+    "prefix_len",
+    "turns",
+    "think_time_s",
+    "conversation_prompts",
 )
 
 
@@ -65,7 +70,8 @@ class CompareSettings(RunSettings, SetupSettings):
     setups: list[str] | None = Field(
         None,
         description=f"setups to measure, in order: {ROUTER}, {PDSERVE_RR}, pdserve-XpYd, "
-        "pdserve-XpYd-resched with X + Y = --instances (default: all four, X = N/2)",
+        "pdserve-XpYd-resched with X + Y = --instances (default: all four, X = N/2); also "
+        f"{ROUTER}-POLICY (e.g. {ROUTER}-cache-aware) and pdserve-POLICY[-resched]",
     )
     repetitions: int = Field(
         MIN_REPETITIONS,

@@ -141,6 +141,33 @@ def summarize(
     )
 
 
+class CacheStats(BaseModel):
+    """Prefix caching and KV movement over one load point: what the servers' counters (or the
+    simulator's block pools) counted between its start and its end, summed over instances.
+    A count the servers do not expose is None."""
+
+    prefix_cache_queries: float | None = Field(
+        None, description="prompt tokens looked up in the prefix cache (vllm:prefix_cache_queries)"
+    )
+    prefix_cache_hits: float | None = Field(
+        None, description="of them found cached (vllm:prefix_cache_hits)"
+    )
+    hit_rate: float | None = Field(None, description="hits / queries")
+    kv_transfer_bytes: float | None = Field(
+        None, description="KV bytes pulled between instances (pdserve_kv_received_bytes)"
+    )
+
+    @classmethod
+    def of(cls, queries: float | None, hits: float | None, kv_bytes: float | None) -> CacheStats:
+        rate = hits / queries if hits is not None and queries else None
+        return cls(
+            prefix_cache_queries=queries,
+            prefix_cache_hits=hits,
+            hit_rate=rate,
+            kv_transfer_bytes=kv_bytes,
+        )
+
+
 class PointResult(BaseModel):
     """Everything measured at one load point of one system: the JSON file a run writes."""
 
@@ -152,3 +179,7 @@ class PointResult(BaseModel):
     settings: dict[str, Any]
     summary: Summary
     records: list[RequestRecord]
+    # Left out where nothing was counted: such files keep the form they had before.
+    cache: CacheStats | None = Field(
+        None, description="None where nothing was counted", exclude_if=lambda v: v is None
+    )

@@ -40,6 +40,14 @@ Built-in workloads (lengths in tokens, before the ``max_context`` cap):
     Short prompt, uniform 32-64, long output, uniform 300-500: decode-heavy.
 ``fixed``
     Every request has ``input_len`` and ``output_len``.
+``conversations``
+    Shared prefixes as chat traffic has them (``pdserve.workload.conversations``, whose
+    docstring has the details): ``prefix_groups`` tenants with system prompts of
+    ``prefix_len`` tokens, conversations of ``turns`` turns whose turn k+1 re-sends turn k's
+    prompt and answer and adds a user message of ``input_len`` tokens, answers of
+    ``output_len`` tokens, a think time (mean ``think_time_s``) between an answer and the
+    next turn; ``rate`` stays requests per second. Prompts are token ids, or their text
+    (``conversation_prompts``).
 
 A ShareGPT JSON file (a list of ``{"conversations": [{"from": "human", "value": ...},
 {"from": "gpt", "value": ...}, ...]}``) can be given instead of a name: the first human turn
@@ -80,11 +88,24 @@ from pydantic import (
     model_validator,
 )
 
-BUILTIN = ("sharegpt", "chat", "azure-conv", "summarize", "generate", "fixed")
+from pdserve.workload.arrivals import ArrivalKind, Schedule, make_schedule
+from pdserve.workload.conversations import (
+    ConversationShape,
+    PromptFormat,
+    WordTokenizer,
+    build_conversations,
+    conversation_schedule,
+    word_token_ids,
+)
+
+CONVERSATIONS = "conversations"
+BUILTIN = ("sharegpt", "chat", "azure-conv", "summarize", "generate", "fixed", CONVERSATIONS)
 ALIASES = {"chat": "sharegpt"}
 HIGH_PRIORITY = 1
 SLO_CLASSES = ("standard", "interactive")  # of priority 0 and HIGH_PRIORITY
 OPTIONAL_FEATURES = ("high_priority_fraction", "prefix_groups", "prefix_len")
+# Settings of the conversations workload only: recorded only where it is the workload.
+CONVERSATION_FIELDS = ("turns", "think_time_s", "conversation_prompts")
 # Token ids below this are, in most vocabularies, special or byte-fallback tokens.
 FIRST_PLAIN_ID = 100
 # ShareGPT turns shorter than this say nothing about lengths ("hi", "ok"); vLLM skips them too.
@@ -98,8 +119,8 @@ class WorkloadSettings(BaseModel):
 
     workload: str = Field(
         "sharegpt",
-        description="sharegpt (alias chat), azure-conv, summarize, generate, fixed, or the "
-        "path of a ShareGPT JSON file",
+        description="sharegpt (alias chat), azure-conv, summarize, generate, fixed, "
+        "conversations, or the path of a ShareGPT JSON file",
     )
     tokenizer: str | None = Field(
         None,
@@ -107,8 +128,16 @@ class WorkloadSettings(BaseModel):
         "model; prompts are then its token ids and ShareGPT lengths are exact",
     )
     num_requests: int = Field(200, ge=1, description="requests per load point")
-    input_len: int = Field(256, ge=1, description="input tokens of the fixed workload")
-    output_len: int = Field(128, ge=1, description="output tokens of the fixed workload")
+    input_len: int = Field(
+        256,
+        ge=1,
+        description="input tokens of the fixed workload; of each user message of conversations",
+    )
+    output_len: int = Field(
+        128,
+        ge=1,
+        description="output tokens of the fixed workload; of each answer of conversations",
+    )
     max_context: int = Field(
         2048, ge=2, description="cap on input + output tokens of every request"
     )
@@ -135,6 +164,23 @@ class WorkloadSettings(BaseModel):
         ge=0,
         description="tokens of each tenant's shared prefix",
     )
+    turns: int = Field(
+        4,
+        ge=1,
+        description="conversations: turns per conversation (the last one fewer, to make "
+        "--num-requests); conversations start at --rate / turns per second",
+    )
+    think_time_s: float = Field(
+        2.0,
+        ge=0,
+        description="conversations: mean seconds (exponential) between an answer and the "
+        "conversation's next turn",
+    )
+    conversation_prompts: PromptFormat = Field(
+        "tokens",
+        description="conversations: prompts as token ids (exact), or as their text (needs "
+        "--tokenizer; for routers that route on text, such as vllm-router's cache_aware)",
+    )
 
     @model_serializer(mode="wrap")
     def _leave_out_what_is_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -144,6 +190,9 @@ class WorkloadSettings(BaseModel):
         for name in OPTIONAL_FEATURES:
             if data.get(name) == 0:
                 data.pop(name)
+        if data.get("workload") != CONVERSATIONS:
+            for name in CONVERSATION_FIELDS:
+                data.pop(name, None)
         return data
 
     @model_validator(mode="after")
@@ -152,7 +201,26 @@ class WorkloadSettings(BaseModel):
             raise ValueError("--prefix-groups needs --prefix-len > 0")
         if self.prefix_groups and self.prefix_len > self.max_context - 2:
             raise ValueError("--prefix-len must leave room in --max-context for 1 + 1 tokens")
+        longest = self.conversation_shape().longest()
+        if self.workload == CONVERSATIONS and longest > self.max_context:
+            raise ValueError(
+                "conversations: --prefix-len + --turns x (--input-len + --output-len) "
+                f"= {longest} exceeds --max-context {self.max_context}"
+            )
         return self
+
+    def conversation_shape(self) -> ConversationShape:
+        """The conversations workload's parameters, by their meaning there."""
+        return ConversationShape(
+            num_requests=self.num_requests,
+            turns=self.turns,
+            tenants=self.prefix_groups,
+            system_len=self.prefix_len,
+            user_len=self.input_len,
+            answer_len=self.output_len,
+            think_time_s=self.think_time_s,
+            seed=self.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -167,6 +235,12 @@ class BenchRequest:
     slo_class: str = SLO_CLASSES[0]
     prefix_group: int | None = None
     prefix_len: int = 0
+    # The conversations workload: which conversation and turn (0 first), the user message
+    # this turn adds, and the think time before it is sent after the previous turn's end.
+    conversation: int | None = None
+    turn: int = 0
+    user: list[int] | str | None = None
+    think_s: float = 0.0
 
 
 class Tokenizer(Protocol):
@@ -379,9 +453,72 @@ def build_workload(
     """The requests of a run; loads ``settings.tokenizer`` unless a tokenizer is passed in."""
     if tokenizer is None and settings.tokenizer:
         tokenizer = load_tokenizer(settings.tokenizer)
+    if settings.workload == CONVERSATIONS:
+        return conversation_requests(settings, tokenizer)
     if settings.workload in BUILTIN:
         return synthetic_requests(settings, tokenizer)
     path = Path(settings.workload)
     if not path.is_file():
         raise ValueError(f"workload {settings.workload!r}: not one of {BUILTIN} nor a file")
     return sharegpt_requests(path, settings, tokenizer)
+
+
+def conversation_requests(
+    settings: WorkloadSettings, tokenizer: Tokenizer | None = None
+) -> list[BenchRequest]:
+    """The conversations workload, conversation by conversation and turn by turn (the
+    order of ``index``); with a tokenizer its word tokens, as ids or as text."""
+    text = settings.conversation_prompts == "text"
+    if tokenizer is not None and hasattr(tokenizer, "decode"):
+        vocab = word_token_ids(cast(WordTokenizer, tokenizer))
+    elif text:
+        raise ValueError("--conversation-prompts text needs --tokenizer (one that decodes)")
+    else:
+        vocab = plain_token_ids(tokenizer, settings.vocab_size)
+    decode = cast(WordTokenizer, tokenizer).decode if text else None
+    shape = settings.conversation_shape()
+    requests = []
+    for conversation in build_conversations(shape, vocab):
+        for k, turn in enumerate(conversation.turns):
+            requests.append(
+                BenchRequest(
+                    prompt=decode(turn.prompt) if decode else turn.prompt,
+                    input_len=len(turn.prompt),
+                    output_len=shape.answer_len,
+                    prefix_group=conversation.tenant,
+                    prefix_len=shape.system_len if conversation.tenant is not None else 0,
+                    conversation=conversation.index,
+                    turn=k,
+                    user=decode(turn.user) if decode else turn.user,
+                    think_s=turn.think_s,
+                )
+            )
+    return _with_priorities(settings, requests)
+
+
+def _with_priorities(
+    settings: WorkloadSettings, requests: list[BenchRequest]
+) -> list[BenchRequest]:
+    """``high_priority_fraction`` of the requests, as ``with_classes`` draws them."""
+    n = len(requests)
+    high = np.random.default_rng([settings.seed, 1]).random(n) < settings.high_priority_fraction
+    return [
+        dataclasses.replace(r, priority=HIGH_PRIORITY, slo_class=SLO_CLASSES[1]) if h else r
+        for r, h in zip(requests, high.tolist(), strict=True)
+    ]
+
+
+def schedule_for(
+    requests: Sequence[BenchRequest],
+    kind: ArrivalKind,
+    load: float,
+    burstiness: float = 1.0,
+    seed: int = 0,
+) -> Schedule:
+    """A load point's schedule: one send time per request, or, for conversations, one start
+    per conversation (its later turns follow their answers)."""
+    starts = {r.conversation for r in requests if r.conversation is not None}
+    if not starts:
+        return make_schedule(kind, load, len(requests), burstiness, seed)
+    turns = max(r.turn for r in requests) + 1
+    return conversation_schedule(kind, load, len(starts), turns, burstiness, seed)

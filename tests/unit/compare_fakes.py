@@ -1,8 +1,10 @@
 """A tiny fake of an OpenAI server (vLLM, or pdserve's gateway) for the compare tests.
 
-Streams ``max_tokens`` one-token chunks and a usage chunk like vLLM, exposes vLLM's preemption
-counter on ``/metrics`` (one preemption per two requests) and, as a gateway, pdserve's
-dispatch and migration counters and ``/admin/instances``. Runs in a thread of the test
+Streams ``max_tokens`` one-token chunks and a usage chunk like vLLM (each chunk with its
+token id where ``return_token_ids`` asks), exposes vLLM's preemption counter on ``/metrics``
+(one preemption per two requests) and its prefix-cache counters (every prompt token queried,
+half of them found) and, as a gateway, pdserve's dispatch, migration and KV byte counters
+(1000 bytes per request) and ``/admin/instances``. Runs in a thread of the test
 (``serve_in_thread``) or as a process (``python compare_fakes.py PORT [--gateway N]``).
 """
 
@@ -20,6 +22,12 @@ from typing import Any
 from aiohttp import web
 
 TOKEN_GAP_S = 0.003
+FIRST_ANSWER_ID = 1000  # the i-th token of every answer is this + i
+
+
+def prompt_tokens(prompt: Any) -> int:
+    """Tokens of a prompt as the fake counts them: ids, or words of a text."""
+    return len(prompt.split()) if isinstance(prompt, str) else len(prompt)
 
 
 async def write_token_stream(
@@ -28,7 +36,10 @@ async def write_token_stream(
     """What vLLM streams for a completion: one chunk per token, a usage chunk, [DONE]."""
     for i in range(payload["max_tokens"]):
         await asyncio.sleep(gap_s)
-        chunk = {"choices": [{"index": 0, "text": f"t{i}", "finish_reason": None}]}
+        choice: dict[str, Any] = {"index": 0, "text": f" t{i}", "finish_reason": None}
+        if payload.get("return_token_ids"):
+            choice["token_ids"] = [FIRST_ANSWER_ID + i]
+        chunk = {"choices": [choice]}
         await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
     usage = {"prompt_tokens": len(payload["prompt"]), "completion_tokens": payload["max_tokens"]}
     await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
@@ -40,6 +51,7 @@ class Fake:
     url: str = ""
     gateway_instances: int = 0  # > 0: behave as a pdserve gateway with this many instances
     requests: int = 0
+    queried: int = 0  # prompt tokens seen
     payloads: list[dict[str, Any]] = field(default_factory=list)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -52,6 +64,7 @@ class Fake:
         payload = await request.json()
         self.payloads.append(payload)
         self.requests += 1
+        self.queried += prompt_tokens(payload["prompt"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         await write_token_stream(response, payload)
@@ -61,12 +74,17 @@ class Fake:
         lines = [
             "# TYPE vllm:num_preemptions_total counter",
             f'vllm:num_preemptions_total{{engine="0",model_name="fake-model"}} {self.requests // 2}.0',
+            f'vllm:prefix_cache_queries_total{{engine="0",model_name="fake-model"}} {self.queried}.0',
+            f'vllm:prefix_cache_hits_total{{engine="0",model_name="fake-model"}} '
+            f"{self.queried // 2}.0",
         ]
         if self.gateway_instances:
             lines += [
                 f'pdserve_dispatches_total{{mode="disaggregated"}} {self.requests}.0',
                 f'pdserve_migrations_total{{result="started"}} {self.requests}.0',
                 f'pdserve_migrations_total{{result="completed"}} {self.requests // 4}.0',
+                f'pdserve_kv_received_bytes_total{{instance="both-0",role="both"}} '
+                f"{1000 * self.requests}.0",
             ]
         return web.Response(text="\n".join(lines) + "\n")
 
@@ -77,9 +95,14 @@ class Fake:
         ]
         return web.json_response(rows)
 
+    async def sent(self, request: web.Request) -> web.Response:
+        """The request bodies it received (tests read a fake process's with this)."""
+        return web.json_response(self.payloads)
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self.health)
+        app.router.add_get("/payloads", self.sent)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/metrics", self.metrics)

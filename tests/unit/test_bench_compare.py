@@ -269,8 +269,11 @@ def test_vllm_router_setup_runs_and_stops_on_fake_instances(tmp_path: Path) -> N
         result = compare.measure_point(point, float("inf"), requests)
         assert result.summary.completed == 4, result.records[0].error
         after = running.counters()
-        # Round robin: two requests per fake, so one preemption on each.
-        assert before == {"preemptions": 0.0} and after == {"preemptions": 2.0}
+        # Round robin: two requests per fake, so one preemption on each; 4 prompt tokens
+        # each queried, half of them found.
+        zero = {"preemptions": 0.0, "prefix_cache_queries": 0.0, "prefix_cache_hits": 0.0}
+        assert before == zero
+        assert after == {"preemptions": 2.0, "prefix_cache_queries": 16.0, "prefix_cache_hits": 8.0}
         running.check_alive()
     finally:
         running.stop()
@@ -292,9 +295,12 @@ def test_pdserve_setup_waits_for_its_instances_and_reads_gateway_counters(tmp_pa
         assert compare.measure_point(point, float("inf"), requests).summary.completed == 4
         assert running.counters() == {
             "preemptions": 4.0,  # the fake lists itself twice, 2 preemptions each
+            "prefix_cache_queries": 32.0,  # 16 prompt tokens, counted twice
+            "prefix_cache_hits": 16.0,
             "migrations": 1.0,
             "dispatch_disaggregated": 4.0,
             "dispatch_local": 0.0,
+            "kv_received_bytes": 4000.0,
         }
     finally:
         running.stop()

@@ -1,0 +1,109 @@
+"""``pdserve bench compare`` for shared prefixes (issue 14): vllm-router's other policies as
+setups, conversations through a real vllm-router on fake instances, and the report's prefix
+cache table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmark import compare
+from benchmark.compare import CompareResults, render_report
+from benchmark.compare.report import cache_table
+from benchmark.local_cluster import get_json
+from benchmark.run import RunSettings
+from benchmark.setups import RunningSetup, parse_setup, plan_setup
+from pdserve.workload.workloads import build_workload
+from tests.unit import compare_fakes
+from tests.unit.compare_fakes import FIRST_ANSWER_ID
+from tests.unit.test_bench_compare import launch, plan, run_comparison
+from tests.unit.test_conversations import WordsTokenizer, conversations
+
+FAKES = Path(compare_fakes.__file__)
+
+
+def test_vllm_router_policies_are_setups() -> None:
+    spec = parse_setup("vllm-router-cache-aware", 2)
+    assert (spec.kind, spec.both, spec.policy) == ("vllm-router", 2, "cache_aware")
+    assert "vllm-router (cache_aware)" in spec.describe()
+    assert parse_setup("vllm-router", 2).describe().endswith("(round_robin)")
+    args = plan("vllm-router-cache-aware").processes[-1].argv
+    assert args[args.index("--policy") + 1] == "cache_aware"
+    assert parse_setup("vllm-router-power-of-two", 2).policy == "power_of_two"
+    with pytest.raises(ValueError, match="must be one of"):
+        parse_setup("vllm-router-kv-aware", 2)  # needs KV event sources
+
+
+def _conversation_point(url: str, tmp_path: Path, prompts: str) -> RunSettings:
+    values = conversations(num_requests=6, think_time_s=0.01, conversation_prompts=prompts)
+    return RunSettings(
+        url=url,
+        **values.model_dump(),
+        rate=[50.0],
+        output_dir=str(tmp_path / "points"),
+        progress=False,
+        plots=False,
+        time_limit_s=30,
+    )
+
+
+@pytest.mark.parametrize("prompts", ["tokens", "text"])
+def test_conversations_through_vllm_routers_cache_aware(tmp_path: Path, prompts: str) -> None:
+    """The real router passes ``return_token_ids`` on and the answers' ids (or text) back, so
+    every turn re-sends the answer the instance gave; its instances count the prefix cache."""
+    pytest.importorskip("vllm_router")
+    from pdserve.cluster.processes import free_port
+
+    p = plan_setup(parse_setup("vllm-router-cache-aware", 2), launch(), tmp_path, free_port)
+    for proc in p.processes[:2]:
+        proc.argv = [sys.executable, str(FAKES), str(proc.port)]
+    running = RunningSetup(p, tmp_path)
+    try:
+        running.start(60)
+        point = _conversation_point(running.endpoint, tmp_path, prompts)
+        requests = build_workload(point, WordsTokenizer())
+        result = compare.measure_point(point, 50.0, requests)
+        assert result.summary.completed == 6, [r.error for r in result.records]
+        counters = running.counters()
+        sent = [p for url in running.instance_urls for p in get_json(url + "/payloads")]
+    finally:
+        running.stop()
+    assert len(sent) == 6 and all(p["return_token_ids"] for p in sent)
+    # Half of each instance's queried tokens found (rounded down on each).
+    queried, found = counters["prefix_cache_queries"], counters["prefix_cache_hits"]
+    assert queried > 0 and 0 <= queried - 2 * found <= 2
+    answer = [FIRST_ANSWER_ID + i for i in range(3)]
+    second = requests[1]  # turn 1 of conversation 0: turn 0, the fake's answer, its user
+    if prompts == "tokens":
+        assert isinstance(second.user, list)
+        expected: Any = [*requests[0].prompt, *answer, *second.user]
+    else:
+        expected = f"{requests[0].prompt} t0 t1 t2{second.user}"
+    assert expected in [p["prompt"] for p in sent]
+
+
+def test_the_report_has_a_prefix_cache_table_only_where_counted(tmp_path: Path) -> None:
+    events: list[str] = []
+    with compare_fakes.serve_in_thread() as fake:
+        results = run_comparison(
+            tmp_path, fake, events, setups=["vllm-router-cache-aware", "pdserve-rr"]
+        )
+    saved = CompareResults.model_validate(results)
+    assert not cache_table(saved.setups)  # the fake Running counts preemptions only
+    for entry in saved.setups:
+        for point in entry.points:
+            point.counters |= {
+                "prefix_cache_queries": 1000.0,
+                "prefix_cache_hits": 750.0,
+                "kv_received_bytes": 2e6,
+            }
+    table = "\n".join(cache_table(saved.setups))
+    assert "| vllm-router-cache-aware (rep 1) | 50 | 1000 | 750 | 75.0% | 2.0 | 500.0 |" in table
+    assert "## Prefix cache and KV moved" in render_report(saved)
+    assert json.loads(json.dumps(saved.to_json()))["setups"][0]["name"] == (
+        "vllm-router-cache-aware"
+    )

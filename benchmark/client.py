@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pdserve.workload.arrivals import ClosedLoop, OpenLoop, Schedule
 from pdserve.workload.conversations import next_prompt
 from pdserve.workload.metrics import RequestRecord
-from pdserve.workload.workloads import BenchRequest
+from pdserve.workload.workloads import BenchRequest, units
 
 ERROR_TEXT_LIMIT = 500
 _log = logging.getLogger(__name__)
@@ -211,18 +211,6 @@ async def send(
     except Exception as error:  # a benchmark records failures; it does not stop on them
         record.error = f"{type(error).__name__}: {error}"[:ERROR_TEXT_LIMIT]
     return state
-
-
-def units(requests: Sequence[BenchRequest]) -> list[list[int]]:
-    """What the schedule starts: each request alone, or each conversation's turns in order."""
-    out: list[list[int]] = []
-    current: int | None = None
-    for index, request in enumerate(requests):
-        if request.conversation is None or request.conversation != current:
-            out.append([])
-        current = request.conversation
-        out[-1].append(index)
-    return out
 
 
 def follow_up(sent: BenchRequest, state: StreamState, request: BenchRequest) -> BenchRequest:

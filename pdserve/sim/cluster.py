@@ -31,7 +31,7 @@ from pdserve.scheduler.dispatch import DispatchSettings, make_policy
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.sim.engine import SimEngine
 from pdserve.sim.events import EventQueue
-from pdserve.sim.gateway import Session, SimGateway
+from pdserve.sim.gateway import Outcome, Session, SimGateway
 from pdserve.sim.legs import EngineConfig
 from pdserve.sim.migration import SimRescheduler
 from pdserve.sim.profile import StepProfile
@@ -237,19 +237,23 @@ class SimCluster:
     def run(
         self, sessions: Sequence[Session], after_each: Callable[[], None] | None = None
     ) -> float:
-        """Serves every session (sent ``start_s`` after the warm-up); returns when the last
-        one ended, in seconds from the first send time (0). ``after_each``: called after
-        every event (tests check invariants with it)."""
+        """Serves every session (sent ``start_s`` after the warm-up; a conversation's later
+        turn its think time after the turn before it ended); returns when the last one
+        ended, in seconds from the first send time (0). ``after_each``: called after every
+        event (tests check invariants with it)."""
         self._pending_arrivals = len(sessions)
         last = [0.0]
 
         def done(session: Session) -> None:
             last[0] = max(last[0], session.last_at, session.sent_at)
+            if session.next_turn is not None:
+                self._next_turn(session, session.next_turn)
 
         self.gateway.on_done = done
         for session in sessions:
-            session.sent_at = session.start_s + self.warmup_s
-            self.queue.at(session.sent_at, self._on_arrival, session)
+            if not session.follows:
+                session.sent_at = session.start_s + self.warmup_s
+                self.queue.at(session.sent_at, self._on_arrival, session)
         if self.rescheduling_settings.rescheduling:
             interval = self.rescheduling_settings.reschedule_interval_s
             self.queue.at(interval, self._on_round, None)
@@ -259,6 +263,23 @@ class SimCluster:
     def _on_arrival(self, session: Session) -> None:
         self._pending_arrivals -= 1
         self.gateway.arrive(session)
+
+    def _next_turn(self, ended: Session, turn: Session) -> None:
+        """A conversation goes on after a completed turn, or ends: its turns left are not
+        sent (their records say why)."""
+        now = self.queue.now
+        if ended.outcome is Outcome.COMPLETED:
+            turn.sent_at = now + turn.think_s
+            turn.start_s = turn.sent_at - self.warmup_s
+            self.queue.at(turn.sent_at, self._on_arrival, turn)
+            return
+        left: Session | None = turn
+        while left is not None:
+            self._pending_arrivals -= 1
+            left.sent_at, left.start_s = now, now - self.warmup_s
+            left.outcome = Outcome.NOT_SENT
+            left.error = f"not sent: request {ended.index} of its conversation did not complete"
+            left = left.next_turn
 
     def _on_round(self, _: object) -> None:
         if self._pending_arrivals == 0 and self.gateway.open == 0:

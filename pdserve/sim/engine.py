@@ -39,10 +39,10 @@ import msgspec
 
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport
-from pdserve.sim.blocks import BlockPool, PrefixKey
 from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, plan_epoch
 from pdserve.sim.events import EventQueue
-from pdserve.sim.legs import EngineConfig, EngineCounters, Leg, LegState
+from pdserve.sim.holdings import EngineHoldings
+from pdserve.sim.legs import EngineConfig, Leg, LegState
 from pdserve.sim.profile import StepProfile, StepWork
 from pdserve.sim.report import TransferCache, load_report
 
@@ -56,7 +56,7 @@ _NO_STEPS: list[float] = []
 _EXPORTING = (LegState.EXPORTED, LegState.RUNNING)
 
 
-class SimEngine:
+class SimEngine(EngineHoldings):
     def __init__(
         self,
         instance_id: str,
@@ -71,26 +71,20 @@ class SimEngine:
         """Reports are taken every ``report_interval_s`` from ``report_phase_s`` on;
         ``list_running`` False: they leave out the running requests (only rescheduling
         reads them)."""
+        super().__init__(config)
         self.instance_id = instance_id
         self.profile = profile
         self.config = config
         self.queue = queue
         self.incarnation = incarnation
-        self.block_size = config.block_size
-        self.pool = BlockPool(config.num_blocks, config.prefix_caching)
-        self.watermark_blocks = int(config.watermark * config.num_blocks)
         self.alive = True
         self.running: list[Leg] = []
-        self.waiting: deque[Leg] = deque()
         self.ready: deque[Leg] = deque()
         # Insertion-ordered (dicts, not sets): a run must not depend on object addresses.
         self.loading: dict[Leg, None] = {}
         self.exported: dict[Leg, None] = {}
-        self.counters = EngineCounters()
         self.step_ms = 0.0
         self.prefill_rate = 0.0
-        self.waiting_tokens = 0
-        self.waiting_blocks = 0
         self._busy = False
         self._wake_pending = False
         self._gen = 0  # step-end events of older generations are stale
@@ -295,76 +289,6 @@ class SimEngine:
         """This state's load report (``pdserve.sim.report.load_report``)."""
         return load_report(self, seq, ahead, in_flight, self._epoch)
 
-    # --- queues and blocks ------------------------------------------------------------------
-
-    def _enqueue(self, leg: Leg, front: bool = False) -> None:
-        if front:
-            self.waiting.appendleft(leg)
-        else:
-            self.waiting.append(leg)
-        self.waiting_tokens += leg.num_tokens
-        self.waiting_blocks += cdiv(leg.num_tokens, self.block_size)
-
-    def _dequeue(self) -> Leg:
-        leg = self.waiting.popleft()
-        self.waiting_tokens -= leg.num_tokens
-        self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
-        return leg
-
-    def _free(self, leg: Leg) -> None:
-        self.pool.release(leg.own_blocks)
-        for key, _ in leg.refs:
-            self.pool.unref(key)
-        leg.own_blocks = leg.hit_blocks = leg.adopted = 0
-        leg.refs = []
-
-    def _take(self, leg: Leg, found: Sequence[tuple[PrefixKey, int]], new: int) -> bool:
-        """Gives a waiting leg its cached runs and ``new`` blocks, if that leaves the
-        watermark free (vLLM counts idle cached blocks it revives as allocated too)."""
-        pool = self.pool
-        revived = sum(pool.runs[key].blocks for key, _ in found if pool.runs[key].refs == 0)
-        if new + revived > pool.free - self.watermark_blocks:
-            return False
-        for key, _ in found:
-            pool.acquire(key)
-        pool.allocate(new)
-        leg.refs = list(found)
-        leg.hit_blocks = sum(take for _, take in found)
-        leg.own_blocks = new
-        return True
-
-    def _adopt(self, leg: Leg) -> None:
-        """Runs of the leg's chain it has now computed become cached (vLLM caches every
-        full block it computes)."""
-        chain = leg.chain
-        if leg.adopted >= len(chain):
-            return
-        full = leg.num_computed // self.block_size
-        start = sum(size for _, size in chain[: leg.adopted])
-        while leg.adopted < len(chain):
-            key, size = chain[leg.adopted]
-            if full < start + size:
-                return
-            held = next((i for i, (k, _) in enumerate(leg.refs) if k == key), None)
-            have = leg.refs[held][1] if held is not None else 0
-            given = self.pool.adopt(key, have, size)
-            if given:
-                leg.own_blocks -= given
-                leg.hit_blocks += given
-                if held is None:
-                    leg.refs.append((key, size))
-                else:
-                    leg.refs[held] = (key, size)
-            start += size
-            leg.adopted += 1
-
-    def _preempt(self, leg: Leg) -> None:
-        self._free(leg)
-        leg.num_computed = 0
-        leg.state = LegState.WAITING
-        self._enqueue(leg, front=True)
-        self.counters.preemptions += 1
-
     # --- pulls ------------------------------------------------------------------------------
 
     def _pull_blocks(self, leg: Leg) -> tuple[int, float]:
@@ -512,6 +436,7 @@ class SimEngine:
                 if not self._take(leg, found, cdiv(tokens, bs) - hit):
                     break
                 self._dequeue()
+                self._looked_up(tokens, hit)
                 if 0 < tokens - hit * bs - 1 <= self.config.sync_load_max_tokens:
                     # A small load (a migration's tail) runs in this step, before its
                     # forward, which computes the last token (the connector's sync load).
@@ -527,6 +452,7 @@ class SimEngine:
             if not self._take(leg, found, cdiv(hit * bs + count, bs) - hit):
                 break
             self._dequeue()
+            self._looked_up(tokens, hit)
             leg.num_computed = hit * bs
             leg.state = LegState.RUNNING
             running.append(leg)

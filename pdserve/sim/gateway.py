@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,6 +64,7 @@ class Outcome(enum.StrEnum):
     REJECTED = "rejected"  # 429: the gateway's queue was full
     NO_INSTANCE = "no_instance"  # 503: no healthy instance for a role
     ABANDONED = "abandoned"  # its instance failed more than max_failovers times
+    NOT_SENT = "not_sent"  # an earlier turn of its conversation did not complete
 
 
 @dataclass(eq=False)
@@ -76,6 +77,12 @@ class Session:
     output_len: int
     start_s: float  # send time, from the run's first (what its record says)
     chain: Chain = ()
+    # A conversation's turn: its prompt's token ids, the turn sent after this one ends (its
+    # think time later), and whether this one waits for the one before it.
+    token_ids: Sequence[int] = ()
+    next_turn: Session | None = None
+    think_s: float = 0.0
+    follows: bool = False
     sent_at: float = 0.0  # send time on the simulated clock
     gateway: SimGateway | None = None
     phase: Phase = Phase.QUEUED

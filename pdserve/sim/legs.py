@@ -65,6 +65,10 @@ class EngineCounters:
     bytes_received: int = 0
     bytes_sent: int = 0
     load_seconds: float = 0.0
+    # vLLM's prefix-cache counters, in tokens: a request's tokens looked up as it is
+    # admitted, and those found cached.
+    prefix_queries: int = 0
+    prefix_hits: int = 0
 
 
 class LegHost(Protocol):

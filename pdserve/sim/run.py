@@ -12,6 +12,7 @@ of each decision of the real control plane.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -27,13 +28,14 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.sim.cluster import SimCluster, roles_of
+from pdserve.sim.conversation import conversation_chains
 from pdserve.sim.gateway import Session, prefix_chain
 from pdserve.sim.legs import EngineConfig
 from pdserve.sim.profile import StepProfile, load_profile
 from pdserve.sim.settings import SimSettings
-from pdserve.workload.arrivals import OpenLoop, make_schedule
-from pdserve.workload.metrics import PointResult, RequestRecord, Summary, summarize
-from pdserve.workload.workloads import BenchRequest, build_workload
+from pdserve.workload.arrivals import OpenLoop
+from pdserve.workload.metrics import CacheStats, PointResult, RequestRecord, Summary, summarize
+from pdserve.workload.workloads import BenchRequest, build_workload, schedule_for, units
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -50,6 +52,7 @@ class SimPoint:
     migrations_aborted: int = 0
     failovers: int = 0
     kv_transfer_bytes: int = 0
+    cache: CacheStats = field(default_factory=CacheStats)
     simulated_s: float = 0.0
     wall_s: float = 0.0
     decision_us: dict[str, float | None] = field(default_factory=dict)
@@ -75,6 +78,9 @@ class SimPoint:
             migrations_aborted=self.migrations_aborted,
             failovers=self.failovers,
             kv_transfer_bytes=self.kv_transfer_bytes,
+            prefix_cache_queries=self.cache.prefix_cache_queries,
+            prefix_cache_hits=self.cache.prefix_cache_hits,
+            prefix_cache_hit_rate=self.cache.hit_rate,
             simulated_s=self.simulated_s,
             wall_s=self.wall_s,
             speedup=self.simulated_s / self.wall_s if self.wall_s > 0 else None,
@@ -97,18 +103,33 @@ def decision_stats(nanoseconds: Sequence[int]) -> dict[str, float | None]:
 def sessions_for(
     requests: Sequence[BenchRequest], times: Sequence[float], block_size: int
 ) -> list[Session]:
-    """One gateway session per request, arriving at its send time."""
-    return [
+    """One gateway session per request, arriving at its send time; a conversation's first
+    turn at the conversation's start (``times`` has one per ``units``), each later turn
+    after the turn before it (``next_turn``)."""
+    if any(r.conversation is not None for r in requests):
+        chains = conversation_chains(requests, block_size)
+    else:
+        chains = [prefix_chain(r, block_size) for r in requests]
+    sessions = [
         Session(
             index=i,
             key=f"req-{i:06d}",
             input_len=r.input_len,
             output_len=r.output_len,
-            start_s=t,
-            chain=prefix_chain(r, block_size),
+            start_s=0.0,
+            chain=chain,
+            token_ids=r.prompt if isinstance(r.prompt, list) else (),
+            think_s=r.think_s,
         )
-        for i, (r, t) in enumerate(zip(requests, times, strict=True))
+        for i, (r, chain) in enumerate(zip(requests, chains, strict=True))
     ]
+    groups = units(requests)
+    for group, start in zip(groups, times, strict=True):
+        sessions[group[0]].start_s = start
+        for earlier, later in itertools.pairwise(group):
+            sessions[earlier].next_turn = sessions[later]
+            sessions[later].follows = True
+    return sessions
 
 
 def build_cluster(
@@ -150,9 +171,7 @@ def simulate_point(
 ) -> SimPoint:
     """One rate: a fresh cluster, the workload's requests, every request's record."""
     requests = build_workload(settings.model_copy(update={"seed": settings.seed + index}))
-    schedule = make_schedule(
-        settings.arrival, rate, len(requests), settings.burstiness, settings.seed
-    )
+    schedule = schedule_for(requests, settings.arrival, rate, settings.burstiness, settings.seed)
     assert isinstance(schedule, OpenLoop)
     started = time.perf_counter()
     cluster = build_cluster(settings, profile, dispatch, rescheduling, gateway)
@@ -171,6 +190,11 @@ def simulate_point(
         migrations_aborted=len(migrations.records) - migrations.completed,
         failovers=cluster.gateway.counters.failovers,
         kv_transfer_bytes=sum(e.counters.bytes_received for e in engines),
+        cache=CacheStats.of(
+            sum(e.counters.prefix_queries for e in engines),
+            sum(e.counters.prefix_hits for e in engines),
+            sum(e.counters.bytes_received for e in engines),
+        ),
         simulated_s=simulated,
         wall_s=wall,
         decision_us=decision_stats(cluster.gateway.counters.decision_ns),
@@ -194,6 +218,7 @@ def point_result(point: SimPoint, settings: SimSettings, label: str, model: str)
         settings=settings.model_dump(mode="json"),
         summary=point.summary,
         records=point.records,
+        cache=point.cache,
     )
 
 
@@ -239,21 +264,29 @@ def _cell(value: float | None, digits: int = 1) -> str:
 def format_table(points: Sequence[SimPoint]) -> str:
     head = (
         f"{'rate':>6} {'done':>11} {'TTFT':>8} {'P99':>8} {'TPOT':>7} {'P99':>7}"
-        f" {'goodput':>8} {'preempt':>8} {'migr':>5} {'sim s':>8} {'x real':>8}"
+        f" {'goodput':>8} {'preempt':>8} {'migr':>5} {'hit %':>6} {'sim s':>8} {'x real':>8}"
         f" {'dec us':>7}"
     )
     lines = [head, "-" * len(head)]
     for p in points:
         s = p.summary
         speed = p.simulated_s / p.wall_s if p.wall_s > 0 else None
+        hit_rate = None if p.cache.hit_rate is None else 100 * p.cache.hit_rate
         lines.append(
             f"{p.rate:>6g} {f'{s.completed}/{s.requests_sent}':>11}"
             f" {_cell(s.ttft_ms.mean):>8} {_cell(s.ttft_ms.p99):>8}"
             f" {_cell(s.tpot_ms.mean):>7} {_cell(s.tpot_ms.p99):>7}"
             f" {_cell(s.goodput, 2):>8} {p.preemptions:>8} {p.migrations:>5}"
+            f" {_cell(hit_rate, 1):>6}"
             f" {p.simulated_s:>8.1f} {_cell(speed, 0):>8} {_cell(p.decision_us['p50']):>7}"
         )
-    return "\n".join([*lines, "latencies in ms (TTFT/TPOT without P: means); dec us: P50"])
+    return "\n".join(
+        [
+            *lines,
+            "latencies in ms (TTFT/TPOT without P: means); hit %: prefix-cache hit "
+            "rate (tokens); dec us: P50",
+        ]
+    )
 
 
 def write_json(path: str, result: dict[str, Any]) -> Path:

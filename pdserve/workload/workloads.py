@@ -522,3 +522,16 @@ def schedule_for(
         return make_schedule(kind, load, len(requests), burstiness, seed)
     turns = max(r.turn for r in requests) + 1
     return conversation_schedule(kind, load, len(starts), turns, burstiness, seed)
+
+
+def units(requests: Sequence[BenchRequest]) -> list[list[int]]:
+    """What a schedule starts, as indices into ``requests``: each request alone, or each
+    conversation's turns in order (a turn is sent once the one before it has ended)."""
+    out: list[list[int]] = []
+    current: int | None = None
+    for index, request in enumerate(requests):
+        if request.conversation is None or request.conversation != current:
+            out.append([])
+        current = request.conversation
+        out[-1].append(index)
+    return out

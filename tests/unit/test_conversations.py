@@ -11,11 +11,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmark.client import Runner, Target, units
+from benchmark.client import Runner, Target
 from benchmark.run import RunSettings, run
 from pdserve.workload.arrivals import ClosedLoop, OpenLoop
 from pdserve.workload.conversations import conversation_schedule, word_token_ids
-from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload, schedule_for
+from pdserve.workload.workloads import (
+    BenchRequest,
+    WorkloadSettings,
+    build_workload,
+    schedule_for,
+    units,
+)
 from tests.unit.compare_fakes import FIRST_ANSWER_ID, serve_in_thread
 
 

@@ -1,0 +1,134 @@
+"""Conversations in the simulator: each turn's cached runs, turns that wait for the answer
+before them, the prefix cache they hit, and the prefix-cache counters."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pdserve.gateway.settings import GatewaySettings
+from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.scheduler.rescheduling import ReschedulingSettings
+from pdserve.sim.cluster import SimCluster
+from pdserve.sim.conversation import conversation_chain, conversation_chains
+from pdserve.sim.gateway import Outcome
+from pdserve.sim.legs import EngineConfig
+from pdserve.sim.run import sessions_for, simulate_point
+from pdserve.sim.settings import SimSettings
+from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload
+from tests.unit.test_sim_cluster import PROFILE
+
+
+def turn(k: int, prompt: int, answer: int = 2, conversation: int = 7) -> BenchRequest:
+    return BenchRequest(
+        [100] * prompt, prompt, answer, prefix_group=1, prefix_len=10,
+        conversation=conversation, turn=k, user=[100] * 3, think_s=0.5 if k else 0.0,
+    )  # fmt: skip
+
+
+def test_a_turns_chain_is_the_system_prompt_then_every_turns_prompt_and_answer() -> None:
+    # Blocks of 4: a 10-token system prompt (2 blocks), turns of 3 user and 2 answer tokens.
+    first, second = turn(0, 13), turn(1, 18, answer=6)
+    assert conversation_chain([first], 4) == (
+        (("prefix", 1), 2),
+        (("conv", 7, 0, "prompt"), 1),  # tokens 8-11 are full with the first user message
+    )  # its answer (tokens 13-14) fills no block
+    assert conversation_chain([first, second], 4) == (
+        (("prefix", 1), 2),
+        (("conv", 7, 0, "prompt"), 1),
+        (("conv", 7, 1, "prompt"), 1),  # tokens 12-15: the first answer and the user's
+        (("conv", 7, 1, "answer"), 1),  # 16-19 computed once 5 of the 6 answer tokens are
+    )
+    # The last answer token has no KV: an answer ending on a block boundary leaves the block
+    # before it cached, not that one.
+    assert conversation_chain([turn(0, 14)], 4)[-1] == (("conv", 7, 0, "prompt"), 1)
+    chains = conversation_chains([first, second, turn(0, 13, conversation=8)], 4)
+    assert chains[2] == ((("prefix", 1), 2), (("conv", 8, 0, "prompt"), 1))
+
+
+def conversation_settings(**extra: object) -> SimSettings:
+    values: dict[str, object] = {
+        "workload": "conversations",
+        "num_requests": 12,
+        "turns": 4,
+        "prefix_groups": 1,
+        "prefix_len": 160,
+        "input_len": 40,
+        "output_len": 24,
+        "think_time_s": 0.3,
+        "max_context": 1024,
+        "prefill": 0,
+        "decode": 0,
+        "both": 1,
+        "rate": [2.0],
+    }
+    return SimSettings.model_validate(values | extra)
+
+
+def test_turns_follow_their_answers_and_hit_what_the_turn_before_cached() -> None:
+    settings = conversation_settings()
+    requests = build_workload(WorkloadSettings.model_validate(settings.model_dump()))
+    served = sessions_for(requests, [0.0, 1.0, 2.0], PROFILE.block_size)
+    c = SimCluster(PROFILE, ["both"])
+    c.run(served)
+    assert all(s.outcome is Outcome.COMPLETED for s in served) and c.leaks() == []
+    for earlier, later in itertools.pairwise(served):
+        if later.follows:
+            assert later.sent_at == pytest.approx(earlier.last_at + later.think_s)
+    engine = c.engines["both-00"]
+    queried = sum(r.input_len for r in requests)
+    assert engine.counters.prefix_queries == queried
+    # Only the first turn of the first conversation misses its system prompt; a later turn
+    # finds every full block of the conversation so far (the instance never evicts here).
+    found = 0
+    for request in requests:
+        if request.turn:
+            found += (request.input_len - 40 - 1) // 16 * 16  # the last answer token: no KV
+        elif request.conversation:
+            found += 160
+    assert engine.counters.prefix_hits == found
+    engine.pool.check()
+
+
+def test_a_turn_that_fails_ends_its_conversation() -> None:
+    settings = conversation_settings(num_requests=8)
+    requests = build_workload(WorkloadSettings.model_validate(settings.model_dump()))
+    served = sessions_for(requests, [0.0, 0.0], PROFILE.block_size)
+    # One session at a time and none queued: the second conversation's first turn is refused.
+    c = SimCluster(PROFILE, ["both"], gateway=GatewaySettings(max_inflight=1, max_queued=0))
+    c.run(served)
+    outcomes = [s.outcome for s in served]
+    assert outcomes == [Outcome.COMPLETED] * 4 + [Outcome.REJECTED] + [Outcome.NOT_SENT] * 3
+    record = served[-1].record()
+    assert not record.success and "not sent" in record.error
+    assert c.leaks() == []
+
+
+def test_simulate_point_reports_the_hit_rate() -> None:
+    settings = conversation_settings(num_requests=40, both=2)
+    dispatch = DispatchSettings(policy="round-robin")
+    point = simulate_point(
+        settings, PROFILE, dispatch, ReschedulingSettings(), GatewaySettings(), 2.0
+    )
+    assert point.summary.completed == 40 and point.leaks == []
+    assert point.cache.hit_rate is not None and 0.3 < point.cache.hit_rate < 1.0
+    data = point.as_json()
+    assert data["prefix_cache_hit_rate"] == point.cache.hit_rate
+    assert data["prefix_cache_queries"] == sum(r.input_len for r in point.records)
+
+
+def test_an_epochs_answer_blocks_are_cached_when_it_ends() -> None:
+    """Decoding in epochs fills the answer's blocks without a step of its own: they are
+    cached when the request ends, so the next turn finds them."""
+    settings = conversation_settings(num_requests=2, turns=2, output_len=40)
+    requests = build_workload(WorkloadSettings.model_validate(settings.model_dump()))
+    served = sessions_for(requests, [0.0], PROFILE.block_size)
+    c = SimCluster(PROFILE, ["both"], engine=EngineConfig.of(PROFILE, epochs=True))
+    c.run(served)
+    engine = c.engines["both-00"]
+    conversation = requests[0].conversation
+    # Its prompt fills blocks 10-11 (tokens 160-191), its answer 12-13 (up to token 223: its
+    # last token, 239, has no KV).
+    assert engine.pool.cached_blocks(("conv", conversation, 0, "answer")) == 2
+    assert engine.counters.prefix_hits == 14 * 16

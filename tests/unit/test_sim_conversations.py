@@ -4,6 +4,8 @@ before them, the prefix cache they hit, and the prefix-cache counters."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +134,18 @@ def test_an_epochs_answer_blocks_are_cached_when_it_ends() -> None:
     # last token, 239, has no KV).
     assert engine.pool.cached_blocks(("conv", conversation, 0, "answer")) == 2
     assert engine.counters.prefix_hits == 14 * 16
+
+
+def test_the_sim_prefix_benchmark_writes_its_report(tmp_path: Path) -> None:
+    from benchmark import sim_prefix
+
+    argv = ["--instances", "2", "--tenants", "2", "--system-len", "64", "--user-len", "16"]
+    argv += ["--answer-len", "8", "--num-requests", "12", "--rate", "1", "2", "--seeds", "0", "1"]
+    argv += ["--profile", "smollm2-135m-cpu", "--max-context", "512", "--output", str(tmp_path)]
+    assert sim_prefix.main(argv) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1 | round-robin | 2 | 12/12 |" in report and "Ratios: baseline /" in report
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert set(data) == {"0", "1"} and {"round-robin", "pd", "1P1D"} <= set(data["0"])
+    assert all(p["prefix_cache_hit_rate"] is not None for p in data["0"]["round-robin"])
+    assert (tmp_path / "sweep-seed1.png").read_bytes()[:4] == b"\x89PNG"

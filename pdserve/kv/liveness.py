@@ -6,9 +6,10 @@ a serving thread, so a busy exporter still answers at once and a silent one is g
 
 - on demand, while a pull waits for a reply (``reply``): a dead exporter fails the pull in
   seconds instead of after its transfer timeout;
-- every ``PEER_CHECK_INTERVAL_S``, on its own thread, the peers of pairs idle that long (in
-  both directions: a worker that only serves a peer learns of its death here too); the
-  worker then drops every pair with a peer that does not answer.
+- every ``PEER_CHECK_INTERVAL_S``, on its own thread, the peers of pairs idle that long or
+  still forming (in both directions: a worker that only serves a peer learns of its death
+  here too), all pinged at once; the worker then drops every pair with a peer that does not
+  answer, so a killed peer's pairs are gone within about ``2 * interval + probe timeout``.
 
 Before a pair forms, the server's ``PairOpened`` is the probe (see ``KVWorker``). This
 module imports no torch.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from pdserve.kv.messages import KVError, KVFailure, KVTimeout, Ping, Pong
@@ -34,8 +35,9 @@ logger = get_logger(__name__)
 # A reply this late makes the importer ping the exporter.
 PROBE_AFTER_SILENCE_S = 0.5
 
-# How often the peers of idle pairs are probed.
-PEER_CHECK_INTERVAL_S = 5.0
+# How often the peers of idle pairs are probed (one Ping per such peer and interval): short,
+# so that pairs with a killed peer (~100 MB of GPU memory each with NCCL) go within seconds.
+PEER_CHECK_INTERVAL_S = 1.0
 
 
 class PeerWatch:
@@ -62,15 +64,34 @@ class PeerWatch:
 
     def probe(self, address: str) -> bool:
         """Whether the KV server at ``address`` answers a Ping in time (blocks that long)."""
-        rid, box = self._messenger.new_request()
-        try:
+        return address in self.answering([address])
+
+    def answering(self, addresses: Iterable[str]) -> set[str]:
+        """Those of the KV servers that answer a Ping within ``probe_s``.
+
+        Every one is pinged at once, so a round takes ``probe_s`` at most, however many of
+        them are silent (one after the other, each silent peer would add ``probe_s``).
+        """
+        box: queue.SimpleQueue[object] = queue.SimpleQueue()
+        asked: dict[int, str] = {}
+        for address in addresses:
+            rid, _ = self._messenger.new_request(box)
+            asked[rid] = address
             self._messenger.send(address, Ping(rid=rid))
-            try:
-                return isinstance(box.get(timeout=self.probe_s), Pong)
-            except queue.Empty:
-                return False
+        answered: set[str] = set()
+        deadline = time.monotonic() + self.probe_s
+        try:
+            while len(answered) < len(set(asked.values())):
+                try:
+                    reply = box.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if isinstance(reply, Pong) and reply.rid in asked:
+                    answered.add(asked[reply.rid])
         finally:
-            self._messenger.forget(rid)
+            for rid in asked:
+                self._messenger.forget(rid)
+        return answered
 
     def reply(self, box: queue.SimpleQueue[object], deadline: float, address: str) -> object:
         """The next reply in ``box`` by the deadline, watching that the peer is alive.
@@ -119,23 +140,25 @@ class PeerWatch:
                 logger.exception("pdserve kv: checking peers failed")
 
     def check_peers(self) -> None:
-        """Probes the peer of every idle pair (one probe per peer); drops those that are gone.
+        """Probes the peers of idle pairs, all at once; drops those that are gone.
 
-        A pair forming, in use or used within the interval says enough (a transfer on it
-        fails by itself if the peer dies), so its peer is left alone.
+        A pair in use or used within the interval says enough (a transfer on it fails by
+        itself if the peer dies), so its peer is left alone. A pair still forming is not:
+        its rendezvous would wait for a dead peer for the whole set-up timeout.
         """
         now = time.monotonic()
         peers: dict[str, list[Pair]] = {}
         for pair in self._pairs():
             if pair.peer_address:
                 peers.setdefault(pair.peer_address, []).append(pair)
-        for address, pairs in peers.items():
-            if self._stopping.is_set():
-                return
-            if any(
-                not p.ready.is_set() or p.lock.locked() or now - p.last_used < PEER_CHECK_INTERVAL_S
-                for p in pairs
-            ):
-                continue
-            if not self.probe(address) and not self._stopping.is_set():
+        idle = [
+            address
+            for address, pairs in peers.items()
+            if not any(p.lock.locked() or now - p.last_used < PEER_CHECK_INTERVAL_S for p in pairs)
+        ]
+        if not idle or self._stopping.is_set():
+            return
+        answered = self.answering(idle)
+        for address in idle:
+            if address not in answered and not self._stopping.is_set():
                 self._drop_peer(address)

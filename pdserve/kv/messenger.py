@@ -30,6 +30,11 @@ logger = get_logger(__name__)
 
 RequestHandler = Callable[[bytes, Any], None]
 
+# How long what was queued for a dropped peer may still go out. A peer found silent may only
+# have been slow: the PairClose or Release sent just before the drop should still reach it,
+# while a backlog for a dead one must not wait for it to come back.
+DROPPED_LINGER_MS = 200
+
 
 class Messenger:
     """Owns the ZeroMQ sockets of one worker; thread-safe through its outbox."""
@@ -99,7 +104,10 @@ class Messenger:
         self._enqueue("router", identity, message)
 
     def drop_peer(self, address: str) -> None:
-        """Discards what is queued for an unresponsive peer; the next send reconnects."""
+        """Closes the connection to an unresponsive peer; the next send reconnects.
+
+        What is queued for it has ``DROPPED_LINGER_MS`` to go out, then is discarded.
+        """
         self._enqueue("drop", address, None)
 
     def stop(self) -> None:
@@ -237,7 +245,7 @@ class Messenger:
     def _close_dropped(self) -> None:
         while self._closing:
             with contextlib.suppress(zmq.ZMQError):
-                self._closing.pop().close(linger=0)
+                self._closing.pop().close(linger=DROPPED_LINGER_MS)
 
 
 def kv_codec(secret: bytes) -> Codec[Any]:

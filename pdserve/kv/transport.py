@@ -77,6 +77,8 @@ class PairStore(dist.Store):
         self._timeout_s = timeout_s
         self._data: dict[str, bytes] = {}
         self._changed = threading.Condition()
+        # Set by ``abort``: every wait, now or later, fails with it instead of waiting on.
+        self.aborted: KVFailure | None = None
 
     def receive(self, message: StoreSet) -> None:
         with self._changed:
@@ -90,10 +92,31 @@ class PairStore(dist.Store):
             self._changed.notify_all()
         self._mirror(StoreSet(pair_id=self.pair_id, key=key, value=data))
 
+    def abort(self, failure: KVFailure) -> None:
+        """Ends the rendezvous: a wait for the peer's keys fails with ``failure`` at once.
+
+        A peer that died after accepting the pair never sets its keys; without this the
+        process group's constructor would wait for them for the whole set-up timeout.
+        """
+        with self._changed:
+            self.aborted = self.aborted or failure
+            self._changed.notify_all()
+
+    def abort_error(self) -> KVError | None:
+        """A new error saying why the rendezvous was aborted (None while it was not)."""
+        if self.aborted is None:
+            return None
+        return KVError(self.aborted, f"pair {self.pair_id} was torn down ({self.aborted})")
+
     def _wait_for(self, keys: Iterable[str], timeout_s: float) -> None:
         keys = list(keys)
         with self._changed:
-            ok = self._changed.wait_for(lambda: all(k in self._data for k in keys), timeout_s)
+            ok = self._changed.wait_for(
+                lambda: self.aborted is not None or all(k in self._data for k in keys), timeout_s
+            )
+        aborted = self.abort_error()
+        if aborted is not None:
+            raise aborted
         if not ok:
             raise KVTimeout(f"pair {self.pair_id}: peer never set {keys}")
 
@@ -152,6 +175,8 @@ class Pair:
         self.lock = threading.Lock()
         self.ready = threading.Event()
         self.error: str | None = None
+        # Why it did not form (see ``wait_ready``): set with ``error``.
+        self.failure = KVFailure.PAIR_FAILED
         self.pg: Any = None
         self.setup_s = 0.0
         self.broken = False
@@ -165,27 +190,25 @@ class Pair:
         return next(self._seq)
 
     def establish(self) -> None:
-        """Blocks until both members have joined (or the store times out)."""
+        """Blocks until both members have joined (or the store times out, or ``abort``)."""
         start = time.perf_counter()
         try:
-            timeout = timedelta(seconds=self._timeout_s)
-            if self.backend == "gloo":
-                options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
-                options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._host)]
-                options._timeout = timeout
-                self.pg = dist.ProcessGroupGloo(self.store, self.rank, 2, options)
-            else:
-                options = dist.ProcessGroupNCCL.Options()
-                options._timeout = timeout
-                self.pg = dist.ProcessGroupNCCL(self.store, self.rank, 2, options)
+            self.pg = self._form()
+            if self.broken:  # aborted while forming, after the store's last wait
+                self.abort(self.store.aborted or KVFailure.PAIR_FAILED)
+                raise self.store.abort_error() or KVError(KVFailure.PAIR_FAILED, "aborted")
         except Exception as e:
-            self.error = f"{type(e).__name__}: {e}"
-            self.broken = True
-            if isinstance(e, KVError):
+            # torch may hand the store's error back as another type: the abort says why.
+            error = e if isinstance(e, KVError) else self.store.abort_error()
+            if error is None:
+                error = KVError(
+                    KVFailure.PAIR_FAILED,
+                    f"pair {self.pair_id} failed to form: {type(e).__name__}: {e}",
+                )
+            self.error, self.failure, self.broken = str(error), error.failure, True
+            if error is e:
                 raise
-            raise KVError(
-                KVFailure.PAIR_FAILED, f"pair {self.pair_id} failed to form: {self.error}"
-            ) from e
+            raise error from e
         finally:
             self.setup_s = time.perf_counter() - start
             self.ready.set()
@@ -202,13 +225,28 @@ class Pair:
         if not self.ready.wait(timeout_s):
             raise KVTimeout(f"pair {self.pair_id} not ready after {timeout_s:.1f} s")
         if self.error is not None:
-            raise KVError(
-                KVFailure.PAIR_FAILED, f"pair {self.pair_id} failed to form: {self.error}"
-            )
+            raise KVError(self.failure, f"pair {self.pair_id} failed to form: {self.error}")
 
-    def abort(self) -> None:
-        """Closes the connection so that no pending operation can touch memory again."""
+    def _form(self) -> Any:
+        """The process group of two (its constructor is the rendezvous, over the store)."""
+        timeout = timedelta(seconds=self._timeout_s)
+        if self.backend == "gloo":
+            options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            options._devices = [dist.ProcessGroupGloo.create_device(hostname=self._host)]
+            options._timeout = timeout
+            return dist.ProcessGroupGloo(self.store, self.rank, 2, options)
+        nccl_options = dist.ProcessGroupNCCL.Options()
+        nccl_options._timeout = timeout
+        return dist.ProcessGroupNCCL(self.store, self.rank, 2, nccl_options)
+
+    def abort(self, failure: KVFailure = KVFailure.PAIR_FAILED) -> None:
+        """Closes the connection so that no pending operation can touch memory again.
+
+        A pair still forming fails at once with ``failure`` (``PEER_GONE`` when its peer
+        answers no probe) instead of after the set-up timeout.
+        """
         self.broken = True
+        self.store.abort(failure)
         if self.pg is not None:
             with contextlib.suppress(Exception):
                 self.pg.abort()

@@ -496,13 +496,14 @@ class KVWorker:
         """The peer at ``address`` answers no probe: every pair with it goes, both ways.
 
         What is queued for it is discarded; the pairs this worker opened are still closed
-        with ``PairClose``, delivered if the peer was only slow (or once it is back).
+        with ``PairClose``, delivered if the peer was only slow (or once it is back). A pair
+        still forming with it fails at once (``PEER_GONE``), not after the set-up timeout.
         """
         with self._pairs.lock:
             gone = [p for p in self._pairs.by_id.values() if p.peer_address == address]
         self.messenger.drop_peer(address)
         for pair in gone:
-            pair.abort()
+            pair.abort(KVFailure.PEER_GONE)
             self._forget_pair(pair)
             if pair.rank == 1:
                 self.messenger.send(address, PairClose(pair_id=pair.pair_id))
@@ -572,8 +573,9 @@ class KVWorker:
         An exporter that restarted (on the same address) refuses our old pair with
         ``unknown_pair`` before claiming its export, so the second try still finds it.
         An exporter that answers no probe is gone: every pair with it is dropped. A last
-        pull that fails otherwise releases the export (best effort): the request computes
-        its prompt here instead, so nobody will pull it, and it need not wait for its lease.
+        pull that fails releases the export (best effort, also after a probe went
+        unanswered: an exporter that was only slow frees it then): the request computes its
+        prompt here instead, so nobody will pull it, and it need not wait for its lease.
         """
         address = order.addresses[self.tp_rank]
         try:
@@ -587,7 +589,7 @@ class KVWorker:
         except Exception as e:
             if failure_of(e) is KVFailure.PEER_GONE:
                 self._drop_peer(address)
-            elif order.last:
+            if order.last:  # sent after any drop, which would discard it
                 self.messenger.send(address, Release(transfer_id=order.transfer_id))
             raise
 

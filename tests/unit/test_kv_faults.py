@@ -1,6 +1,7 @@
 """KV faults of issue 11 (4 and 10), each pinned by a test: KV that does not exist yet is
-never pinned nor copied, and a dead peer is found out in seconds, its pairs dropped and the
-export of a failed load released at once.
+never pinned nor copied, and a dead peer is found out in seconds (before, while and after a
+pair forms), its pairs dropped within seconds and the export of a failed load released at
+once, also when the exporter was only slow to answer.
 
 Workers pair over gloo in one process, on fake caches (block b of an exporter holds b).
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,9 +19,21 @@ from vllm.v1.request import RequestStatus
 
 from pdserve.kv import liveness
 from pdserve.kv.exports import ExportRegistry, Refusal
-from pdserve.kv.messages import Failed, KVFailure, Pin, Pinned, PullRequest
-from pdserve.kv.metadata import ExportOrder, ExportUpdate
+from pdserve.kv.liveness import PeerWatch
+from pdserve.kv.messages import (
+    Failed,
+    KVFailure,
+    PairOpen,
+    PairOpened,
+    Pin,
+    Pinned,
+    PullRequest,
+    StoreSet,
+)
+from pdserve.kv.messenger import Messenger, kv_codec
+from pdserve.kv.metadata import PROTOCOL_VERSION, ExportOrder, ExportUpdate
 from pdserve.kv.worker_side import KVWorker
+from pdserve.protocol.net import free_port
 from tests.unit.kv_fakes import FakeControl, FakeSchedulerOutput
 from tests.unit.test_kv_scheduler_side import TOKENS, control, orders, running, side
 from tests.unit.test_kv_transfers import idle, load, pulled, wait_for
@@ -247,5 +261,126 @@ def test_a_ping_is_answered_by_a_busy_server() -> None:
         assert not importer._liveness.probe(exporter.address)
     finally:
         gate.set()
+        importer.shutdown()
+        exporter.shutdown()
+
+
+# --- gone in seconds: pairs forming, pairs idle, exports of loads that gave up ----------------
+
+
+def test_pairs_with_a_killed_peer_go_within_seconds_at_the_default_interval() -> None:
+    """The leak invariant (at most two pairs per *live* peer) must hold seconds after a kill."""
+    exporter, _ = make_worker("exporter", True)
+    importer, _ = make_worker("importer", False)
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        pulled(importer, "a", exporter.address, [1])
+        wait_for(lambda: idle(exporter, pairs=1), 5, "the exporter serving one pair")
+        importer.shutdown()  # killed: it never closes its pair
+        killed = time.monotonic()
+        wait_for(lambda: idle(exporter, pairs=0), 15, "the dead peer's pair to go")
+        assert time.monotonic() - killed < 4.5, "interval + idle + probe, not 5 s intervals"
+    finally:
+        importer.shutdown()
+        exporter.shutdown()
+
+
+class _AcceptingThenSilent:
+    """A KV server that accepts a pair (``PairOpened``) and then answers nothing more: an
+    exporter killed while the pair's rendezvous runs."""
+
+    def __init__(self) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.rendezvous = threading.Event()
+        self.messenger = Messenger(
+            kv_codec(b"kv-transfers-test"),
+            self.address,
+            on_request=self._on_request,
+            on_store_set=self._on_store_set,
+        )
+
+    def _on_request(self, identity: bytes, message: Any) -> None:
+        if isinstance(message, PairOpen):
+            self.messenger.reply(identity, PairOpened(rid=message.rid, protocol=PROTOCOL_VERSION))
+
+    def _on_store_set(self, message: StoreSet) -> None:
+        self.rendezvous.set()
+
+
+def test_an_exporter_dying_while_the_pair_forms_fails_the_load_in_seconds() -> None:
+    exporter = _AcceptingThenSilent()
+    importer, _ = make_worker("importer", False, pair_setup_timeout_s=30.0)
+    try:
+        started = time.monotonic()
+        result = load(importer, "t", exporter.address, [1])
+        assert exporter.rendezvous.is_set(), "the rendezvous had begun"
+        assert not result.ok and result.failure is KVFailure.PEER_GONE, result
+        assert time.monotonic() - started < 6.0, "the probes, not the 30 s set-up, decided"
+        assert idle(importer, pairs=0)
+    finally:
+        importer.shutdown()
+        exporter.messenger.stop()
+
+
+def test_silent_peers_are_probed_at_once_and_busy_ones_not_at_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(liveness, "PEER_CHECK_INTERVAL_S", 60.0)  # no round of its own
+    messenger = Messenger(
+        kv_codec(b"kv-faults-test"), None, on_request=lambda i, m: None, on_store_set=print
+    )
+    long_ago = time.monotonic() - 120
+
+    def pair(last_used: float, locked: bool = False) -> Any:
+        lock = threading.Lock()
+        if locked:
+            lock.acquire()
+        address = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it never answers
+        ready = threading.Event()
+        ready.set()
+        return SimpleNamespace(peer_address=address, lock=lock, last_used=last_used, ready=ready)
+
+    silent = [pair(long_ago) for _ in range(3)]
+    busy = [pair(long_ago, locked=True), pair(time.monotonic())]
+    dropped: list[str] = []
+    watch = PeerWatch(messenger, 1.0, lambda: [*silent, *busy], dropped.append)
+    try:
+        started = time.monotonic()
+        watch.check_peers()
+        assert time.monotonic() - started < 1.8, "one probe timeout in all, not one per peer"
+        assert sorted(dropped) == sorted(p.peer_address for p in silent)
+    finally:
+        watch.stop()
+        messenger.stop()
+
+
+def test_a_load_given_up_on_a_slow_exporter_still_frees_its_export() -> None:
+    """The exporter's I/O thread stalls past the probe timeout: the importer counts it gone
+    (``peer_gone``) and computes the prompt itself, so the export must not wait 30 s for its
+    lease: the Release (and the broken pair's PairClose) reach the exporter once it is back."""
+    exporter, _ = make_worker("exporter", True)
+    importer, _ = make_worker("importer", False)
+    handle = exporter.messenger._on_request
+    stalled: list[bool] = []
+
+    def stall_first_pair_open(identity: bytes, message: Any) -> None:
+        if isinstance(message, PairOpen) and not stalled:
+            stalled.append(True)
+            time.sleep(2.5)
+        handle(identity, message)
+
+    exporter.messenger._on_request = stall_first_pair_open
+    try:
+        exporter.add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        result = load(importer, "a", exporter.address, [1])
+        assert not result.ok and result.failure is KVFailure.PEER_GONE, result
+        gave_up = time.monotonic()
+        freed: set[str] = set()
+        while not freed and time.monotonic() < gave_up + 5:
+            freed |= exporter.poll()[0]
+            time.sleep(0.02)
+        assert freed == {"p-a"}, "freed once the exporter answers again, not after the lease"
+        wait_for(lambda: idle(exporter, pairs=0) and idle(importer, pairs=0), 3, "no pairs")
+    finally:
         importer.shutdown()
         exporter.shutdown()

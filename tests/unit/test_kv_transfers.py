@@ -124,6 +124,67 @@ def test_an_nccl_operation_late_or_failed_on_the_device_is_a_timeout_or_transpor
     assert failed.value.failure is KVFailure.TRANSPORT_ERROR
 
 
+class _DevicePair:
+    """An NCCL pair whose operations finish on the "device" ``done_after_s`` after posting;
+    it records whether each window was posted only once the one before had run."""
+
+    def __init__(self, done_after_s: float) -> None:
+        self.peer_rank = 1
+        self.backend = "nccl"
+        self.done_after_s = done_after_s
+        self.works: list[_DeviceWork] = []
+        self.posted_over_pending = 0
+        self.pg = SimpleNamespace(send=self._post, recv=self._post)
+
+    def _post(self, tensors: list[torch.Tensor], rank: int, tag: int) -> _DeviceWork:
+        if tag % transport.MESSAGES_PER_WINDOW == 0:  # a window's first message
+            self.posted_over_pending += sum(not w.is_completed() for w in self.works)
+        work = _DeviceWork(self.done_after_s)
+        self.works.append(work)
+        return work
+
+
+def test_an_nccl_transfer_finishes_each_window_on_the_device_before_the_next(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport, "MESSAGES_PER_WINDOW", 2)
+    pair = _DevicePair(done_after_s=0.1)
+    started = time.monotonic()
+    tensors = [torch.zeros(1) for _ in range(5)]
+    transfer(pair, tensors, seq=1, send=False, deadline=time.monotonic() + 5)  # type: ignore[arg-type]
+    assert time.monotonic() - started >= 0.3, "three windows, each waited for on the device"
+    assert pair.posted_over_pending == 0 and all(w.is_completed() for w in pair.works)
+
+
+def test_a_staged_nccl_receive_scatters_only_what_the_device_received() -> None:
+    """Staged receives land in a buffer copied into the blocks: the copy must not read the
+    buffer before the NCCL receive ran (``work.wait()`` alone returns before that)."""
+    cache = torch.zeros(BLOCKS, 2, 4, 8)
+    layout = build_layout({"layers.0": cache}, BLOCKS)
+    pair = _DevicePair(done_after_s=0.2)
+    scattered_over_pending: list[int] = []
+
+    def scatter(group: range, blocks: torch.Tensor, buffer: torch.Tensor) -> None:
+        scattered_over_pending.append(sum(not w.is_completed() for w in pair.works))
+
+    worker = SimpleNamespace(
+        layout=SimpleNamespace(
+            stage_groups=layout.stage_groups, staging_buffer=layout.staging_buffer, scatter=scatter
+        ),
+        _index=torch.tensor,
+    )
+    deadline = time.monotonic() + 5
+    nbytes = KVWorker._receive(worker, pair, [(0, 2, 3)], 0, True, deadline)  # type: ignore[arg-type]
+    assert nbytes == 3 * cache[0].nbytes
+    assert scattered_over_pending == [0]
+
+
+def test_a_layout_on_two_devices_is_refused() -> None:
+    planes = {"l0": torch.zeros(4, 2, 8), "l1": torch.zeros(4, 2, 8, device="meta")}
+    with pytest.raises(ValueError, match="is on meta"):
+        build_layout(planes, num_blocks=4)
+
+
 class _RecordingPair:
     """A pair whose process group records what is posted and what is still outstanding."""
 

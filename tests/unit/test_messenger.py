@@ -108,3 +108,27 @@ def test_a_crash_in_the_loop_is_logged_counted_and_survived(caplog: Any) -> None
     finally:
         client.stop()
         server.stop()
+
+
+def test_what_was_sent_just_before_a_drop_still_reaches_a_live_peer() -> None:
+    """A peer found silent may only have been slow: the PairClose or Release sent right
+    before dropping it must still reach it (only a backlog for a dead peer is discarded)."""
+    received: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    server_address = address()
+    server = Messenger(
+        kv_codec(SECRET),
+        server_address,
+        on_request=lambda identity, message: received.put(message),
+        on_store_set=lambda s: None,
+    )
+    client = acking_server(None)
+    try:
+        for n in range(5):  # each on a connection not made yet when the drop comes
+            client.send(server_address, InjectFault(rid=n, delay_s=0.0))
+            client.drop_peer(server_address)
+            message = received.get(timeout=5)
+            assert isinstance(message, InjectFault) and message.rid == n
+        assert client.restarts == 0
+    finally:
+        client.stop()
+        server.stop()

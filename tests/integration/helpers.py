@@ -216,8 +216,8 @@ class ServeCluster:
     def assert_no_leaks(self, within_s: float = 5.0, pairs: bool = True) -> None:
         """The invariant holds within ``within_s`` (seconds, not a lease) after the last request.
 
-        ``pairs=False`` leaves out the pair count, after an instance was killed: survivors
-        keep their pair with the dead process until a transfer on it fails (known gap).
+        ``pairs=False`` leaves out the pair count. After a kill it is kept: survivors drop
+        their pairs with a peer that answers no probe within about 4 s (docs/kv-transfer.md).
         """
         wait_for(self.idle, 120, "every request to end")
         deadline = time.monotonic() + within_s

@@ -161,7 +161,7 @@ def test_decode_killed_mid_stream_continues_on_a_survivor_then_rejoins(
     assert stream.error is None, stream.error
     assert stream.finish_reason == "length"
     assert stream.tokens == expected(reference, prompt, 120), "failover changed the output"
-    cluster.assert_no_leaks(pairs=False)
+    cluster.assert_no_leaks()  # survivors dropped their pairs with it
 
     # pdserve serve starts it again; it registers under its old name and takes work again.
     wait_for(lambda: healthy(cluster, victim), RESTART_TIMEOUT_S, f"{victim} to rejoin")
@@ -188,7 +188,7 @@ def test_prefill_killed_mid_prefill_the_request_still_completes(
     stream.wait()
     assert stream.error is None, stream.error
     assert stream.tokens == expected(reference, prompt, 20)
-    cluster.assert_no_leaks(pairs=False)
+    cluster.assert_no_leaks()  # survivors dropped their pairs with it
     wait_for(lambda: healthy(cluster, "prefill-0"), RESTART_TIMEOUT_S, "prefill-0 to rejoin")
 
 

@@ -23,6 +23,27 @@ from dataclasses import dataclass, field
 PROTOCOL_VERSION = 3
 
 
+def loads_synchronously(
+    missing_tokens: int, local_hit_tokens: int, block_size: int, max_tokens: int
+) -> bool:
+    """Whether a load of ``missing_tokens`` (all but the last, which the step computes) runs
+    inside the step that admits its request instead of in the background.
+
+    A synchronous load costs that step the transfer but saves the request the extra engine
+    steps of an asynchronous one (it is parked, its load reported, then scheduled). Loads of
+    at most ``max_tokens`` (``--kv-sync-load-max-tokens``; 0: none) qualify, and so does any
+    load that fits in one block beyond a local prefix-cache hit: that is a migration's tail
+    after its pre-copy (up to one partial block, so up to 127 tokens with vLLM's 128-token
+    CPU blocks, where a 64-token limit alone left every other cut asynchronous), and at most
+    two blocks' transfer on the step.
+    """
+    tail = missing_tokens - 1
+    if max_tokens <= 0 or tail <= 0:
+        return False
+    limit = max(max_tokens, block_size) if local_hit_tokens > 0 else max_tokens
+    return tail <= limit
+
+
 @dataclass
 class ExportOrder:
     """Scheduler → worker: keep these blocks of a request for pulls.

@@ -42,7 +42,14 @@ from pdserve.kv.messages import (
     tokens_digest,
 )
 from pdserve.kv.messenger import Messenger
-from pdserve.kv.metadata import ExportOrder, ExportUpdate, LoadOrder, ReleaseOrder, StepOrders
+from pdserve.kv.metadata import (
+    ExportOrder,
+    ExportUpdate,
+    LoadOrder,
+    ReleaseOrder,
+    StepOrders,
+    loads_synchronously,
+)
 from pdserve.kv.settings import KVSettings
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv
@@ -189,8 +196,8 @@ class SchedulerSide:
         Called by ``Scheduler.schedule`` for a waiting request each step it is considered
         for admission (so possibly several times, e.g. while no blocks are free). A trusted
         source yields every token beyond the local prefix-cache hit, loaded asynchronously
-        (or, up to ``sync_load_max_tokens``, synchronously: all but the last token, which
-        this step computes);
+        (or, when ``loads_synchronously`` says so — a migration's tail —, synchronously: all
+        but the last token, which this step computes);
         an untrusted one yields 0 once, queues a release of the export for this step's
         orders, and the request is prefilled locally. Only in-memory state changes.
         """
@@ -215,7 +222,9 @@ class SchedulerSide:
             return 0, False
         self._local_hits[request.request_id] = num_computed_tokens
         missing = request.num_tokens - num_computed_tokens
-        if 0 < missing - 1 <= self.settings.sync_load_max_tokens:
+        if loads_synchronously(
+            missing, num_computed_tokens, self.block_size, self.settings.sync_load_max_tokens
+        ):
             # A small load (a migration's tail) runs in this step: vLLM schedules the last
             # token at once, so the request produces a token one step after admission
             # instead of after the load's extra steps.

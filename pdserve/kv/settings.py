@@ -42,9 +42,10 @@ class KVTransferSettings(BaseModel):
     sync_load_max_tokens: int = Field(
         64,
         ge=0,
-        description="a load of at most this many tokens (a migration's tail) runs in the "
-        "step that admits its request, before the forward: no extra engine steps, at the cost "
-        "of that step waiting for the transfer; 0: every load is asynchronous",
+        description="a load of at most this many tokens, or of at most one block beyond a "
+        "local prefix-cache hit (a migration's tail), runs in the step that admits its "
+        "request, before the forward: no extra engine steps, at the cost of that step waiting "
+        "for the transfer; 0: every load is asynchronous",
     )
     pair_probe_timeout_s: float = Field(
         2.0,

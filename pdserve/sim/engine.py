@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from pdserve.kv.metadata import loads_synchronously
 from pdserve.protocol.net import cdiv
 from pdserve.protocol.reports import LoadReport
 from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, plan_epoch
@@ -437,7 +438,9 @@ class SimEngine(EngineHoldings):
                     break
                 self._dequeue()
                 self._looked_up(tokens, hit)
-                if 0 < tokens - hit * bs - 1 <= self.config.sync_load_max_tokens:
+                if loads_synchronously(
+                    tokens - hit * bs, hit * bs, bs, self.config.sync_load_max_tokens
+                ):
                     # A small load (a migration's tail) runs in this step, before its
                     # forward, which computes the last token (the connector's sync load).
                     self._pull_in_step(leg)

@@ -18,7 +18,13 @@ from pdserve.kv.messages import (
     Unpin,
     parse_params,
 )
-from pdserve.kv.metadata import ExportOrder, LoadOrder, ReleaseOrder, StepOrders
+from pdserve.kv.metadata import (
+    ExportOrder,
+    LoadOrder,
+    ReleaseOrder,
+    StepOrders,
+    loads_synchronously,
+)
 from pdserve.kv.scheduler_side import SchedulerSide, cache_fingerprint
 from pdserve.kv.settings import KVSettings
 from tests.unit.kv_fakes import (
@@ -180,6 +186,29 @@ def test_a_small_tail_loads_synchronously_and_leaves_only_the_last_token() -> No
     assert scheduler.get_num_new_matched_tokens(longer, 0) == (10, True), "9 > 8: async"  # type: ignore[arg-type]
     scheduler.update_state_after_alloc(longer, FakeBlocks([1, 2, 3]), 10)  # type: ignore[arg-type]
     assert not orders(scheduler).loads[0].sync
+
+
+def test_a_tail_within_one_block_past_a_local_hit_loads_synchronously() -> None:
+    """A migration's tail after its pre-copy is up to one partial block (127 tokens with
+    vLLM's 128-token CPU blocks): synchronous beyond the token limit, so no cut waits for
+    an asynchronous load's extra steps; without a local hit the token limit alone counts."""
+    scheduler = side(sync_up_to=1)
+    prompt = TOKENS[:8]  # blocks of 4: a local hit of 4, a tail of 3 more
+    cut = decode_request("req-d", prompt, source_for(prompt, scheduler.cache_fingerprint))
+    assert scheduler.get_num_new_matched_tokens(cut, 4) == (3, False)  # type: ignore[arg-type]
+    fresh = decode_request("req-e", prompt, source_for(prompt, scheduler.cache_fingerprint))
+    assert scheduler.get_num_new_matched_tokens(fresh, 0) == (8, True)  # type: ignore[arg-type]
+    longer = decode_request("req-f", TOKENS, source_for(TOKENS, scheduler.cache_fingerprint))
+    assert scheduler.get_num_new_matched_tokens(longer, 4) == (6, True), "5 > one block"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("missing", "hit", "limit", "sync"),
+    [(1, 128, 64, False), (65, 0, 64, True), (66, 0, 64, False), (128, 128, 64, True),
+     (130, 128, 64, False), (100, 128, 0, False), (100, 0, 200, True)],
+)  # fmt: skip
+def test_loads_synchronously(missing: int, hit: int, limit: int, sync: bool) -> None:
+    assert loads_synchronously(missing, hit, 128, limit) is sync
 
 
 def test_an_allocation_without_external_tokens_orders_nothing() -> None:

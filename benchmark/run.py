@@ -37,13 +37,14 @@ from benchmark.client import ClientSettings, Target, drive, resolve_target
 from benchmark.command import Bench, add_settings_arguments
 from benchmark.plots import plot_results
 from pdserve.settings import from_args
-from pdserve.workload.arrivals import ArrivalKind
+from pdserve.workload.arrivals import ArrivalKind, ClosedLoop
 from pdserve.workload.metrics import CacheStats, PointResult, Summary, summarize
 from pdserve.workload.workloads import (
     BenchRequest,
     WorkloadSettings,
     build_workload,
     schedule_for,
+    split_warmup,
 )
 
 # Fields with several values; pdserve.settings handles scalar fields only.
@@ -102,7 +103,12 @@ async def run_point(
     sources: Sources | None = None,
 ) -> PointResult:
     """Sends the requests at one load and summarizes what came back; ``sources``: whose
-    counters give the point's prefix-cache hits and KV bytes (None: none are read)."""
+    counters give the point's prefix-cache hits and KV bytes (None: none are read). The
+    workload's warm-up requests (a conversations workload's tenants) go first, all at once,
+    and are not measured."""
+    warm, requests = split_warmup(requests)
+    if warm:
+        await drive(target, warm, ClosedLoop(len(warm)), settings.time_limit_s, progress=False)
     schedule = schedule_for(requests, settings.arrival, load, settings.burstiness, settings.seed)
     what = "concurrency" if settings.arrival == "closed" else "rate"
     before = await asyncio.to_thread(scrape, sources) if sources else {}

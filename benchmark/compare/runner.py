@@ -86,7 +86,13 @@ from pdserve.cluster.processes import free_port
 from pdserve.instance.environment import is_cpu_build
 from pdserve.protocol.net import available_cores
 from pdserve.workload.metrics import PointResult, summarize
-from pdserve.workload.workloads import BenchRequest, Tokenizer, build_workload, load_tokenizer
+from pdserve.workload.workloads import (
+    BenchRequest,
+    Tokenizer,
+    build_workload,
+    load_tokenizer,
+    split_warmup,
+)
 
 # A setup that fails this way is reported, and the comparison goes on with the next one.
 SETUP_ERRORS = (RuntimeError, TimeoutError, OSError, ValueError, aiohttp.ClientError)
@@ -305,8 +311,11 @@ class Comparison:
         for index, load in enumerate(load_points(settings)):
             seed = base + index
             point = point_settings(settings, label, running.endpoint, seed)
+            warm, requests = split_warmup(self.requests(seed, settings))
+            if warm:  # the point's tenants' system prompts, before its counters are read
+                self.warm(point, warm, spec.instances)
             before = running.counters()
-            result = self.measure(point, load, self.requests(seed, settings))
+            result = self.measure(point, load, requests)
             after = running.counters()
             path = write_result(result, result_path(point, load))
             series = spec.name if self.settings.repetitions == 1 else entry.label()

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,13 @@ from pdserve.sim.profile import StepProfile, load_profile
 from pdserve.sim.settings import SimSettings
 from pdserve.workload.arrivals import OpenLoop
 from pdserve.workload.metrics import CacheStats, PointResult, RequestRecord, Summary, summarize
-from pdserve.workload.workloads import BenchRequest, build_workload, schedule_for, units
+from pdserve.workload.workloads import (
+    BenchRequest,
+    build_workload,
+    schedule_for,
+    split_warmup,
+    units,
+)
 
 LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
@@ -101,7 +108,10 @@ def decision_stats(nanoseconds: Sequence[int]) -> dict[str, float | None]:
 
 
 def sessions_for(
-    requests: Sequence[BenchRequest], times: Sequence[float], block_size: int
+    requests: Sequence[BenchRequest],
+    times: Sequence[float],
+    block_size: int,
+    key_prefix: str = "req",
 ) -> list[Session]:
     """One gateway session per request, arriving at its send time; a conversation's first
     turn at the conversation's start (``times`` has one per ``units``), each later turn
@@ -113,7 +123,7 @@ def sessions_for(
     sessions = [
         Session(
             index=i,
-            key=f"req-{i:06d}",
+            key=f"{key_prefix}-{i:06d}",
             input_len=r.input_len,
             output_len=r.output_len,
             start_s=0.0,
@@ -160,6 +170,29 @@ def build_cluster(
     )
 
 
+COUNTED = ("preemptions", "bytes_received", "prefix_queries", "prefix_hits")
+
+
+def engine_totals(cluster: SimCluster) -> Counter[str]:
+    """The engines' counters that a point reports, summed (failed engines included)."""
+    totals: Counter[str] = Counter()
+    for engine in cluster.engines.values():
+        for name in COUNTED:
+            totals[name] += getattr(engine.counters, name)
+    return totals
+
+
+def warm_up(cluster: SimCluster, sessions: Sequence[Session]) -> Counter[str]:
+    """Serves the warm-up sessions, all sent at once; the point's own clock starts one
+    report interval after the last ended. Returns the counters by then (not the point's),
+    and forgets the warm-up's decision times."""
+    if sessions:
+        cluster.run(sessions)
+        cluster.warmup_s = cluster.queue.now + cluster.report_interval_s
+        cluster.gateway.counters.decision_ns.clear()
+    return engine_totals(cluster)
+
+
 def simulate_point(
     settings: SimSettings,
     profile: StepProfile,
@@ -169,31 +202,34 @@ def simulate_point(
     rate: float,
     index: int = 0,
 ) -> SimPoint:
-    """One rate: a fresh cluster, the workload's requests, every request's record."""
-    requests = build_workload(settings.model_copy(update={"seed": settings.seed + index}))
+    """One rate: a fresh cluster, the workload's requests (its warm-up first, unmeasured, as
+    ``pdserve bench run`` sends it), every request's record."""
+    warm, requests = split_warmup(
+        build_workload(settings.model_copy(update={"seed": settings.seed + index}))
+    )
     schedule = schedule_for(requests, settings.arrival, rate, settings.burstiness, settings.seed)
     assert isinstance(schedule, OpenLoop)
     started = time.perf_counter()
     cluster = build_cluster(settings, profile, dispatch, rescheduling, gateway)
-    sessions = sessions_for(requests, schedule.times, cluster.engine_config.block_size)
+    block_size = cluster.engine_config.block_size
+    before = warm_up(cluster, sessions_for(warm, [0.0] * len(warm), block_size, "warm"))
+    sessions = sessions_for(requests, schedule.times, block_size)
     simulated = cluster.run(sessions)
     wall = time.perf_counter() - started
     records = [s.record() for s in sessions]
-    engines = [*cluster.engines.values()]
+    counted = engine_totals(cluster) - before
     migrations = cluster.rescheduler.counters
     return SimPoint(
         rate=rate,
         summary=summarize(records, simulated, dispatch.slo.ttft_ms, dispatch.slo.tpot_ms),
         records=records,
-        preemptions=sum(e.counters.preemptions for e in engines),
+        preemptions=counted["preemptions"],
         migrations=migrations.completed,
         migrations_aborted=len(migrations.records) - migrations.completed,
         failovers=cluster.gateway.counters.failovers,
-        kv_transfer_bytes=sum(e.counters.bytes_received for e in engines),
+        kv_transfer_bytes=counted["bytes_received"],
         cache=CacheStats.of(
-            sum(e.counters.prefix_queries for e in engines),
-            sum(e.counters.prefix_hits for e in engines),
-            sum(e.counters.bytes_received for e in engines),
+            counted["prefix_queries"], counted["prefix_hits"], counted["bytes_received"]
         ),
         simulated_s=simulated,
         wall_s=wall,

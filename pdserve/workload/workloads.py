@@ -105,7 +105,7 @@ HIGH_PRIORITY = 1
 SLO_CLASSES = ("standard", "interactive")  # of priority 0 and HIGH_PRIORITY
 OPTIONAL_FEATURES = ("high_priority_fraction", "prefix_groups", "prefix_len")
 # Settings of the conversations workload only: recorded only where it is the workload.
-CONVERSATION_FIELDS = ("turns", "think_time_s", "conversation_prompts")
+CONVERSATION_FIELDS = ("turns", "think_time_s", "conversation_prompts", "warm_tenants")
 # Token ids below this are, in most vocabularies, special or byte-fallback tokens.
 FIRST_PLAIN_ID = 100
 # ShareGPT turns shorter than this say nothing about lengths ("hi", "ok"); vLLM skips them too.
@@ -181,6 +181,12 @@ class WorkloadSettings(BaseModel):
         description="conversations: prompts as token ids (exact), or as their text (needs "
         "--tokenizer; for routers that route on text, such as vllm-router's cache_aware)",
     )
+    warm_tenants: bool = Field(
+        True,
+        description="conversations: before a point's schedule, send each tenant's system "
+        "prompt once (1 output token, not measured): the point measures a steady state, "
+        "not the tenants' first visits (which would be its P99)",
+    )
 
     @model_serializer(mode="wrap")
     def _leave_out_what_is_off(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
@@ -236,11 +242,13 @@ class BenchRequest:
     prefix_group: int | None = None
     prefix_len: int = 0
     # The conversations workload: which conversation and turn (0 first), the user message
-    # this turn adds, and the think time before it is sent after the previous turn's end.
+    # this turn adds, and the think time before it is sent after the previous turn's end;
+    # ``warmup``: sent before the point's schedule and not measured (``split_warmup``).
     conversation: int | None = None
     turn: int = 0
     user: list[int] | str | None = None
     think_s: float = 0.0
+    warmup: bool = False
 
 
 class Tokenizer(Protocol):
@@ -466,8 +474,9 @@ def build_workload(
 def conversation_requests(
     settings: WorkloadSettings, tokenizer: Tokenizer | None = None
 ) -> list[BenchRequest]:
-    """The conversations workload, conversation by conversation and turn by turn (the
-    order of ``index``); with a tokenizer its word tokens, as ids or as text."""
+    """The conversations workload: the tenants' warm-up requests (``warm_tenants``), then
+    conversation by conversation and turn by turn (the order of ``index``); with a
+    tokenizer its word tokens, as ids or as text."""
     text = settings.conversation_prompts == "text"
     if tokenizer is not None and hasattr(tokenizer, "decode"):
         vocab = word_token_ids(cast(WordTokenizer, tokenizer))
@@ -477,8 +486,22 @@ def conversation_requests(
         vocab = plain_token_ids(tokenizer, settings.vocab_size)
     decode = cast(WordTokenizer, tokenizer).decode if text else None
     shape = settings.conversation_shape()
+    conversations = build_conversations(shape, vocab)
     requests = []
-    for conversation in build_conversations(shape, vocab):
+    if settings.warm_tenants:
+        systems = {c.tenant: c.system for c in conversations if c.tenant is not None}
+        for tenant, system in sorted(systems.items()):
+            requests.append(
+                BenchRequest(
+                    prompt=decode(system) if decode else system,
+                    input_len=len(system),
+                    output_len=1,
+                    prefix_group=tenant,
+                    prefix_len=shape.system_len,
+                    warmup=True,
+                )
+            )
+    for conversation in conversations:
         for k, turn in enumerate(conversation.turns):
             requests.append(
                 BenchRequest(
@@ -535,3 +558,8 @@ def units(requests: Sequence[BenchRequest]) -> list[list[int]]:
         current = request.conversation
         out[-1].append(index)
     return out
+
+
+def split_warmup(requests: Sequence[BenchRequest]) -> tuple[list[BenchRequest], list[BenchRequest]]:
+    """(sent before the point and not measured, the point's own requests)."""
+    return [r for r in requests if r.warmup], [r for r in requests if not r.warmup]

@@ -39,7 +39,9 @@ def test_vllm_router_policies_are_setups() -> None:
 
 
 def _conversation_point(url: str, tmp_path: Path, prompts: str) -> RunSettings:
-    values = conversations(num_requests=6, think_time_s=0.01, conversation_prompts=prompts)
+    values = conversations(
+        num_requests=6, think_time_s=0.01, conversation_prompts=prompts, warm_tenants=True
+    )
     return RunSettings(
         url=url,
         **values.model_dump(),
@@ -69,20 +71,21 @@ def test_conversations_through_vllm_routers_cache_aware(tmp_path: Path, prompts:
         result = compare.measure_point(point, 50.0, requests)
         assert result.summary.completed == 6, [r.error for r in result.records]
         counters = running.counters()
-        sent = [p for url in running.instance_urls for p in get_json(url + "/payloads")]
+        payloads = [p for url in running.instance_urls for p in get_json(url + "/payloads")]
     finally:
         running.stop()
-    assert len(sent) == 6 and all(p["return_token_ids"] for p in sent)
+    sent = [p for p in payloads if p["max_tokens"] > 1]  # the two tenants' warm-ups: 1
+    assert len(payloads) == 8 and len(sent) == 6 and all(p["return_token_ids"] for p in sent)
     # Half of each instance's queried tokens found (rounded down on each).
     queried, found = counters["prefix_cache_queries"], counters["prefix_cache_hits"]
     assert queried > 0 and 0 <= queried - 2 * found <= 2
     answer = [FIRST_ANSWER_ID + i for i in range(3)]
-    second = requests[1]  # turn 1 of conversation 0: turn 0, the fake's answer, its user
+    first, second = requests[2:4]  # conversation 0: turn 0, the fake's answer, turn 1's user
     if prompts == "tokens":
         assert isinstance(second.user, list)
-        expected: Any = [*requests[0].prompt, *answer, *second.user]
+        expected: Any = [*first.prompt, *answer, *second.user]
     else:
-        expected = f"{requests[0].prompt} t0 t1 t2{second.user}"
+        expected = f"{first.prompt} t0 t1 t2{second.user}"
     assert expected in [p["prompt"] for p in sent]
 
 
@@ -107,3 +110,25 @@ def test_the_report_has_a_prefix_cache_table_only_where_counted(tmp_path: Path) 
     assert json.loads(json.dumps(saved.to_json()))["setups"][0]["name"] == (
         "vllm-router-cache-aware"
     )
+
+
+def test_a_conversations_point_warms_its_tenants_up_before_its_counters(tmp_path: Path) -> None:
+    events: list[str] = []
+    with compare_fakes.serve_in_thread() as fake:
+        results = run_comparison(
+            tmp_path, fake, events, setups=["pdserve-rr"], repetitions=1, rate=[50.0],
+            workload="conversations", prefix_groups=2, prefix_len=16, turns=2,
+            think_time_s=0.01, max_context=64,
+        )  # fmt: skip
+    assert events == [
+        "start pdserve-rr", "warm pdserve-rr", "warm pdserve-rr", "point pdserve-rr 50",
+        "stop pdserve-rr",
+    ]  # fmt: skip
+    (point,) = results["setups"][0]["points"]
+    assert point["summary"]["requests_sent"] == 4  # the tenants' warm-ups are not measured
+    # The setup's warm-up (other prompts: its tenant and a 2-turn conversation), then the
+    # point's two tenants, then its four turns.
+    point_tenants = [p for p in fake.payloads[3:] if p["max_tokens"] == 1]
+    assert len(fake.payloads) == 3 + 2 + 4
+    assert len(point_tenants) == 2 and all(len(p["prompt"]) == 16 for p in point_tenants)
+    assert "2 tenants with 16-token system prompts" in (tmp_path / "out" / "report.md").read_text()

@@ -20,6 +20,7 @@ from pdserve.workload.workloads import (
     WorkloadSettings,
     build_workload,
     schedule_for,
+    split_warmup,
     units,
 )
 from tests.unit.compare_fakes import FIRST_ANSWER_ID, serve_in_thread
@@ -58,6 +59,7 @@ def conversations(**extra: Any) -> WorkloadSettings:
         "output_len": 3,
         "think_time_s": 0.5,
         "max_context": 64,
+        "warm_tenants": False,
     }
     return WorkloadSettings(**(base | extra))
 
@@ -84,6 +86,16 @@ def test_each_turn_resends_the_previous_turn_and_its_answer() -> None:
             assert request.think_s == 0 and request.input_len == 16 + 5
     assert requests == build_workload(settings)
     assert requests != build_workload(settings.model_copy(update={"seed": 1}))
+
+
+def test_each_tenant_is_warmed_up_once_before_the_point() -> None:
+    warm, requests = split_warmup(build_workload(conversations(warm_tenants=True)))
+    assert requests == build_workload(conversations())
+    assert [r.prefix_group for r in warm] == sorted({r.prefix_group for r in requests})
+    for request in warm:
+        assert request.warmup and request.output_len == 1 and request.conversation is None
+        first = next(r for r in requests if r.prefix_group == request.prefix_group)
+        assert isinstance(first.prompt, list) and request.prompt == first.prompt[:16]
 
 
 def test_conversation_settings_are_checked_and_recorded_only_when_used() -> None:
@@ -130,7 +142,7 @@ def test_the_client_builds_each_turn_on_the_answer_it_got(tmp_path: Path) -> Non
     with serve_in_thread() as fake:
         settings = RunSettings(
             url=fake.url,
-            **conversations(num_requests=6, think_time_s=0.05).model_dump(),
+            **conversations(num_requests=6, think_time_s=0.05, warm_tenants=True).model_dump(),
             rate=[100.0],
             output_dir=str(tmp_path),
             progress=False,
@@ -138,18 +150,22 @@ def test_the_client_builds_each_turn_on_the_answer_it_got(tmp_path: Path) -> Non
             time_limit_s=30,
         )
         result = run(settings)
-    sent = fake.payloads
+    warm, sent = fake.payloads[:2], fake.payloads[2:]  # two tenants warmed up first
+    assert [p["max_tokens"] for p in warm] == [1, 1] and all(
+        "return_token_ids" not in p for p in warm
+    )
     assert len(sent) == 6 and all(p["return_token_ids"] for p in sent)
     answer = [FIRST_ANSWER_ID + i for i in range(3)]  # what the fake answers
     expected: list[list[int]] = []
-    for request in build_workload(settings):
+    for request in split_warmup(build_workload(settings))[1]:
         assert isinstance(request.prompt, list) and isinstance(request.user, list)
         # The sampled answers replaced by the fake's; the user messages kept.
         expected.append([*expected[-1], *answer, *request.user] if request.turn else request.prompt)
     assert sorted(p["prompt"] for p in sent) == sorted(expected)
     (point,) = result["points"]
-    assert point["summary"]["completed"] == 6
-    # The fake counts every prompt token queried and half of them cached.
+    assert point["summary"]["completed"] == 6 and point["summary"]["requests_sent"] == 6
+    # The fake counts every prompt token queried and half of them cached (the warm-up's
+    # are counted before the point starts).
     assert point["cache"]["hit_rate"] == pytest.approx(0.5, abs=0.01)
     assert point["cache"]["kv_transfer_bytes"] is None  # not a gateway
 

@@ -64,6 +64,7 @@ def conversation_settings(**extra: object) -> SimSettings:
         "decode": 0,
         "both": 1,
         "rate": [2.0],
+        "warm_tenants": False,
     }
     return SimSettings.model_validate(values | extra)
 
@@ -107,14 +108,21 @@ def test_a_turn_that_fails_ends_its_conversation() -> None:
     assert c.leaks() == []
 
 
-def test_simulate_point_reports_the_hit_rate() -> None:
-    settings = conversation_settings(num_requests=40, both=2)
+def test_simulate_point_warms_the_tenants_up_and_reports_the_hit_rate() -> None:
+    settings = conversation_settings(num_requests=40, both=2, warm_tenants=True)
     dispatch = DispatchSettings(policy="round-robin")
     point = simulate_point(
         settings, PROFILE, dispatch, ReschedulingSettings(), GatewaySettings(), 2.0
     )
-    assert point.summary.completed == 40 and point.leaks == []
+    assert point.summary.completed == point.summary.requests_sent == 40 and point.leaks == []
     assert point.cache.hit_rate is not None and 0.3 < point.cache.hit_rate < 1.0
+    # The point's clock starts after the warm-up: its first request is sent at 0.
+    assert min(r.start_s for r in point.records) == 0.0
+    cold = simulate_point(
+        settings.model_copy(update={"warm_tenants": False}),
+        PROFILE, dispatch, ReschedulingSettings(), GatewaySettings(), 2.0,
+    )  # fmt: skip
+    assert cold.cache.hit_rate is not None and cold.cache.hit_rate < point.cache.hit_rate
     data = point.as_json()
     assert data["prefix_cache_hit_rate"] == point.cache.hit_rate
     assert data["prefix_cache_queries"] == sum(r.input_len for r in point.records)

@@ -257,6 +257,10 @@ class RequestEstimate:
     # The request's own SLOs (``x-slo-ttft-ms`` / ``x-slo-tpot-ms``); None: the cluster's.
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    # The prompt's token ids where the gateway knows them (exact tokenization, token-id
+    # prompts, later legs): the prefix index matches them (``scheduler.prefix_index``).
+    # Not compared: two estimates of the same sizes are the same to every policy.
+    prompt_token_ids: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     def prompt_blocks(self, block_size: int) -> int:
         """Blocks the request holds once admitted (its output grows them later)."""

@@ -83,3 +83,29 @@ def test_the_control_plane_keeps_each_rank_of_the_current_incarnation() -> None:
     assert cp.instances["d"].holdings() == KVHoldings(
         held_exports=1, open_pairs=3, inflight_pulls=1
     )
+
+
+def test_admin_instances_and_the_gauges_show_each_instances_holdings() -> None:
+    """What the leak checks read: /admin/instances and the pdserve_kv_* gauges, per instance
+    (exports: the max over ranks, pairs and pulls: the sum)."""
+    import httpx
+
+    from tests.unit.gateway_harness import FakeInstance, LiveGateway
+    from tests.unit.test_gateway_kv_faults import on_loop
+
+    decode = FakeInstance("decode-0", "decode")
+    with LiveGateway([FakeInstance("prefill-0", "prefill"), decode]) as gateway:
+        incarnation = decode.registration().incarnation
+        for rank, holdings in enumerate([KVHoldings(2, 1, 0), KVHoldings(1, 2, 1)]):
+            report = HoldingsReport(
+                instance_id="decode-0", rank=rank, incarnation=incarnation, holdings=holdings
+            )
+            on_loop(gateway, lambda r=report: gateway.ctx.control.handle(r))
+        rows = {r["id"]: r for r in httpx.get(gateway.url + "/admin/instances").json()}
+        metrics = httpx.get(gateway.url + "/metrics").text
+    row = rows["decode-0"]
+    assert (row["held_exports"], row["open_pairs"], row["inflight_pulls"]) == (2, 3, 1)
+    assert (rows["prefill-0"]["held_exports"], rows["prefill-0"]["open_pairs"]) == (0, 0)
+    labels = '{instance="decode-0",role="decode"}'
+    for gauge, value in [("held_exports", 2), ("open_pairs", 3), ("inflight_pulls", 1)]:
+        assert f"pdserve_kv_{gauge}{labels} {float(value)}" in metrics, gauge

@@ -287,7 +287,7 @@ def create_app(
     rescheduling: ReschedulingSettings | None = None,
 ) -> FastAPI:
     metrics = GatewayMetrics()
-    control = ControlPlane(settings, secret, make_policy(dispatch))
+    control = ControlPlane(settings, secret, make_policy(dispatch), cache=dispatch.cache)
     upstream = Upstream(
         instance_api_key(secret),
         settings.upstream_connect_timeout_s,

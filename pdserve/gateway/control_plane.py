@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from pdserve.gateway.prefix_events import PrefixRouting
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.logs import get_logger
 from pdserve.protocol.reports import (
@@ -28,9 +29,11 @@ from pdserve.protocol.reports import (
     HoldingsReport,
     KVHoldings,
     LoadReport,
+    PrefixEvents,
     Register,
 )
 from pdserve.protocol.wire import AuthError, Codec
+from pdserve.scheduler.cache_aware import CacheAwareSettings
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity, NoInstance
 from pdserve.scheduler.index import ClusterIndex
 from pdserve.scheduler.snapshot import (
@@ -218,11 +221,15 @@ class ControlPlane:
         secret: bytes,
         policy: DispatchPolicy,
         clock: Callable[[], float] = time.monotonic,
+        cache: CacheAwareSettings | None = None,
     ) -> None:
         """``clock``: the time every entry point uses when given none (the simulator passes
-        its simulated clock; nothing here opens a socket before ``start``)."""
+        its simulated clock; nothing here opens a socket before ``start``). ``cache``: the
+        prefix index's settings (``DispatchSettings.cache``)."""
         self.settings = settings
         self.policy = policy
+        # Where prompts' prefixes are cached: fed by instances' PrefixEvents, read at dispatch.
+        self.prefix = PrefixRouting(policy, cache)
         self.clock = clock
         self.instances: dict[str, InstanceRecord] = {}
         self._codec: Codec[Any] = Codec(ControlMessage, secret)
@@ -293,6 +300,8 @@ class ControlPlane:
             self._report(message, now)
         elif isinstance(message, Register):
             self._register(message, now)
+        elif isinstance(message, PrefixEvents):
+            self.prefix.receive(message)
         elif isinstance(message, HoldingsReport):
             record = self.instances.get(message.instance_id)
             if record is not None and message.incarnation == record.info.incarnation:
@@ -323,6 +332,7 @@ class ControlPlane:
             record._on_change = record._on_view = None
             self._dirty.pop(instance_id, None)
             self._index.remove(instance_id)
+            self.prefix.forget(instance_id)
             self._pending_oldest.set(instance_id, math.inf)
             self._held_oldest.set(instance_id, math.inf)
         return record
@@ -381,6 +391,7 @@ class ControlPlane:
                 "pdserve: instance %s (%s) joined at %s", info.instance_id, info.role, info.url
             )
             draining = record.draining if record is not None else False
+            self.prefix.joined(info)
             self._adopt(InstanceRecord(info, now, draining=draining), now)
         else:
             record.info = info
@@ -520,7 +531,7 @@ class ControlPlane:
         Raises the policy's ``NoInstance`` (no usable instance at all) and ``NoCapacity`` (every
         decode instance full: see ``dispatch_with_room``).
         """
-        choice = self.policy.choose(self.snapshot(), estimate)
+        choice = self.prefix.choose(self.policy, self.snapshot(), estimate, self.clock())
         self.place(choice, estimate, key)
         return choice
 
@@ -597,9 +608,13 @@ class ControlPlane:
         now = self.clock()
         decode = self.instances[choice.decode]
         blocks = estimate.prompt_blocks(decode.load.block_size if decode.load else 16)
+        # Only the part of the prompt not in the prefilling instance's cache is work there.
+        tokens = max(0, estimate.prompt_tokens - choice.cached_tokens)
+        placed = {choice.decode: decode.load}
         if choice.prefill is not None:
             prefill = self.instances[choice.prefill]
-            prefill.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+            placed[choice.prefill] = prefill.load
+            prefill.pending.append((now, Pending(1, tokens, blocks)))
             prefill.changed()
             if key is not None:
                 decode.held[key] = (now, Pending(1, 0, blocks))
@@ -607,8 +622,9 @@ class ControlPlane:
             else:
                 decode.pending.append((now, Pending(1, 0, blocks)))
         else:
-            decode.pending.append((now, Pending(1, estimate.prompt_tokens, blocks)))
+            decode.pending.append((now, Pending(1, tokens, blocks)))
         decode.changed()
+        self.prefix.routed(estimate, now, placed)
 
     def dispatch_decode(self, estimate: RequestEstimate, prefilled: bool) -> str:
         """A decode-capable instance for a request whose decode instance went away.

@@ -3,7 +3,8 @@
 Instances push these over ZeroMQ (PUSH → the scheduler's PULL socket) in the authenticated
 envelope of ``pdserve.protocol.wire``. ``Register`` is repeated every few seconds, so a restarted
 scheduler learns the cluster again without any instance restarting; ``LoadReport`` comes from
-inside the engine at least every 100 ms and doubles as the heartbeat.
+inside the engine at least every 100 ms and doubles as the heartbeat. ``PrefixEvents``
+(``pdserve.protocol.prefix``) say what an instance's prefix cache holds.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from typing import Literal
 
 import msgspec
+
+from pdserve.protocol.prefix import PrefixEvents
 
 Role = Literal["prefill", "decode", "both"]
 ROLES: tuple[Role, ...] = ("prefill", "decode", "both")
@@ -167,4 +170,4 @@ class HoldingsReport(msgspec.Struct, tag=True, frozen=True):
     holdings: KVHoldings
 
 
-ControlMessage = Register | Deregister | LoadReport | HoldingsReport
+ControlMessage = Register | Deregister | LoadReport | HoldingsReport | PrefixEvents

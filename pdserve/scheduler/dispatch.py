@@ -12,6 +12,9 @@
 - a ``both`` instance chosen for decode serves the whole request.
 
 ``RoundRobinPolicy`` and ``LeastRequestsPolicy`` are the baselines the benchmarks compare to.
+``cache-aware`` (``pdserve.scheduler.cache_aware``) chooses prefill and decode together by
+the predicted TTFT with each instance's cached prefix (the control plane hands it the
+request's ``PrefixMatch``: ``PrefixAwarePolicy``).
 ``adaptive`` (``pdserve.scheduler.adaptive``) treats roles as preferences and places each
 request against the SLOs (``DispatchSettings.slo``).
 
@@ -28,12 +31,14 @@ import enum
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from pdserve.scheduler.adaptive import AdaptivePolicy
 from pdserve.scheduler.admission import prefill_wait_s
+from pdserve.scheduler.cache_aware import CacheAwarePolicy, CacheAwareSettings
+from pdserve.scheduler.prefix_index import NO_MATCH, PrefixMatch
 from pdserve.scheduler.rescheduling import MigrationPlan
 from pdserve.scheduler.slo import SloSettings
 from pdserve.scheduler.snapshot import (
@@ -45,14 +50,15 @@ from pdserve.scheduler.snapshot import (
     RequestEstimate,
 )
 
-PolicyName = Literal["pd", "round-robin", "least-requests", "adaptive"]
+PolicyName = Literal["pd", "round-robin", "least-requests", "adaptive", "cache-aware"]
 
 
 class DispatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     policy: PolicyName = Field(
-        "pd", description="dispatch policy: pd, round-robin, least-requests, adaptive"
+        "pd",
+        description="dispatch policy: pd, round-robin, least-requests, adaptive, cache-aware",
     )
     short_prompt_tokens: int = Field(
         64, ge=0, description="prompts up to this many tokens are prefilled on the decode instance"
@@ -70,15 +76,19 @@ class DispatchSettings(BaseModel):
         2000.0, gt=0, description="prefill rate assumed until an instance has measured its own"
     )
     slo: SloSettings = Field(default_factory=SloSettings)
+    cache: CacheAwareSettings = Field(default_factory=CacheAwareSettings)
 
 
 @dataclass(frozen=True)
 class Dispatch:
     """``decode``: the instance that produces the output tokens (of any role when no
-    decode-capable instance is usable); ``prefill`` None: it prefills the request itself."""
+    decode-capable instance is usable); ``prefill`` None: it prefills the request itself.
+    ``cached_tokens``: prompt tokens the instance that prefills holds already in its prefix
+    cache, as the policy predicted (only ``cache-aware`` says): its pending work is the rest."""
 
     decode: str
     prefill: str | None = None
+    cached_tokens: int = 0
 
     @property
     def disaggregated(self) -> bool:
@@ -144,6 +154,18 @@ class NoCapacity(Exception):
 
 class DispatchPolicy(Protocol):
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
+
+
+@runtime_checkable
+class PrefixAwarePolicy(Protocol):
+    """A policy that also reads where the request's prefix is cached: the control plane
+    matches the prompt in its prefix index only for such a policy."""
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
+
+    def choose_cached(
+        self, snapshot: ClusterSnapshot, request: RequestEstimate, prefix: PrefixMatch
+    ) -> Dispatch: ...
 
 
 class PdPolicy:
@@ -235,6 +257,36 @@ class AdaptiveDispatch:
         return self.adaptive.plan_migrations(snapshot, moving, preempted, budget)
 
 
+class CacheAwareDispatch:
+    """``pdserve.scheduler.cache_aware``'s placements as dispatch decisions; without a
+    match (``choose``) it prices every instance as holding nothing."""
+
+    def __init__(self, settings: DispatchSettings) -> None:
+        self.settings = settings
+        self.cache = CacheAwarePolicy(
+            settings.cache,
+            settings.watermark,
+            settings.default_prefill_tokens_per_s,
+            settings.short_prompt_tokens,
+            settings.prefill_saturation_s,
+        )
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        return self.choose_cached(snapshot, request, NO_MATCH)
+
+    def choose_cached(
+        self, snapshot: ClusterSnapshot, request: RequestEstimate, prefix: PrefixMatch
+    ) -> Dispatch:
+        placement = self.cache.place(snapshot, request, prefix)
+        if placement is None:
+            raise NoInstance()
+        if placement.prefill is not None:
+            decode = snapshot.get(placement.decode)
+            assert decode is not None
+            check_room(decode, request, self.settings.watermark)
+        return Dispatch(placement.decode, placement.prefill, placement.cached_tokens)
+
+
 class RoundRobinPolicy:
     """Takes turns, blind to load: the usual proxy in front of vLLM instances."""
 
@@ -290,4 +342,6 @@ def make_policy(settings: DispatchSettings) -> DispatchPolicy:
         return LeastRequestsPolicy()
     if settings.policy == "adaptive":
         return AdaptiveDispatch(settings)
+    if settings.policy == "cache-aware":
+        return CacheAwareDispatch(settings)
     return PdPolicy(settings)

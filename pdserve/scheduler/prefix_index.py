@@ -297,7 +297,9 @@ class PrefixIndex:
             entry.touched.clear()
             entry.block_size = block_size
         touched, holders = entry.touched, self._holders
-        for key in keys:
+        # Last block first: the prompt's first blocks are the most recent, so the least
+        # recent to drop, as vLLM's free queue evicts a request's blocks last block first.
+        for key in reversed(keys):
             if key in touched:
                 touched.move_to_end(key)
             else:

@@ -3,7 +3,8 @@
 pdserve's own flags are declared once in ``InstanceSettings``; every other argument goes to
 vLLM unchanged (``pdserve instance --role decode --max-num-seqs 64``). The server runs in this
 process (vLLM's ``run_server``), next to a small agent thread that registers the instance with
-the global scheduler and deregisters it on the way out.
+the global scheduler and deregisters it on the way out, and (``--prefix-events``, on by
+default in a cluster) the relay of its KV events to the gateway (``instance.prefix_relay``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pdserve.instance.environment import (
     cpu_vllm_flags,
     is_cpu_build,
 )
+from pdserve.instance.prefix_relay import PrefixRelay, RelayThread, kv_events_config
 from pdserve.instance.settings import InstanceSettings
 from pdserve.kv.settings import KVSettings, kv_transfer_config
 from pdserve.logs import get_logger
@@ -32,6 +34,8 @@ logger = get_logger(__name__)
 SCHEDULER_CLS = "pdserve.instance.engine_scheduler.PdserveScheduler"
 # vLLM flags pdserve sets itself; a user value would silently break the cluster.
 RESERVED_VLLM_FLAGS = ("--kv-transfer-config", "--scheduler-cls")
+# Set by pdserve while it relays the instance's prefix events (--prefix-events).
+EVENTS_FLAG = "--kv-events-config"
 
 
 def prepare_environment(settings: InstanceSettings, cpu: bool) -> None:
@@ -60,6 +64,31 @@ def kv_settings_for(settings: InstanceSettings) -> KVSettings:
     )
 
 
+def events_port_for(settings: InstanceSettings) -> int | None:
+    """The loopback port of vLLM's KV events, if this instance relays them (in a cluster,
+    with ``--prefix-events``)."""
+    if not (settings.control_address and settings.prefix_events):
+        return None
+    return settings.prefix_events_port or free_port()
+
+
+def start_relay(
+    settings: InstanceSettings, kv: KVSettings, events_port: int | None
+) -> RelayThread | None:
+    """The relay, bound before vLLM's engine starts (its publisher connects to it)."""
+    if events_port is None or settings.control_address is None:
+        return None
+    relay = RelayThread(
+        PrefixRelay(kv.instance_id, kv.incarnation),
+        events_port,
+        settings.control_address,
+        cluster_secret(is_loopback(settings.host)),
+    )
+    relay.start()
+    logger.info("pdserve: relaying prefix events from 127.0.0.1:%d", events_port)
+    return relay
+
+
 def vllm_argv(
     settings: InstanceSettings,
     kv: KVSettings,
@@ -67,11 +96,18 @@ def vllm_argv(
     served_name: str | None,
     extra: list[str],
     cpu: bool,
+    events_port: int | None = None,
 ) -> list[str]:
-    """The arguments of vLLM's API server: pdserve's own, then the user's."""
+    """The arguments of vLLM's API server: pdserve's own, then the user's. ``events_port``:
+    where vLLM publishes its KV events for the relay (None: not at all)."""
     for flag in RESERVED_VLLM_FLAGS:
         if has_flag(extra, flag):
             raise SystemExit(f"pdserve instance sets {flag} itself; remove it from the arguments")
+    if events_port is not None and has_flag(extra, EVENTS_FLAG):
+        raise SystemExit(
+            f"pdserve instance sets {EVENTS_FLAG} itself to relay prefix events; "
+            "add --no-prefix-events to pass your own"
+        )
     argv = ["--model", model, "--host", settings.host, "--port", str(settings.port)]
     if served_name and not has_flag(extra, "--served-model-name"):
         argv += ["--served-model-name", served_name]
@@ -83,6 +119,8 @@ def vllm_argv(
         "--scheduler-cls",
         SCHEDULER_CLS,
     ]
+    if events_port is not None:
+        argv += [EVENTS_FLAG, kv_events_config(events_port)]
     if settings.priority_scheduling and not has_flag(extra, "--scheduling-policy"):
         argv += ["--scheduling-policy", "priority"]
     if settings.control_address and not has_flag(extra, "--api-key"):
@@ -97,7 +135,8 @@ def run(settings: InstanceSettings, extra: list[str]) -> int:
     prepare_environment(settings, cpu)
     model, served_name = bundled_model.resolve(settings.model)
     kv = kv_settings_for(settings)
-    argv = vllm_argv(settings, kv, model, served_name, extra, cpu)
+    events_port = events_port_for(settings)
+    argv = vllm_argv(settings, kv, model, served_name, extra, cpu, events_port)
     logger.info(
         "pdserve: starting %s instance %s on %s", settings.role, kv.instance_id, settings.url()
     )
@@ -115,6 +154,7 @@ def run(settings: InstanceSettings, extra: list[str]) -> int:
     validate_parsed_serve_args(args)
 
     agent = None
+    relay = start_relay(settings, kv, events_port)
     if settings.control_address:
         from pdserve.instance.agent import RegistrationAgent
 
@@ -128,6 +168,8 @@ def run(settings: InstanceSettings, extra: list[str]) -> int:
     finally:
         if agent is not None:
             agent.stop()
+        if relay is not None:
+            relay.stop()
         logger.info(
             "pdserve: instance %s stopped after %.0f s", kv.instance_id, time.time() - started
         )

@@ -46,6 +46,19 @@ class InstanceSettings(BaseModel):
         "recompute", description="when a KV pull fails: prefill locally, or fail the request"
     )
     report_interval_s: float = Field(0.1, gt=0, description="seconds between load reports")
+    prefix_events: bool = Field(
+        True,
+        description="in a cluster, tell the gateway what this instance's prefix cache holds "
+        "(vLLM's KV events on loopback, relayed signed; the cache-aware policy routes by "
+        "them); off: the gateway guesses from what it routed here, and --kv-events-config "
+        "is left to you",
+    )
+    prefix_events_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="loopback port where vLLM publishes its KV events to the relay (default: free)",
+    )
     priority_scheduling: bool = Field(
         False,
         description="vLLM's --scheduling-policy priority: a request's priority (the gateway "

@@ -152,16 +152,12 @@ def test_a_both_instance_holding_the_prefix_serves_the_request_whole() -> None:
     snap = cluster(
         view("p", "prefill"), view("b1", "both", free=1000), view("b2", "both", free=800)
     )
-    assert policy().choose_cached(snap, LONG, held(b2=2992)) == Dispatch(
-        "b2", cached_tokens=2992
-    )
+    assert policy().choose_cached(snap, LONG, held(b2=2992)) == Dispatch("b2", cached_tokens=2992)
 
 
 def test_without_decode_instances_the_holder_serves_it_whole() -> None:
     snap = cluster(view("p1", "prefill"), view("p2", "prefill", queued_tokens=500))
-    assert policy().choose_cached(snap, LONG, held(p2=2992)) == Dispatch(
-        "p2", cached_tokens=2992
-    )
+    assert policy().choose_cached(snap, LONG, held(p2=2992)) == Dispatch("p2", cached_tokens=2992)
     with pytest.raises(NoInstance):
         policy().choose_cached(cluster(view("p", "prefill", healthy=False)), LONG, NO_MATCH)
 

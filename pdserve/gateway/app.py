@@ -275,6 +275,11 @@ def instance_summary(ctx: GatewayContext, sessions: SessionRegistry) -> list[dic
                 if record.last_report_at
                 else None,
                 "gateway_requests": len(sessions.on(instance_id)),
+                "block_size": load.block_size if load else None,
+                "kv_bytes_received": load.transfers.bytes_received if load else 0,
+                # Prompt blocks the gateway's prefix index holds for it, and from what.
+                "prefix_blocks": ctx.control.prefix.index.blocks(instance_id),
+                "prefix_tracking": ctx.control.prefix.index.tracking(instance_id),
             }
         )
     return rows

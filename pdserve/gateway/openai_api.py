@@ -154,6 +154,16 @@ def estimate_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
     return math.ceil(chars / 4) + 8 * len(request.messages)
 
 
+def known_prompt_ids(request: ChatRequest | CompletionRequest) -> tuple[int, ...] | None:
+    """The prompt's token ids where the request gives them itself (a completion of one
+    token-id prompt): what the prefix index matches (``RequestEstimate.prompt_token_ids``)."""
+    if isinstance(request, CompletionRequest):
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return tuple(prompt)  # type: ignore[arg-type]
+    return None
+
+
 def _prompt_estimate(prompt: str | list[int]) -> int:
     if isinstance(prompt, list):
         return len(prompt)
@@ -256,6 +266,7 @@ def estimate_of(request: ChatRequest | CompletionRequest, service: Service) -> R
         priority=service.priority,
         slo_ttft_ms=service.slo_ttft_ms,
         slo_tpot_ms=service.slo_tpot_ms,
+        prompt_token_ids=known_prompt_ids(request),
     )
 
 

@@ -83,6 +83,7 @@ class SimCluster:
             SECRET,
             make_policy(self.dispatch_settings),
             clock=self.queue.clock,
+            cache=self.dispatch_settings.cache,
         )
         self.engines: dict[str, SimEngine] = {}
         self.failed: list[SimEngine] = []

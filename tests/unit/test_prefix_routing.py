@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 
 from pdserve.gateway.control_plane import ControlPlane
+from pdserve.gateway.openai_api import CompletionRequest, Service, estimate_of
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.prefix import Cleared, PrefixEvents, Removed, Stored, chain_keys
 from pdserve.protocol.reports import ControlMessage, Deregister
@@ -152,3 +153,9 @@ def test_other_policies_ignore_prefix_events_and_place_as_before() -> None:
     cp.handle(events("p2", 1, stored(SYSTEM)), now=0.0)
     assert len(cp.prefix.index) == 0 and cp.prefix.batches == 0
     assert cp.dispatch(PROMPT) == Dispatch("d", "p1")
+
+
+def test_a_token_id_prompt_brings_its_ids_to_the_index() -> None:
+    ids = estimate_of(CompletionRequest(prompt=[1, 2, 3]), Service()).prompt_token_ids
+    assert ids == (1, 2, 3)
+    assert estimate_of(CompletionRequest(prompt="text"), Service()).prompt_token_ids is None

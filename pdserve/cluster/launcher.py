@@ -48,6 +48,7 @@ PER_INSTANCE_FIELDS = frozenset(
         "advertise_host",
         "kv_port",
         "control_port",
+        "prefix_events_port",
         "cpu_cores",
         "model",
     }

@@ -49,7 +49,8 @@ taken at face value. Ties go to ``pd``'s choice.
 Known bias: a load report counts a waiting request's whole prompt as queued, its cached part
 included (vLLM finds its prefix hit only when it schedules it), so a holder with a waiting
 queue looks busier than it is and spreads a little early; the gateway's own pending work
-counts only the uncached part (``Dispatch.cached_tokens``).
+counts only the uncached part (``Dispatch.cached_tokens``). The operator's view, with the
+events behind the index: docs/prefix-routing.md.
 """
 
 from __future__ import annotations

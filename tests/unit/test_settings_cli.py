@@ -79,6 +79,7 @@ def test_serve_shares_only_cluster_wide_instance_flags() -> None:
             "--kv-port",
             "--control-address",
             "--scheduler",
+            "--prefix-events-port",
         }
         & flags
     )

@@ -17,7 +17,7 @@ vLLM's free queue evicts the blocks of a freed request last-block first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 PrefixKey = Hashable
@@ -44,6 +44,9 @@ class BlockPool:
         self.prefix_caching = prefix_caching
         self.runs: dict[PrefixKey, CachedRun] = {}
         self._lru: OrderedDict[PrefixKey, None] = OrderedDict()
+        # Told of every change of a cached run: (key, first block, end, cached or evicted),
+        # as vLLM's BlockStored / BlockRemoved (``pdserve.sim.prefix_events``).
+        self.listener: Callable[[PrefixKey, int, int, bool], None] | None = None
 
     @property
     def used(self) -> int:
@@ -118,6 +121,8 @@ class BlockPool:
         if run.blocks != have or run.blocks >= size:
             return 0
         given = size - run.blocks
+        if self.listener is not None:
+            self.listener(key, run.blocks, size, True)
         run.blocks = size
         if have == 0:
             if run.refs == 0:
@@ -134,6 +139,8 @@ class BlockPool:
             key = next(iter(self._lru))
             run = self.runs[key]
             take = min(blocks, run.blocks)
+            if self.listener is not None:
+                self.listener(key, run.blocks - take, run.blocks, False)
             run.blocks -= take
             self.evictable -= take
             blocks -= take

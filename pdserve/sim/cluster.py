@@ -34,6 +34,7 @@ from pdserve.sim.events import EventQueue
 from pdserve.sim.gateway import Outcome, Session, SimGateway
 from pdserve.sim.legs import EngineConfig
 from pdserve.sim.migration import SimRescheduler
+from pdserve.sim.prefix_events import PrefixOutbox, RunKeys
 from pdserve.sim.profile import StepProfile
 
 SECRET = b"pdserve-sim"
@@ -85,6 +86,10 @@ class SimCluster:
             clock=self.queue.clock,
             cache=self.dispatch_settings.cache,
         )
+        # The engines' prefix events, for a policy that reads the prefix index (the runs'
+        # chain keys: ``pdserve.sim.prefix_events``, filled by whoever makes the sessions).
+        self.runs = RunKeys()
+        self.outbox = PrefixOutbox(self.runs) if self.control.prefix.enabled else None
         self.engines: dict[str, SimEngine] = {}
         self.failed: list[SimEngine] = []
         self._delivered: dict[str, int] = {}
@@ -139,6 +144,8 @@ class SimCluster:
             # Only rescheduling reads the running requests of a report.
             list_running=self.rescheduling_settings.rescheduling,
         )
+        if self.outbox is not None:
+            engine.pool.listener = self.outbox.listener(engine)
         self.engines[instance_id] = engine
         self._delivered[instance_id] = -1
         self._expect(instance_id, engine, 0)
@@ -198,6 +205,8 @@ class SimCluster:
         """Delivers each live instance's latest report sent by ``now`` (see the module doc):
         only instances with a report due are looked at (a heap by due time)."""
         control = self.control
+        if self.outbox is not None:  # what the pools cached and evicted, before the reports
+            self.outbox.flush(lambda batch: control.handle(batch, now))
         delivered = self._delivered
         due = self._due
         early: list[tuple[float, int, SimEngine]] = []

@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,7 +79,7 @@ class Session:
     chain: Chain = ()
     # A conversation's turn: its prompt's token ids, the turn sent after this one ends (its
     # think time later), and whether this one waits for the one before it.
-    token_ids: Sequence[int] = ()
+    token_ids: tuple[int, ...] | None = None
     next_turn: Session | None = None
     think_s: float = 0.0
     follows: bool = False
@@ -218,8 +218,12 @@ class SimGateway:
         self._first_dispatch(session, now)
 
     def estimate(self, session: Session) -> RequestEstimate:
-        """What the gateway knows before any instance saw the request (``budget``: max_tokens)."""
-        return RequestEstimate(session.input_len + session.output, session.output_len)
+        """What the gateway knows before any instance saw the request (``budget``: max_tokens;
+        the prompt's token ids, for the prefix index, while it is the prompt sent)."""
+        ids = session.token_ids if session.output == 0 else None
+        return RequestEstimate(
+            session.input_len + session.output, session.output_len, prompt_token_ids=ids
+        )
 
     def dispatch(self, estimate: RequestEstimate, key: str | None) -> Dispatch:
         """``ControlPlane.dispatch`` on fresh reports, its wall-clock time recorded."""

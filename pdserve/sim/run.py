@@ -32,6 +32,7 @@ from pdserve.sim.cluster import SimCluster, roles_of
 from pdserve.sim.conversation import conversation_chains
 from pdserve.sim.gateway import Session, prefix_chain
 from pdserve.sim.legs import EngineConfig
+from pdserve.sim.prefix_events import RunKeys
 from pdserve.sim.profile import StepProfile, load_profile
 from pdserve.sim.settings import SimSettings
 from pdserve.workload.arrivals import OpenLoop
@@ -112,10 +113,12 @@ def sessions_for(
     times: Sequence[float],
     block_size: int,
     key_prefix: str = "req",
+    token_ids: bool = False,
 ) -> list[Session]:
     """One gateway session per request, arriving at its send time; a conversation's first
     turn at the conversation's start (``times`` has one per ``units``), each later turn
-    after the turn before it (``next_turn``)."""
+    after the turn before it (``next_turn``); ``token_ids``: the prompts' ids go with them
+    (for the prefix index)."""
     if any(r.conversation is not None for r in requests):
         chains = conversation_chains(requests, block_size)
     else:
@@ -128,7 +131,7 @@ def sessions_for(
             output_len=r.output_len,
             start_s=0.0,
             chain=chain,
-            token_ids=r.prompt if isinstance(r.prompt, list) else (),
+            token_ids=tuple(r.prompt) if token_ids and isinstance(r.prompt, list) else None,
             think_s=r.think_s,
         )
         for i, (r, chain) in enumerate(zip(requests, chains, strict=True))
@@ -168,6 +171,23 @@ def build_cluster(
         changes=settings.changes(),
         seed=settings.seed,
     )
+
+
+def index_runs(
+    runs: RunKeys,
+    requests: Sequence[BenchRequest],
+    sessions: Sequence[Session],
+    block_size: int,
+) -> None:
+    """The chain keys of every run the sessions' chains name, from their token ids: a
+    conversation's from its last turn's prompt and a synthetic answer (its earlier turns'
+    runs are prefixes of it), any other request's from its prompt."""
+    for group in units(requests):
+        last = requests[group[-1]]
+        if not isinstance(last.prompt, list):
+            continue
+        answer = [0] * last.output_len if last.conversation is not None else []
+        runs.add(sessions[group[-1]].chain, [*last.prompt, *answer], block_size)
 
 
 COUNTED = ("preemptions", "bytes_received", "prefix_queries", "prefix_hits")
@@ -212,8 +232,12 @@ def simulate_point(
     started = time.perf_counter()
     cluster = build_cluster(settings, profile, dispatch, rescheduling, gateway)
     block_size = cluster.engine_config.block_size
-    before = warm_up(cluster, sessions_for(warm, [0.0] * len(warm), block_size, "warm"))
-    sessions = sessions_for(requests, schedule.times, block_size)
+    ids = cluster.outbox is not None
+    warming = sessions_for(warm, [0.0] * len(warm), block_size, "warm", ids)
+    sessions = sessions_for(requests, schedule.times, block_size, token_ids=ids)
+    if ids:
+        index_runs(cluster.runs, [*warm, *requests], [*warming, *sessions], block_size)
+    before = warm_up(cluster, warming)
     simulated = cluster.run(sessions)
     wall = time.perf_counter() - started
     records = [s.record() for s in sessions]

@@ -11,14 +11,15 @@ import pytest
 
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.scheduler.dispatch import DispatchSettings
+from pdserve.scheduler.prefix_index import Tracking
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.sim.cluster import SimCluster
 from pdserve.sim.conversation import conversation_chain, conversation_chains
 from pdserve.sim.gateway import Outcome
 from pdserve.sim.legs import EngineConfig
-from pdserve.sim.run import sessions_for, simulate_point
+from pdserve.sim.run import index_runs, sessions_for, simulate_point
 from pdserve.sim.settings import SimSettings
-from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload
+from pdserve.workload.workloads import BenchRequest, WorkloadSettings, build_workload, split_warmup
 from tests.unit.test_sim_cluster import PROFILE
 
 
@@ -157,3 +158,39 @@ def test_the_sim_prefix_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert set(data) == {"0", "1"} and {"round-robin", "pd", "1P1D"} <= set(data["0"])
     assert all(p["prefix_cache_hit_rate"] is not None for p in data["0"]["round-robin"])
     assert (tmp_path / "sweep-seed1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_prefix_index_holds_exactly_what_the_engines_cache() -> None:
+    """Under cache-aware, every pool's cached and evicted blocks reach the control plane's
+    prefix index as PrefixEvents: at any time it holds exactly each engine's cached runs,
+    by the chain keys of their token ids, and the policy routes the tenants' turns to them."""
+    settings = conversation_settings(
+        num_requests=48, both=2, prefix_groups=3, warm_tenants=True, think_time_s=0.05
+    )
+    engine = EngineConfig.of(PROFILE, num_blocks=60)  # small: the pools evict
+    dispatch = DispatchSettings(policy="cache-aware")
+    _, requests = split_warmup(
+        build_workload(WorkloadSettings.model_validate(settings.model_dump()))
+    )
+    c = SimCluster(PROFILE, ["both", "both"], dispatch=dispatch, engine=engine)
+    assert c.outbox is not None
+    served = sessions_for(requests, [0.5 * i for i in range(12)], 16, token_ids=True)
+    index_runs(c.runs, requests, served, 16)
+    index = c.control.prefix.index
+
+    def same() -> None:
+        c.sync(c.queue.now)
+        for instance_id, e in c.engines.items():
+            if index.tracking(instance_id) is not Tracking.EXACT:
+                continue  # no event yet: what was routed there, approximately
+            cached = {k for key, run in e.pool.runs.items() for k in c.runs[key][: run.blocks]}
+            assert index.blocks(instance_id) == len(cached)
+
+    c.run(served, after_each=same)
+    assert all(s.outcome is Outcome.COMPLETED for s in served) and c.leaks() == []
+    assert sum(e.counters.prefix_hits for e in c.engines.values()) > 0
+    assert {index.tracking(i) for i in c.engines} == {Tracking.EXACT}
+    # A later turn is matched where its conversation ran.
+    last = served[-1]
+    assert last.token_ids is not None
+    assert index.match(last.token_ids, 16, c.queue.now).tokens(str(last.instance)) > 0

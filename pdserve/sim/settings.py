@@ -39,6 +39,9 @@ GATEWAY_UNUSED = (
     "max_body_bytes",
     "upstream_connect_timeout_s",
     "upstream_stall_timeout_s",
+    # The simulator's requests carry their token ids; --tokenizer is the workload's.
+    "tokenizer",
+    "tokenizer_threads",
 )
 
 

@@ -4,6 +4,7 @@ cache table."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -132,3 +133,32 @@ def test_a_conversations_point_warms_its_tenants_up_before_its_counters(tmp_path
     assert len(fake.payloads) == 3 + 2 + 4
     assert len(point_tenants) == 2 and all(len(p["prompt"]) == 16 for p in point_tenants)
     assert "2 tenants with 16-token system prompts" in (tmp_path / "out" / "report.md").read_text()
+
+
+# The real-vLLM comparison of issue 14 (README, "Shared prefixes"): it must stay valid.
+ISSUE_14_ARGS = (
+    "--setups pdserve-cache-aware pdserve-rr vllm-router-cache-aware --repetitions 3 "
+    "--workload conversations --conversation-prompts text --prefix-groups 6 --prefix-len 1536 "
+    "--turns 4 --input-len 64 --output-len 32 --think-time-s 3 --num-requests 120 --rate 0.4 "
+    "--max-context 2048 --kv-cache-gib 1 --warmup-requests 2 --time-limit-s 900 --no-progress "
+    "--output-dir benchmark/results/compare-prefix-2core "
+    "--num-gpu-blocks-override 56 --max-model-len 2048"
+)
+
+
+def test_the_issue_14_comparison_is_a_valid_command() -> None:
+    parser = argparse.ArgumentParser()
+    compare.add_compare_arguments(parser)
+    namespace, vllm_args = parser.parse_known_args(ISSUE_14_ARGS.split())
+    settings = compare.settings_from_args(namespace)
+    assert vllm_args == ["--num-gpu-blocks-override", "56", "--max-model-len", "2048"]
+    assert compare.warn_about(settings) == []  # 3 repetitions, >= 100 requests
+    cache_aware = parse_setup("pdserve-cache-aware", 2)
+    assert (cache_aware.both, cache_aware.policy) == (2, "cache-aware")
+    argv = plan("pdserve-cache-aware").processes[0].argv
+    assert argv[argv.index("--policy") + 1] == "cache-aware"
+    # 6 tenants x 12 blocks of 128 tokens exceed one instance's 56 blocks; half of them fit,
+    # with the histories of four conversations at a time (4 turns of 96 tokens).
+    assert 6 * 1536 > 56 * 128 > 3 * 1536 + 4 * 4 * 96
+    assert settings.conversation_shape().longest() <= settings.max_context <= 2048
+    assert 45 * 60 < compare.planned_s(settings) < 60 * 60

@@ -105,8 +105,12 @@ async def run_trial(
     decoders: Sequence[str],
     migrate_after: int,
     seed: int,
+    tail_spread: int = 0,
 ) -> None:
-    prompt = prompt_ids(trial.context_tokens - migrate_after, seed)
+    # Where the cut falls in its last block varies per trial, as it does in service: a
+    # context that is always a multiple of the block size would always leave a short tail.
+    spread = int(np.random.default_rng(seed).integers(0, tail_spread)) if tail_spread else 0
+    prompt = prompt_ids(trial.context_tokens - migrate_after - spread, seed)
     body = {
         "model": model, "prompt": prompt, "max_tokens": migrate_after + 40, "temperature": 0,
         "ignore_eos": True, "stream": True, "return_token_ids": True,
@@ -151,7 +155,7 @@ async def _post(http: aiohttp.ClientSession, url: str, body: Any) -> Any:
 
 
 async def measure(
-    url: str, lengths: Sequence[int], repeats: int, migrate_after: int
+    url: str, lengths: Sequence[int], repeats: int, migrate_after: int, tail_spread: int = 0
 ) -> list[Trial]:
     decoders = sorted(
         row["id"] for row in healthy(instances(url)) if row["role"] in ("decode", "both")
@@ -168,7 +172,9 @@ async def measure(
                     trial = Trial(length, method)
                     # A new prompt per trial: the target's prefix cache must not hold it.
                     seed = (length * 10 + repeat) * len(METHODS) + index
-                    await run_trial(http, url, model, trial, decoders, migrate_after, seed)
+                    await run_trial(
+                        http, url, model, trial, decoders, migrate_after, seed, tail_spread
+                    )
                     trials.append(trial)
                     print(_line(trial), flush=True)
     return trials
@@ -239,6 +245,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=2, help="moves per length and method")
     parser.add_argument("--migrate-after", type=int, default=24, help="tokens before the move")
+    parser.add_argument(
+        "--tail-spread", type=int, default=128,
+        help="shorten each prompt by a random 0..N-1 tokens so the cut lands anywhere in its "
+        "last block (128: the CPU build's block size; 0: contexts exactly as given)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="write every trial and the summary here")
     parser.add_argument("--log-dir", type=Path, help="logs of the cluster this script starts")
     return parser.parse_args(argv)
@@ -248,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
     def run(url: str) -> list[Trial]:
-        return asyncio.run(measure(url, args.lengths, args.repeats, args.migrate_after))
+        return asyncio.run(
+            measure(url, args.lengths, args.repeats, args.migrate_after, args.tail_spread)
+        )
 
     if args.url:
         trials = run(args.url.rstrip("/"))

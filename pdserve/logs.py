@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-_FORMAT = "%(levelname)s %(asctime)s [%(name)s] %(message)s"
+_FORMAT = "%(levelname)s %(asctime)s.%(msecs)03d [%(name)s] %(message)s"
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -80,12 +80,18 @@ class CacheAwareSettings(BaseModel):
         description="cache-aware: prompt tokens of KV one pull moves per second, the price "
         "of a transfer in the predicted TTFT",
     )
+    # 0 by default: in the simulator (benchmark/results/sim-prefix-16) 0.5 dropped holders of
+    # long prefixes almost always, so tenants spread and evicted each other (mean TTFT
+    # 1.6-5.4x round-robin's, P99 ~1x); with 0 a holder keeps its prefix until it has no room
+    # for the request's blocks (14-85x). The prefill side's stickiness bound still spreads
+    # a hot prefix whose holder queues.
     decode_balance: float = Field(
-        0.5,
+        0.0,
         ge=0,
         le=1,
         description="cache-aware: a decode instance holding the prompt's prefix is preferred "
-        "while its free KV blocks per request are at least this fraction of the best one's",
+        "while its free KV blocks per request are at least this fraction of the best one's "
+        "(0: while it has room for the request's blocks)",
     )
     approximate_ttl_s: float = Field(
         DEFAULT_APPROXIMATE_TTL_S,

@@ -113,10 +113,15 @@ def test_a_decode_holder_past_the_balance_leaves_the_decode_to_the_best_instance
         view("d1", "decode", free=1000),
         view("d2", "decode", free=400, running=1),  # 200 blocks per request: < 0.5 x 1000
     )
-    assert policy().choose_cached(snap, LONG, held(d2=1000)).decode == "d1"
+    assert (
+        policy(cache={"decode_balance": 0.5}).choose_cached(snap, LONG, held(d2=1000)).decode
+        == "d1"
+    )
     assert policy(cache={"decode_balance": 0.1}).choose_cached(snap, LONG, held(d2=1000)) == (
         Dispatch("d2", "p")
     )
+    # By default (0) a holder with room keeps the decode however much freer another is.
+    assert policy().choose_cached(snap, LONG, held(d2=1000)) == Dispatch("d2", "p")
 
 
 def test_a_decode_holder_without_room_for_the_request_is_not_chosen() -> None:

@@ -35,15 +35,16 @@ from pdserve.gateway.migration import MIGRATION_MODES, Migrator
 from pdserve.gateway.openai_api import (
     Kind,
     client_request_id,
-    estimate_of,
     parse_json_body,
     parse_request,
     parse_service,
 )
+from pdserve.gateway.phases import Timeline, request_row
 from pdserve.gateway.responses import SSE_DONE, sse
 from pdserve.gateway.responses_api import add_responses_routes
 from pdserve.gateway.session import STARTED, Cut, RequestSession, SessionRegistry
 from pdserve.gateway.settings import GatewaySettings
+from pdserve.gateway.tokens import context_error, estimate_for
 from pdserve.gateway.upstream import Upstream
 from pdserve.gateway.utility_api import add_utility_routes
 from pdserve.logs import get_logger
@@ -182,15 +183,23 @@ async def _fold(
 
 async def _serve(kind: Kind, request: Request) -> Response:
     ctx: GatewayContext = request.app.state.ctx
+    timeline = Timeline(time.perf_counter())
     endpoint = "chat" if kind == "chat" else "completions"
     parsed = parse_request(kind, await _read_body(request))
     service = parse_service(request.headers, parsed)
     _check_model(ctx, parsed.model)
-    ctx.admit(estimate_of(parsed, service))
+    counted = await ctx.count_prompt(kind, parsed, parsed.model or ctx.default_model())
+    timeline.mark_tokenized()
+    too_long = context_error(counted)
+    if too_long is not None:
+        raise too_long
+    ctx.admit(estimate_for(parsed, service, counted))
     slot: AbstractAsyncContextManager[None] = ctx.admission.slot()
     await slot.__aenter__()
     request_id = client_request_id(request.headers, parsed)
-    session = open_request(ctx, request.app.state.sessions, kind, parsed, service, request_id)
+    session = open_request(
+        ctx, request.app.state.sessions, kind, parsed, service, request_id, counted, timeline
+    )
     chunks = session.generate()
     try:
         first = await chunks.__anext__()
@@ -325,6 +334,7 @@ def create_app(
             await control.stop()
             await upstream.close()
             kv.close()
+            ctx.tokens.close()
 
     app = FastAPI(title="pdserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
@@ -445,16 +455,11 @@ def create_app(
         }
 
     @app.get("/admin/requests")
-    async def requests_in_flight() -> list[dict[str, Any]]:
-        return [
-            {
-                "request_key": s.key,
-                "instance": where,
-                "output_tokens": len(s.output_ids),
-                "prompt_tokens": len(s.prompt_ids or ()),
-            }
-            for s, where in sessions.where.items()
-        ]
+    async def requests_in_flight(recent: int = 0) -> list[dict[str, Any]]:
+        """The requests in flight, then up to ``recent`` finished ones, newest first; each
+        with its time to first token by phase (``gateway/phases``)."""
+        rows = [request_row(s, where) for s, where in sessions.where.items()]
+        return rows + list(ctx.recent.latest(recent))
 
     # Added last = outermost: the size limit applies before anything reads the body.
     app.add_middleware(BearerAuth, api_key=settings.api_key)

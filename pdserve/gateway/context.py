@@ -15,7 +15,10 @@ from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.kv_client import KVControlClient
 from pdserve.gateway.metrics import GatewayMetrics, Refusal
+from pdserve.gateway.openai_api import ChatRequest, CompletionRequest, Kind
+from pdserve.gateway.phases import RecentRequests
 from pdserve.gateway.settings import GatewaySettings
+from pdserve.gateway.tokens import Agreement, Counted, Tokenizers
 from pdserve.gateway.upstream import Upstream
 from pdserve.scheduler.admission import TtftPredictor, Verdict
 from pdserve.scheduler.slo import SloSettings
@@ -105,6 +108,26 @@ class GatewayContext:
             metrics.refused.labels(Refusal.QUEUE_FULL).inc,
         )
         self.shedding = shedding
+        self.tokens = Tokenizers(
+            settings.prompt_tokenizer, settings.prompt_tokenizer_threads, self._checked
+        )
+        self.recent = RecentRequests(settings.recent_requests)
+
+    def _checked(self, kind: Kind, agreement: Agreement) -> None:
+        self.metrics.tokenizer_checks.labels(kind, agreement.value).inc()
+
+    async def count_prompt(
+        self, kind: Kind, request: ChatRequest | CompletionRequest, model: str
+    ) -> Counted:
+        """The request's prompt tokens, with the tokenizer the model's instances registered
+        and its context length (the smallest any of them serves)."""
+        infos = [r.info for r in self.control.instances.values() if r.info.model == model]
+        registered = next((i.tokenizer for i in infos if i.tokenizer), None)
+        chat_default = all(i.chat_template_default for i in infos if i.tokenizer)
+        limit = min((i.max_model_len for i in infos if i.max_model_len > 0), default=0)
+        counted = await self.tokens.count(kind, request, registered, limit, chat_default)
+        self.metrics.prompt_counts.labels(counted.method.value, counted.fallback.value).inc()
+        return counted
 
     def admit(self, estimate: RequestEstimate) -> None:
         """Admission control before a request takes a slot: its refusals are counted."""

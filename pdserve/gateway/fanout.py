@@ -22,8 +22,10 @@ from typing import Any
 
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.openai_api import ChatRequest, CompletionRequest, Kind, Service
+from pdserve.gateway.phases import Timeline
 from pdserve.gateway.responses import Folder
 from pdserve.gateway.session import STARTED, RequestSession, SessionRegistry
+from pdserve.gateway.tokens import Counted
 
 
 @dataclass(frozen=True)
@@ -221,18 +223,24 @@ def open_request(
     request: ChatRequest | CompletionRequest,
     service: Service,
     request_id: str | None = None,
+    counted: Counted | None = None,
+    timeline: Timeline | None = None,
 ) -> RequestSession | FanOut:
     """The session(s) serving a client request: one, or a ``FanOut`` of one per sample, each
-    later sample of a prompt following that prompt's first (see the module doc)."""
+    later sample of a prompt following that prompt's first (see the module doc). ``counted``:
+    the request's prompts as the gateway counted them; ``timeline``: its arrival."""
     samples = split(request)
     if len(samples) == 1:
-        return RequestSession(ctx, registry, kind, request, service, request_id=request_id)
+        return RequestSession(
+            ctx, registry, kind, request, service, None, request_id, counted, timeline
+        )
     leaders: dict[int, RequestSession] = {}
     sessions = []
     for sample in samples:
         leader = leaders.get(sample.prompt_index)
+        prompt = counted.one(sample.prompt_index) if counted is not None else None
         session = RequestSession(
-            ctx, registry, kind, sample.request, service, follow=leader, request_id=request_id
+            ctx, registry, kind, sample.request, service, leader, request_id, prompt, timeline
         )
         leaders.setdefault(sample.prompt_index, session)
         sessions.append(session)

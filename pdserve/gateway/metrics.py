@@ -166,7 +166,9 @@ class GatewayMetrics:
             ["endpoint", "outcome"],
             registry=r,
         )
-        self.ttft_seconds = latency("pdserve_time_to_first_token_seconds", "arrival to first token")
+        self.ttft_seconds = latency(
+            "pdserve_time_to_first_token_seconds", "arrival at the gateway to first token"
+        )
         self.itl_seconds = latency(
             "pdserve_inter_token_latency_seconds", "gap between consecutive token chunks"
         )
@@ -218,6 +220,28 @@ class GatewayMetrics:
         )
         self.inflight = Gauge("pdserve_inflight_requests", "requests being served", registry=r)
         self.queued = Gauge("pdserve_queued_requests", "requests waiting for a slot", registry=r)
+        self.phase_seconds = Histogram(
+            "pdserve_request_phase_seconds",
+            "time to first token by phase (tokenize, queue, prefill, kv_transfer, "
+            "first_decode; see pdserve/gateway/phases.py), one observation per prompt",
+            ["phase"],
+            buckets=(0.0005, 0.001, 0.0025, *_LATENCY),
+            registry=r,
+        )
+        self.prompt_counts = Counter(
+            "pdserve_prompt_counts",
+            "requests by how their prompt tokens were counted (token_ids, tokenized, "
+            "estimated) and why one was estimated (fallback; none when not)",
+            ["method", "fallback"],
+            registry=r,
+        )
+        self.tokenizer_checks = Counter(
+            "pdserve_tokenizer_checks",
+            "the gateway's prompt token ids compared with an instance's, by kind and result "
+            "(match, mismatch: that kind is estimated from then on)",
+            ["kind", "result"],
+            registry=r,
+        )
         self._control: ControlPlane | None = None
         r.register(ClusterCollector(lambda: self._control))
 

@@ -143,15 +143,21 @@ def _message_text(message: Message) -> str:
     return ""
 
 
-def estimate_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
-    """A routing estimate (about 4 characters per token), exact for token-id prompts."""
+def prompt_estimates(request: ChatRequest | CompletionRequest) -> list[int]:
+    """Per prompt, the estimate the gateway falls back to where it cannot tokenize (about
+    4 characters per token; ``gateway.tokens``), exact for token-id prompts."""
     if isinstance(request, CompletionRequest):
         prompt = request.prompt
         if isinstance(prompt, str) or isinstance(prompt[0], int):
-            return _prompt_estimate(prompt)  # type: ignore[arg-type]
-        return sum(_prompt_estimate(one) for one in prompt)  # type: ignore[union-attr]
+            return [_prompt_estimate(prompt)]  # type: ignore[arg-type]
+        return [_prompt_estimate(one) for one in prompt]  # type: ignore[union-attr]
     chars = sum(len(_message_text(m)) for m in request.messages)
-    return math.ceil(chars / 4) + 8 * len(request.messages)
+    return [math.ceil(chars / 4) + 8 * len(request.messages)]
+
+
+def estimate_prompt_tokens(request: ChatRequest | CompletionRequest) -> int:
+    """The estimate of all the request's prompts together."""
+    return sum(prompt_estimates(request))
 
 
 def known_prompt_ids(request: ChatRequest | CompletionRequest) -> tuple[int, ...] | None:

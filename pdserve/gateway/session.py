@@ -24,9 +24,10 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pdserve.gateway.context import GatewayContext
+from pdserve.gateway.cut import Cut
 from pdserve.gateway.errors import APIError
 from pdserve.gateway.metrics import Refusal, dispatch_mode
 from pdserve.gateway.openai_api import (
@@ -36,9 +37,10 @@ from pdserve.gateway.openai_api import (
     CompletionRequest,
     Kind,
     Service,
-    estimate_of,
 )
+from pdserve.gateway.phases import Timeline, observe
 from pdserve.gateway.prompt_extras import PromptExtras
+from pdserve.gateway.tokens import Counted, estimate_for
 from pdserve.gateway.upstream import (
     UpstreamBroken,
     UpstreamStream,
@@ -46,7 +48,6 @@ from pdserve.gateway.upstream import (
 )
 from pdserve.kv.messages import (
     PARAMS_KEY,
-    Pinned,
     SourceSpec,
     TransferParams,
     params_to_json,
@@ -64,39 +65,6 @@ STARTED: dict[str, Any] = {}  # first item of every session: the request was acc
 
 # Longest a migration cut waits for the leg's next token before cutting mid-step.
 CUT_FALLBACK_S = 0.5
-
-
-@dataclass
-class Cut:
-    """Why the current leg was cut, and how to go on.
-
-    A migration names its target and, if the request had KV worth moving, the live export
-    on the instance it leaves (``Pinned``); ``done`` is set once the target has produced its
-    first token (``downtime_s`` is then the stream's gap) or the move failed (``error``).
-
-    ``leg``: the leg a migration was planned against; once the request failed over to
-    another leg, that plan (and its pin on the instance left) is stale and the cut refused.
-    ``failed_over``: a failover overtook the migration before its new leg started.
-    """
-
-    reason: Literal["failover", "migration"]
-    target: str | None = None
-    export: Pinned | None = None
-    transfer_id: str | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    downtime_s: float | None = None
-    error: str | None = None
-    last_token_at: float | None = None
-    leg: int | None = None
-    failed_over: bool = False
-    # The session went on to the target (a migration cut waits for the leg's next token,
-    # and the request may finish first).
-    taken: bool = False
-
-    def finish(self, error: str | None = None) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
 
 
 @dataclass
@@ -140,11 +108,15 @@ class RequestSession:
         service: Service | None = None,
         follow: RequestSession | None = None,
         request_id: str | None = None,
+        prompt: Counted | None = None,
+        timeline: Timeline | None = None,
     ) -> None:
         """``follow``: another sample of the same prompt (``fanout``); this one decodes where
         that one did, from the prompt's KV in that instance's prefix cache. ``request_id``: the
         client's ``X-Request-Id``: the base of the response's id and the id every leg carries
-        (vLLM logs it), as in plain vLLM."""
+        (vLLM logs it), as in plain vLLM. ``prompt``: its tokens as the gateway counted them
+        (``gateway.tokens``: trusted ids replace the prompt on every leg); ``timeline``: the
+        request's arrival and tokenization (``gateway.phases``)."""
         self.ctx = ctx
         self.registry = registry
         self.kind = kind
@@ -166,15 +138,19 @@ class RequestSession:
         self.base_body = self._base_body(request)
         self.extras = PromptExtras(kind, request, self.client_stream)
         self.budget = request.budget()
-        self.estimate = estimate_of(request, self.service)
-        self.prompt_ids: list[int] | None = None
+        self.prompt = prompt
+        self.estimate = estimate_for(request, self.service, prompt)
+        ids = prompt.ids() if prompt is not None and prompt.send_ids else None
+        self.sends_ids = ids is not None
+        self.prompt_ids: list[int] | None = list(ids) if ids is not None else None
         self.output_ids: list[int] = []
         self.output_text = ""
         self.finish_reason: str | None = None
         self.instance_id: str | None = None
         self.legs = 0
         self.failovers = 0
-        self.arrived = time.perf_counter()
+        self.timeline = Timeline.starting(timeline)
+        self.arrived = self.timeline.arrived
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self._stream: UpstreamStream | None = None
@@ -214,7 +190,16 @@ class RequestSession:
         body.update(max_tokens=1, stream=False, return_token_ids=True)
         params = TransferParams(export={"transfer_id": transfer_id}, request_key=self.key)  # type: ignore[arg-type]
         body["kv_transfer_params"] = params_to_json(params)
+        if self.sends_ids and self.prompt_ids is not None:
+            self._put_ids(body, body["kv_transfer_params"], self.prompt_ids)
         return body
+
+    def _put_ids(self, body: dict[str, Any], kv: dict[str, Any], ids: list[int]) -> None:
+        """Token ids instead of the prompt (chat: ids vLLM uses instead of templating)."""
+        if self.kind == "chat":
+            kv["prompt_token_ids"] = ids
+        else:
+            body["prompt"] = ids
 
     def _leg_body(self, source: SourceSpec | None) -> dict[str, Any]:
         body = copy.deepcopy(self.base_body)
@@ -222,12 +207,8 @@ class RequestSession:
         self.extras.strip(body)
         kv = params_to_json(TransferParams(source=source, request_key=self.key))
         continuing = bool(self.output_ids)
-        if self.prompt_ids is not None and (continuing or source is not None):
-            ids = self.prompt_ids + self.output_ids
-            if self.kind == "chat":
-                kv["prompt_token_ids"] = ids
-            else:
-                body["prompt"] = ids
+        if self.prompt_ids is not None and (continuing or source is not None or self.sends_ids):
+            self._put_ids(body, kv, self.prompt_ids + self.output_ids)
         if continuing:
             body.pop("echo", None)
             generated = len(self.output_ids)
@@ -302,6 +283,9 @@ class RequestSession:
                 raise error from None
             yield {"error": error.body()["error"]}
         finally:
+            if self.prompt is not None:
+                self.prompt.confirm(self.prompt_ids)  # the instance's ids, unless ours went
+            self.ctx.recent.add(self)
             self.first_token.set()  # a follower waits no more
             self.ctx.control.forget_held(self.key)
             self.registry.detach(self)
@@ -329,6 +313,7 @@ class RequestSession:
         transfer_id = uuid.uuid4().hex
         url = self.ctx.control.url(prefill) + ENDPOINTS[self.kind]
         started = time.perf_counter()
+        self.timeline.prefill_sent()
         try:
             answer = await self.ctx.upstream.post_json(
                 url, self._prefill_body(transfer_id), self.upstream_headers
@@ -352,6 +337,7 @@ class RequestSession:
             return None
         self.prompt_ids = _prompt_ids(answer)
         self.extras.capture(answer)
+        self.timeline.prefill_done()
         return params.source
 
     def _decode_target(
@@ -403,6 +389,7 @@ class RequestSession:
             return
         url = record.info.url + ENDPOINTS[self.kind]
         body = self._leg_body(source)
+        self.timeline.leg_sent(record.load, pulled=source is not None)
         self.registry.attach(self, target)
         released = source is None
         try:
@@ -543,6 +530,9 @@ class RequestSession:
             now = time.perf_counter()
             if self.first_token_at is None:
                 self.first_token_at = now
+                self.timeline.first_token()
+                if self.follow is None:  # a follower's queue is its leader's prefill
+                    observe(self.ctx.metrics.phase_seconds, self.timeline)
                 self.first_token_on = self.instance_id
                 self.first_token.set()
                 self.ctx.metrics.ttft_seconds.observe(now - self.arrived)

@@ -58,6 +58,23 @@ class GatewaySettings(BaseModel):
         description="the lowest class for --shed-over-slo: requests whose priority (vLLM's: "
         "lower is scheduled earlier, 0 normal) is at least this",
     )
+    prompt_tokenizer: str = Field(
+        "auto",
+        description="how the gateway counts prompt tokens (dispatch, admission, the "
+        "context-length check): 'auto': with the tokenizer and chat template the model's "
+        "instances register, read from this machine's disk (nothing is downloaded); 'none': "
+        "estimated from characters (about 4 a token); else a tokenizer directory or a cached "
+        "Hugging Face name, for every model",
+    )
+    prompt_tokenizer_threads: int = Field(
+        2, ge=1, description="threads that load tokenizers and tokenize prompts, off the event loop"
+    )
+    recent_requests: int = Field(
+        256,
+        ge=0,
+        description="finished requests the gateway remembers for /admin/requests?recent=N "
+        "(their time to first token by phase)",
+    )
     max_failovers: int = Field(
         2, ge=0, description="times a request continues on another instance after a failure"
     )

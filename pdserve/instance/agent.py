@@ -8,6 +8,7 @@ seconds: a scheduler that restarted learns the instance again within that time.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -33,10 +34,43 @@ def local_url(settings: InstanceSettings) -> str:
     return f"http://{host}:{settings.port}"
 
 
+def tokenizer_of(args: Any) -> tuple[str, bool]:
+    """What the gateway needs to count this instance's prompt tokens, from vLLM's parsed
+    arguments: where its tokenizer loads from ("" where the gateway cannot load the same
+    one: another tokenizer mode, remote code, a revision, no tokenizer), and whether chat
+    is rendered with the tokenizer's own template and vLLM's defaults."""
+    if (
+        getattr(args, "tokenizer_mode", "auto") not in ("auto", "hf")
+        or getattr(args, "trust_remote_code", False)
+        or getattr(args, "revision", None)
+        or getattr(args, "tokenizer_revision", None)
+        or getattr(args, "skip_tokenizer_init", False)
+    ):
+        return "", False
+    source = getattr(args, "tokenizer", None) or getattr(args, "model", None) or ""
+    chat_default = (
+        getattr(args, "chat_template", None) is None
+        and getattr(args, "chat_template_content_format", "auto") == "auto"
+        and not getattr(args, "default_chat_template_kwargs", None)
+    )
+    if source and os.path.exists(source):
+        source = os.path.abspath(source)  # the gateway may run from another directory
+    return str(source), chat_default
+
+
 class RegistrationAgent:
-    def __init__(self, settings: InstanceSettings, kv: KVSettings, pid: int, tp_size: int) -> None:
+    def __init__(
+        self,
+        settings: InstanceSettings,
+        kv: KVSettings,
+        pid: int,
+        tp_size: int,
+        tokenizer: tuple[str, bool] = ("", False),
+    ) -> None:
+        """``tokenizer``: ``tokenizer_of`` the instance's vLLM arguments."""
         assert settings.control_address is not None
         self.settings = settings
+        self.tokenizer = tokenizer
         self.kv = kv
         self.pid = pid
         self.tp_size = tp_size
@@ -85,6 +119,8 @@ class RegistrationAgent:
             max_model_len=int(card.get("max_model_len") or 0),
             started_at=time.time(),
             incarnation=self.kv.incarnation,
+            tokenizer=self.tokenizer[0],
+            chat_template_default=self.tokenizer[1],
         )
 
     def _send(self, message: Any) -> None:

@@ -156,9 +156,15 @@ def run(settings: InstanceSettings, extra: list[str]) -> int:
     agent = None
     relay = start_relay(settings, kv, events_port)
     if settings.control_address:
-        from pdserve.instance.agent import RegistrationAgent
+        from pdserve.instance.agent import RegistrationAgent, tokenizer_of
 
-        agent = RegistrationAgent(settings, kv, pid=os.getpid(), tp_size=args.tensor_parallel_size)
+        agent = RegistrationAgent(
+            settings,
+            kv,
+            pid=os.getpid(),
+            tp_size=args.tensor_parallel_size,
+            tokenizer=tokenizer_of(args),
+        )
         agent.start()
     import uvloop
 

@@ -35,6 +35,13 @@ class Register(msgspec.Struct, tag=True, frozen=True):
     # Random per start of `pdserve instance`, also in its engine's load reports: reports of a
     # restarted process (its engine reports before its HTTP server answers) are told apart.
     incarnation: str = ""
+    # Where the instance's tokenizer loads from (vLLM's --tokenizer, else the model), for
+    # the gateway to count prompt tokens as vLLM does; empty where the gateway could not
+    # reproduce its prompts (another tokenizer mode, remote code, a tokenizer revision).
+    tokenizer: str = ""
+    # False when it renders chat with options of its own (--chat-template,
+    # --chat-template-content-format, --default-chat-template-kwargs).
+    chat_template_default: bool = True
 
 
 class Deregister(msgspec.Struct, tag=True, frozen=True):

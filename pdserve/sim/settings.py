@@ -39,9 +39,10 @@ GATEWAY_UNUSED = (
     "max_body_bytes",
     "upstream_connect_timeout_s",
     "upstream_stall_timeout_s",
-    # The simulator's requests carry their token ids; --tokenizer is the workload's.
-    "tokenizer",
-    "tokenizer_threads",
+    # The simulator's requests carry their token ids, and it keeps no request rows.
+    "prompt_tokenizer",
+    "prompt_tokenizer_threads",
+    "recent_requests",
 )
 
 

@@ -327,9 +327,11 @@ def create_app(
         metrics.watch(control)
         control.on_instance_down(fail_over)
         migrator.start_loop()
+        preloading = asyncio.ensure_future(ctx.preload_tokenizers())
         try:
             yield
         finally:
+            preloading.cancel()
             await migrator.stop()
             await control.stop()
             await upstream.close()

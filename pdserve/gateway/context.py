@@ -116,6 +116,14 @@ class GatewayContext:
     def _checked(self, kind: Kind, agreement: Agreement) -> None:
         self.metrics.tokenizer_checks.labels(kind, agreement.value).inc()
 
+    async def preload_tokenizers(self, every_s: float = 1.0) -> None:
+        """Loads each tokenizer instances register as soon as they join (runs until
+        cancelled, with the gateway)."""
+        while True:
+            for record in list(self.control.instances.values()):
+                self.tokens.preload(record.info.tokenizer or None)
+            await asyncio.sleep(every_s)
+
     async def count_prompt(
         self, kind: Kind, request: ChatRequest | CompletionRequest, model: str
     ) -> Counted:

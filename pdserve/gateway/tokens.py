@@ -391,12 +391,22 @@ class Tokenizers:
             verifier=functools.partial(self._confirm, loaded.source, kind) if checking else None,
         )
 
-    async def _load(self, source: str) -> LoadedTokenizer | None:
+    def preload(self, registered: str | None) -> None:
+        """Starts loading a registered tokenizer, so that the model's first request does
+        not wait for it (transformers' import alone takes seconds)."""
+        source = self.source(registered)
+        if source is not None:
+            self._loading(source)
+
+    def _loading(self, source: str) -> Future[LoadedTokenizer | None]:
         future = self._loads.get(source)
         if future is None:
             future = self._loads[source] = self._pool.submit(_load_or_none, source)
+        return future
+
+    async def _load(self, source: str) -> LoadedTokenizer | None:
         # Shielded: a client leaving does not cancel a load other requests wait for.
-        return await asyncio.shield(asyncio.wrap_future(future))
+        return await asyncio.shield(asyncio.wrap_future(self._loading(source)))
 
     def _confirm(self, source: str, kind: Kind, ours: tuple[int, ...], theirs: list[int]) -> None:
         agreement = Agreement.MATCH if list(ours) == list(theirs) else Agreement.MISMATCH

@@ -187,3 +187,12 @@ def test_an_instance_registers_only_a_tokenizer_the_gateway_loads_alike(tmp_path
     assert tokenizer_of(Namespace(**{**plain, "chat_template": "t.jinja"}))[1] is False
     for changed in ({"tokenizer_mode": "mistral"}, {"trust_remote_code": True}, {"revision": "x"}):
         assert tokenizer_of(Namespace(**{**plain, **changed})) == ("", False)
+
+
+def test_a_registered_tokenizer_loads_before_the_first_request(loaded: LoadedTokenizer) -> None:
+    from tests.unit.test_gateway_kv_faults import wait_until
+
+    with LiveGateway(cluster(loaded)) as gateway:
+        loads = gateway.ctx.tokens._loads
+        wait_until(lambda: MODEL_DIR in loads and loads[MODEL_DIR].done(), what="the load")
+        assert loads[MODEL_DIR].result() is not None

@@ -23,7 +23,7 @@ from typing import Any
 from pdserve.gateway.context import GatewayContext
 from pdserve.gateway.openai_api import ChatRequest, CompletionRequest, Kind, Service
 from pdserve.gateway.phases import Timeline
-from pdserve.gateway.responses import Folder
+from pdserve.gateway.responses import Folder, whole_usage
 from pdserve.gateway.session import STARTED, RequestSession, SessionRegistry
 from pdserve.gateway.tokens import Counted
 
@@ -212,7 +212,7 @@ class MultiFolder:
             for choice in answer["choices"]:
                 choice["index"] = index
                 choices.append(choice)
-        body.update(choices=choices, usage=self.fan.usage())
+        body.update(choices=choices, usage=whole_usage(self.fan.usage()))
         return body
 
 

@@ -21,6 +21,13 @@ def sse(payload: dict[str, Any]) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def whole_usage(usage: dict[str, int]) -> dict[str, Any]:
+    """``usage`` as vLLM 0.32 writes it in a non-streamed answer: its null details included
+    (a streamed usage chunk leaves the nulls out, so streams take ``usage`` as it is). The
+    gateway counts tokens itself; it has no cached-token or reasoning-token breakdown."""
+    return {**usage, "prompt_tokens_details": None, "completion_tokens_details": None}
+
+
 def _merge_logprobs(total: Any, part: Any) -> Any:
     if not part:
         return total
@@ -99,7 +106,7 @@ class Folder:
         else:
             choice["text"] = "".join(self.text)
         body = session.envelope(streamed=False)
-        body.update(choices=[choice], usage=session.usage())
+        body.update(choices=[choice], usage=whole_usage(session.usage()))
         session.extras.add_to(body, choice)
         if session.request.return_token_ids:
             choice["token_ids"] = self.token_ids

@@ -17,6 +17,16 @@ from tests.integration.helpers import MODEL, PlainVLLM, ServeCluster, http_json
 
 SHORT = "The capital of France is"
 CHAT = [{"role": "user", "content": "Name a colour."}]
+# Prompts whose tokens the gateway counts itself (issue 14): text that does not survive a
+# decode unchanged, special-token text, and a conversation with a system prompt.
+UNICODE = "  Caf\u00e9 na\u00efve \u2014 \u65e5\u672c\u8a9e \U0001f600\ttabs\n\nand  spaces "
+SPECIAL = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another \u00e9 one?"},
+]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ CASES = [
     completion("token ids", prompt=[504, 3575, 282, 4649, 314], **GREEDY),
     completion("batched prompts", prompt=[SHORT, "One, two,"], **GREEDY),
     completion("echo", prompt=SHORT, echo=True, **GREEDY),
+    completion("unicode prompt", prompt=UNICODE, **GREEDY),
+    completion("echo unicode", prompt=UNICODE, echo=True, **GREEDY),
+    completion("echo batched", prompt=[UNICODE, SHORT], echo=True, **GREEDY),
+    completion("special-token text", prompt=SPECIAL, **GREEDY),
+    completion("echo token ids", prompt=[504, 3575, 282, 4649, 314], echo=True, **GREEDY),
     completion("logprobs", prompt=SHORT, logprobs=2, **GREEDY),
     completion("prompt logprobs", prompt=SHORT, prompt_logprobs=1, **GREEDY),
     completion("n=2 seeded", prompt=SHORT, n=2, **SEEDED),
@@ -82,6 +97,21 @@ CASES = [
         **GREEDY,
     ),
     chat("chat error: messages", messages=[]),
+    chat("chat conversation", messages=CONVERSATION, **GREEDY),
+    chat(
+        "chat continue final message",
+        messages=[*CHAT, {"role": "assistant", "content": "The colour is"}],
+        add_generation_prompt=False,
+        continue_final_message=True,
+        **GREEDY,
+    ),
+    chat(
+        "chat stream conversation",
+        messages=CONVERSATION,
+        stream=True,
+        stream_options={"include_usage": True},
+        **GREEDY,
+    ),
     Case("tokenize", "/tokenize", {"model": MODEL, "prompt": SHORT}, extra=("tokens", "count")),
     Case("tokenize chat", "/tokenize", {"model": MODEL, "messages": CHAT}, extra=("tokens",)),
     Case("detokenize", "/detokenize", {"model": MODEL, "tokens": [504, 3575]}, extra=("prompt",)),
@@ -211,8 +241,8 @@ def summary(case: Case, status: int, answer: Any) -> dict[str, Any]:
             }
             for c in choices
         ]
-        usage = answer.get("usage") or {}
-        out["usage"] = {k: usage.get(k) for k in ("prompt_tokens", "completion_tokens")}
+        # The whole object, its keys included (vLLM sends null details).
+        out["usage"] = answer.get("usage")
     return out
 
 

@@ -74,3 +74,16 @@ def test_every_sample_of_n_fails_over_when_its_instance_dies() -> None:
     finished = [line for line in response.text.splitlines() if '"finish_reason":"length"' in line]
     assert sorted(json.loads(line[6:])["choices"][0]["index"] for line in finished) == [0, 1]
     assert len([b for b in survivor.received if b.get("stream")]) == 2  # both continued there
+
+
+def test_usage_has_vllms_null_details_when_not_streamed_and_leaves_them_out_of_streams() -> None:
+    details = {"prompt_tokens_details": None, "completion_tokens_details": None}
+    with LiveGateway() as live:
+        for body in ({"prompt": "ab", "max_tokens": 2}, {"prompt": ["ab", "c"], "max_tokens": 2}):
+            usage = httpx.post(f"{live.url}/v1/completions", json=body, timeout=30).json()["usage"]
+            assert usage.items() >= details.items() and usage["total_tokens"] > 0
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        lines = httpx.post(f"{live.url}/v1/completions", json=stream, timeout=30).text.split("\n")
+        events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        streamed = next(e["usage"] for e in events if e.get("usage"))
+        assert not details.keys() & streamed.keys()

@@ -9,7 +9,9 @@ a serving thread, so a busy exporter still answers at once and a silent one is g
 - every ``PEER_CHECK_INTERVAL_S``, on its own thread, the peers of pairs idle that long or
   still forming (in both directions: a worker that only serves a peer learns of its death
   here too), all pinged at once; the worker then drops every pair with a peer that does not
-  answer, so a killed peer's pairs are gone within about ``2 * interval + probe timeout``.
+  answer, so a killed peer's pairs are gone within about ``2 * interval + probe timeout``,
+  and the pairs formed with an earlier start of a peer that answers as another one
+  (``Pong.incarnation``): restarted on the same address, it knows none of them.
 
 Before a pair forms, the server's ``PairOpened`` is the probe (see ``KVWorker``). This
 module imports no torch.
@@ -49,11 +51,13 @@ class PeerWatch:
         probe_s: float,
         pairs: Callable[[], list[Pair]],
         drop_peer: Callable[[str], None],
+        drop_stale: Callable[[str, list[Pair]], None],
     ) -> None:
         self._messenger = messenger
         self.probe_s = probe_s
         self._pairs = pairs
         self._drop_peer = drop_peer
+        self._drop_stale = drop_stale
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-kv-liveness", daemon=True)
         self._thread.start()
@@ -66,8 +70,9 @@ class PeerWatch:
         """Whether the KV server at ``address`` answers a Ping in time (blocks that long)."""
         return address in self.answering([address])
 
-    def answering(self, addresses: Iterable[str]) -> set[str]:
-        """Those of the KV servers that answer a Ping within ``probe_s``.
+    def answering(self, addresses: Iterable[str]) -> dict[str, str]:
+        """Those of the KV servers that answer a Ping within ``probe_s``, with the
+        incarnation each answered as.
 
         Every one is pinged at once, so a round takes ``probe_s`` at most, however many of
         them are silent (one after the other, each silent peer would add ``probe_s``).
@@ -78,7 +83,7 @@ class PeerWatch:
             rid, _ = self._messenger.new_request(box)
             asked[rid] = address
             self._messenger.send(address, Ping(rid=rid))
-        answered: set[str] = set()
+        answered: dict[str, str] = {}
         deadline = time.monotonic() + self.probe_s
         try:
             while len(answered) < len(set(asked.values())):
@@ -87,7 +92,7 @@ class PeerWatch:
                 except queue.Empty:
                     break
                 if isinstance(reply, Pong) and reply.rid in asked:
-                    answered.add(asked[reply.rid])
+                    answered[asked[reply.rid]] = reply.incarnation
         finally:
             for rid in asked:
                 self._messenger.forget(rid)
@@ -140,7 +145,8 @@ class PeerWatch:
                 logger.exception("pdserve kv: checking peers failed")
 
     def check_peers(self) -> None:
-        """Probes the peers of idle pairs, all at once; drops those that are gone.
+        """Probes the peers of idle pairs, all at once; drops those that are gone, and the
+        pairs with an earlier start of those that restarted.
 
         A pair in use or used within the interval says enough (a transfer on it fails by
         itself if the peer dies), so its peer is left alone. A pair still forming is not:
@@ -160,5 +166,12 @@ class PeerWatch:
             return
         answered = self.answering(idle)
         for address in idle:
-            if address not in answered and not self._stopping.is_set():
+            if self._stopping.is_set():
+                return
+            if address not in answered:
                 self._drop_peer(address)
+                continue
+            now_as = answered[address]
+            stale = [p for p in peers[address] if now_as and p.peer_incarnation not in ("", now_as)]
+            if stale:
+                self._drop_stale(address, stale)

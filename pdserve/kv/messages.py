@@ -195,6 +195,9 @@ class PairOpen(msgspec.Struct, tag=True, frozen=True):
     # The initiator's own KV server (version 3): the server probes it to find out whether
     # the peer is still alive, and drops the peer's older pairs when it pairs again.
     address: str = ""
+    # The random id of this start of the initiator (as in ``Pong``): a later answer with
+    # another id means it restarted and this pair is stale.
+    incarnation: str = ""
 
 
 class PairOpened(msgspec.Struct, tag=True, frozen=True):
@@ -202,6 +205,7 @@ class PairOpened(msgspec.Struct, tag=True, frozen=True):
 
     rid: int
     protocol: int = 0
+    incarnation: str = ""  # the server's start, as in ``Pong``
 
 
 class PairClose(msgspec.Struct, tag=True, frozen=True):
@@ -225,7 +229,12 @@ class Ping(msgspec.Struct, tag=True, frozen=True):
 
 
 class Pong(msgspec.Struct, tag=True, frozen=True):
+    """``incarnation``: a random id of this start of the answering worker. A peer restarted on
+    the same address answers with another one, so its pairs from before are found stale in
+    seconds although the address answers (an empty id, from an older peer: not compared)."""
+
     rid: int
+    incarnation: str = ""
 
 
 class StoreSet(msgspec.Struct, tag=True, frozen=True):

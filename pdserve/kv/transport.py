@@ -153,6 +153,26 @@ def backend_for(device: torch.device, requested: str) -> Literal["gloo", "nccl"]
     return "nccl" if device.type == "cuda" else "gloo"
 
 
+class PairTable:
+    """A worker's pairs, by id and (those it opened) by peer, under one lock."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Pair] = {}
+        self.by_peer: dict[str, Pair] = {}
+        self.lock = threading.Lock()
+
+    def all(self) -> list[Pair]:
+        with self.lock:
+            return list(self.by_id.values())
+
+    def forget(self, pair: Pair) -> None:
+        with self.lock:
+            self.by_id.pop(pair.pair_id, None)
+            for peer, known in list(self.by_peer.items()):
+                if known is pair:
+                    del self.by_peer[peer]
+
+
 class Pair:
     """A process group of two workers; rank 0 is the side that serves pulls."""
 
@@ -181,8 +201,10 @@ class Pair:
         self.setup_s = 0.0
         self.broken = False
         self._seq = itertools.count()
-        # The other member's KV server, probed to find out whether it is alive ("": unknown).
+        # The other member's KV server, probed to find out whether it is alive ("": unknown),
+        # and the start of it this pair was formed with (``Pong.incarnation``; "": unknown).
         self.peer_address = ""
+        self.peer_incarnation = ""
         # When a transfer last started or ended on the pair (a liveness check skips it then).
         self.last_used = time.monotonic()
 

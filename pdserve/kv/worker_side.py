@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -61,7 +61,7 @@ from pdserve.kv.metadata import (
     ReleaseOrder,
 )
 from pdserve.kv.settings import KVSettings
-from pdserve.kv.transport import Pair, backend_for, post_transfer, transfer, wait_all
+from pdserve.kv.transport import Pair, PairTable, backend_for, post_transfer, transfer, wait_all
 from pdserve.logs import get_logger
 from pdserve.protocol.reports import KVHoldings, TransferCounters
 
@@ -97,13 +97,6 @@ class LoadResult:
     seconds: float = 0.0
 
 
-@dataclass
-class _PairTable:
-    by_id: dict[str, Pair] = field(default_factory=dict)
-    by_peer: dict[str, Pair] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 class KVWorker:
     """Owns the KV server of one worker and runs its transfers."""
 
@@ -112,10 +105,11 @@ class KVWorker:
         self.layout = layout
         self.tp_rank = tp_rank
         self.address = settings.address_of_rank(tp_rank)
+        self.incarnation = settings.incarnation or uuid.uuid4().hex
         self.backend = backend_for(layout.device, settings.backend)
         self.staging = settings.staging
         self.exports = ExportRegistry()
-        self._pairs = _PairTable()
+        self._pairs = PairTable()
         self._results: queue.SimpleQueue[LoadResult] = queue.SimpleQueue()
         self._stats = TransferCounters()
         self._stats_lock = threading.Lock()
@@ -145,7 +139,11 @@ class KVWorker:
         )
         # Probes peers (while a pull waits, and those of idle pairs): see pdserve.kv.liveness.
         self._liveness = PeerWatch(
-            self.messenger, settings.pair_probe_timeout_s, self._all_pairs, self._drop_peer
+            self.messenger,
+            settings.pair_probe_timeout_s,
+            self._pairs.all,
+            self._drop_peer,
+            self._drop_stale_pairs,
         )
         logger.info(
             "pdserve kv: worker %d serving %d planes (%d bytes/block, %s) at %s",
@@ -262,7 +260,8 @@ class KVWorker:
         elif isinstance(message, PairClose):
             self._close_server_pair(message.pair_id)
         elif isinstance(message, Ping):
-            self.messenger.reply(identity, Pong(rid=message.rid))  # on the I/O thread: at once
+            pong = Pong(rid=message.rid, incarnation=self.incarnation)
+            self.messenger.reply(identity, pong)  # on the I/O thread: at once
         elif isinstance(message, PullRequest):
             self._serve_pool.submit(self._counted, self._serve_pull, identity, message)
         elif isinstance(message, Release):
@@ -304,7 +303,7 @@ class KVWorker:
             timeout_s=self.settings.pair_setup_timeout_s,
             mirror=lambda s: self.messenger.reply(identity, s),
         )
-        pair.peer_address = message.address
+        pair.peer_address, pair.peer_incarnation = message.address, message.incarnation
         with self._pairs.lock:
             # An initiator keeps one pair with us: one it opened before is gone (it restarted,
             # or dropped that pair without its PairClose reaching us).
@@ -319,8 +318,11 @@ class KVWorker:
                 "pdserve kv: %s paired again; closing its pair %s", message.address, old.pair_id
             )
             old.abort()
-            self._forget_pair(old)
-        self.messenger.reply(identity, PairOpened(rid=message.rid, protocol=PROTOCOL_VERSION))
+            self._pairs.forget(old)
+        opened = PairOpened(
+            rid=message.rid, protocol=PROTOCOL_VERSION, incarnation=self.incarnation
+        )
+        self.messenger.reply(identity, opened)
         self._setup_pool.submit(self._establish, pair)
 
     def _refuse_pair(self, message: PairOpen) -> Refusal | None:
@@ -347,14 +349,14 @@ class KVWorker:
             return
         logger.info("pdserve kv: peer closed pair %s", pair_id)
         pair.abort()
-        self._forget_pair(pair)
+        self._pairs.forget(pair)
 
     def _establish(self, pair: Pair) -> None:
         try:
             pair.establish()
         except Exception as e:
             logger.warning("pdserve kv: pair %s failed: %s", pair.pair_id, e)
-            self._forget_pair(pair)
+            self._pairs.forget(pair)
 
     def _serve_pull(self, identity: bytes, request: PullRequest) -> None:
         # Everything that can refuse the pull is checked before the export is claimed: a
@@ -388,7 +390,7 @@ class KVWorker:
         except Exception as e:
             logger.warning("pdserve kv: sending %s failed: %s", request.transfer_id, e)
             pair.abort()
-            self._forget_pair(pair)
+            self._pairs.forget(pair)
             failed = Failed(rid=request.rid, code=failure_of(e), error=f"{type(e).__name__}: {e}")
             self.messenger.reply(identity, failed)
         finally:
@@ -403,7 +405,7 @@ class KVWorker:
             pair.wait_ready(self.settings.pair_setup_timeout_s)
         except KVError as e:
             pair.abort()
-            self._forget_pair(pair)
+            self._pairs.forget(pair)
             return Refusal(e.failure, str(e))
         return pair
 
@@ -461,6 +463,7 @@ class KVWorker:
                     plane_digest=self.layout.plane_digest,
                     protocol=PROTOCOL_VERSION,
                     address=self.address,
+                    incarnation=self.incarnation,
                 ),
             )
             reply = box.get(timeout=max(0.0, min(deadline - time.monotonic(), probe_s)))
@@ -480,17 +483,14 @@ class KVWorker:
                 f"KV protocol versions differ: {address} speaks version {protocol}, "
                 f"this worker version {PROTOCOL_VERSION}",
             )
+        pair.peer_incarnation = reply.incarnation
         pair.establish()
 
     def _drop_pair(self, pair: Pair, address: str) -> None:
         """Tears a broken pair down here and tells the server to close its end too."""
         pair.abort()
-        self._forget_pair(pair)
+        self._pairs.forget(pair)
         self.messenger.send(address, PairClose(pair_id=pair.pair_id))
-
-    def _all_pairs(self) -> list[Pair]:
-        with self._pairs.lock:
-            return list(self._pairs.by_id.values())
 
     def _drop_peer(self, address: str) -> None:
         """The peer at ``address`` answers no probe: every pair with it goes, both ways.
@@ -504,7 +504,7 @@ class KVWorker:
         self.messenger.drop_peer(address)
         for pair in gone:
             pair.abort(KVFailure.PEER_GONE)
-            self._forget_pair(pair)
+            self._pairs.forget(pair)
             if pair.rank == 1:
                 self.messenger.send(address, PairClose(pair_id=pair.pair_id))
         if gone:
@@ -512,12 +512,13 @@ class KVWorker:
                 "pdserve kv: %s does not answer; dropped %d pairs with it", address, len(gone)
             )
 
-    def _forget_pair(self, pair: Pair) -> None:
-        with self._pairs.lock:
-            self._pairs.by_id.pop(pair.pair_id, None)
-            for peer, known in list(self._pairs.by_peer.items()):
-                if known is pair:
-                    del self._pairs.by_peer[peer]
+    def _drop_stale_pairs(self, address: str, stale: list[Pair]) -> None:
+        """The peer at ``address`` restarted since these pairs formed (another incarnation
+        answers there): they go here; the new start knows none of them, so nothing is sent."""
+        for pair in stale:
+            pair.abort(KVFailure.PEER_GONE)
+            self._pairs.forget(pair)
+        logger.warning("pdserve kv: %s restarted; dropped %d stale pairs", address, len(stale))
 
     def _run_load(self, order: LoadOrder) -> None:
         """Runs one asynchronous load and reports it exactly once (``poll``), whatever happens."""
@@ -647,7 +648,7 @@ class KVWorker:
         except BaseException as e:
             if isinstance(e, KVError) and e.failure is KVFailure.UNKNOWN_PAIR:
                 pair.abort()  # the exporter does not know it: only our end is left
-                self._forget_pair(pair)
+                self._pairs.forget(pair)
             elif not refused:
                 # A broken pair (timeout, transport error): receives may still be pending, so
                 # close the connection before the blocks go back to vLLM (nothing can write

@@ -229,6 +229,29 @@ def test_a_peer_that_pairs_again_replaces_its_old_pair() -> None:
         exporter.shutdown()
 
 
+@pytest.mark.parametrize("who", ["importer", "exporter"])
+def test_pairs_with_a_peer_restarted_on_its_address_go_although_it_answers(
+    who: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back on the same address before any probe went unanswered, and never pairing again:
+    the pairs with its earlier start must still go in seconds, on the side that survived."""
+    monkeypatch.setattr(liveness, "PEER_CHECK_INTERVAL_S", 0.3)
+    workers = {"exporter": make_worker("exporter", True)[0]}
+    workers["importer"] = make_worker("importer", False)[0]
+    survivor = workers["exporter" if who == "importer" else "importer"]
+    try:
+        workers["exporter"].add_export(ExportOrder("a", "p-a", [3], lease_s=30))
+        pulled(workers["importer"], "a", workers["exporter"].address, [1])
+        wait_for(lambda: idle(survivor, pairs=1), 5, "one pair on the survivor")
+        port = workers[who].settings.port
+        workers[who].shutdown()
+        workers[who] = restarted(who, port)  # at once: pings are answered again
+        wait_for(lambda: idle(survivor, pairs=0), 5, "the stale pair to go")
+    finally:
+        for worker in workers.values():
+            worker.shutdown()
+
+
 def test_a_load_that_fails_before_claiming_its_export_releases_it() -> None:
     exporter, _ = make_worker("exporter", True)
     # Other planes: the pair is refused, so the pull never reaches the export.
@@ -343,7 +366,7 @@ def test_silent_peers_are_probed_at_once_and_busy_ones_not_at_all(
     silent = [pair(long_ago) for _ in range(3)]
     busy = [pair(long_ago, locked=True), pair(time.monotonic())]
     dropped: list[str] = []
-    watch = PeerWatch(messenger, 1.0, lambda: [*silent, *busy], dropped.append)
+    watch = PeerWatch(messenger, 1.0, lambda: [*silent, *busy], dropped.append, print)
     try:
         started = time.monotonic()
         watch.check_peers()

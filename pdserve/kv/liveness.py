@@ -98,13 +98,17 @@ class PeerWatch:
                 self._messenger.forget(rid)
         return answered
 
-    def reply(self, box: queue.SimpleQueue[object], deadline: float, address: str) -> object:
+    def reply(
+        self, box: queue.SimpleQueue[object], deadline: float, address: str, incarnation: str = ""
+    ) -> object:
         """The next reply in ``box`` by the deadline, watching that the peer is alive.
 
         Whenever the peer is silent for ``PROBE_AFTER_SILENCE_S`` it is pinged (the Pong
         lands in the same mailbox); a ping unanswered within ``probe_s`` means it is gone:
         ``KVError(PEER_GONE)``. A busy but live exporter answers pings on its I/O thread,
-        so its slow replies are still waited for, up to the deadline (``KVTimeout``).
+        so its slow replies are still waited for, up to the deadline (``KVTimeout``). A Pong
+        from another start than ``incarnation`` (the pair's peer; "" unknown) means it
+        restarted and knows neither the pair nor the pull: ``KVError(UNKNOWN_PAIR)`` at once.
         """
         ping_rid: int | None = None
         waited_since = time.monotonic()
@@ -129,6 +133,8 @@ class PeerWatch:
                     waited_since = time.monotonic()
                     continue
                 if isinstance(reply, Pong):
+                    if incarnation and reply.incarnation not in ("", incarnation):
+                        raise KVError(KVFailure.UNKNOWN_PAIR, f"{address} restarted")
                     self._messenger.forget(reply.rid)
                     ping_rid, waited_since = None, time.monotonic()
                     continue
@@ -153,14 +159,18 @@ class PeerWatch:
         its rendezvous would wait for a dead peer for the whole set-up timeout.
         """
         now = time.monotonic()
-        peers: dict[str, list[Pair]] = {}
+        # Each pair with its peer's start as known before the pings (a PairOpened arriving
+        # during the round, from a newer start, must not count against this round's Pong).
+        peers: dict[str, list[tuple[Pair, str]]] = {}
         for pair in self._pairs():
             if pair.peer_address:
-                peers.setdefault(pair.peer_address, []).append(pair)
+                peers.setdefault(pair.peer_address, []).append((pair, pair.peer_incarnation))
         idle = [
             address
             for address, pairs in peers.items()
-            if not any(p.lock.locked() or now - p.last_used < PEER_CHECK_INTERVAL_S for p in pairs)
+            if not any(
+                p.lock.locked() or now - p.last_used < PEER_CHECK_INTERVAL_S for p, _ in pairs
+            )
         ]
         if not idle or self._stopping.is_set():
             return
@@ -172,6 +182,6 @@ class PeerWatch:
                 self._drop_peer(address)
                 continue
             now_as = answered[address]
-            stale = [p for p in peers[address] if now_as and p.peer_incarnation not in ("", now_as)]
+            stale = [p for p, was in peers[address] if now_as and was not in ("", now_as)]
             if stale:
                 self._drop_stale(address, stale)

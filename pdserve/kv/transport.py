@@ -165,6 +165,19 @@ class PairTable:
         with self.lock:
             return list(self.by_id.values())
 
+    def stale(self, address: str, incarnation: str) -> list[Pair]:
+        """The pairs with an earlier start of the peer at ``address``, now ``incarnation``
+        (pairs whose peer's start is unknown, or an unknown ``incarnation``: none)."""
+        if not incarnation:
+            return []
+        with self.lock:
+            pairs = list(self.by_id.values())
+        return [
+            p
+            for p in pairs
+            if p.peer_address == address and p.peer_incarnation not in ("", incarnation)
+        ]
+
     def forget(self, pair: Pair) -> None:
         with self.lock:
             self.by_id.pop(pair.pair_id, None)

@@ -319,6 +319,9 @@ class KVWorker:
             )
             old.abort()
             self._pairs.forget(old)
+        self._drop_stale_pairs(
+            message.address, self._pairs.stale(message.address, message.incarnation)
+        )
         opened = PairOpened(
             rid=message.rid, protocol=PROTOCOL_VERSION, incarnation=self.incarnation
         )
@@ -484,6 +487,7 @@ class KVWorker:
                 f"this worker version {PROTOCOL_VERSION}",
             )
         pair.peer_incarnation = reply.incarnation
+        self._drop_stale_pairs(address, self._pairs.stale(address, reply.incarnation))
         pair.establish()
 
     def _drop_pair(self, pair: Pair, address: str) -> None:
@@ -518,7 +522,8 @@ class KVWorker:
         for pair in stale:
             pair.abort(KVFailure.PEER_GONE)
             self._pairs.forget(pair)
-        logger.warning("pdserve kv: %s restarted; dropped %d stale pairs", address, len(stale))
+        if stale:
+            logger.warning("pdserve kv: %s restarted; dropped %d stale pairs", address, len(stale))
 
     def _run_load(self, order: LoadOrder) -> None:
         """Runs one asynchronous load and reports it exactly once (``poll``), whatever happens."""
@@ -629,7 +634,7 @@ class KVWorker:
                     needs_tokens=order.needs_tokens,
                 ),
             )
-            reply = self._liveness.reply(box, deadline, address)
+            reply = self._liveness.reply(box, deadline, address, pair.peer_incarnation)
             if isinstance(reply, Failed):
                 # Nothing was sent: unless the pair itself failed, it carries the next pull.
                 refused = reply.code not in BROKEN_PAIR
@@ -637,7 +642,7 @@ class KVWorker:
             assert isinstance(reply, PullStarted)
             runs = block_runs(reply.src, order.dst)
             nbytes = self._receive(pair, runs, seq, reply.staged, deadline)
-            reply = self._liveness.reply(box, deadline, address)
+            reply = self._liveness.reply(box, deadline, address, pair.peer_incarnation)
             if isinstance(reply, Failed):
                 raise KVError(reply.code, f"exporter failed: {reply.error}")
             if isinstance(reply, PullFinished) and not reply.valid:

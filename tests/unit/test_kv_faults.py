@@ -8,6 +8,7 @@ Workers pair over gloo in one process, on fake caches (block b of an exporter ho
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from types import SimpleNamespace
@@ -22,11 +23,13 @@ from pdserve.kv.exports import ExportRegistry, Refusal
 from pdserve.kv.liveness import PeerWatch
 from pdserve.kv.messages import (
     Failed,
+    KVError,
     KVFailure,
     PairOpen,
     PairOpened,
     Pin,
     Pinned,
+    Pong,
     PullRequest,
     StoreSet,
 )
@@ -252,6 +255,53 @@ def test_pairs_with_a_peer_restarted_on_its_address_go_although_it_answers(
             worker.shutdown()
 
 
+def test_a_peer_restarted_at_once_that_pairs_with_us_replaces_our_pairs_with_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """B restarts and, as its new start, pulls from A: A's pair with B's earlier start goes
+    then (the new start's PairOpen says who it is), not at a probe round."""
+    monkeypatch.setattr(liveness, "PEER_CHECK_INTERVAL_S", 60.0)  # no round meanwhile
+    a, _ = make_worker("a", True)
+    b, _ = make_worker("b", True)
+    try:
+        b.add_export(ExportOrder("x", "p-x", [3], lease_s=30))
+        pulled(a, "x", b.address, [1])  # A opened a pair with B
+        port = b.settings.port
+        b.shutdown()
+        b = restarted("b", port)
+        a.add_export(ExportOrder("y", "p-y", [4], lease_s=30))
+        pulled(b, "y", a.address, [2])  # B's new start opens a pair with A
+        wait_for(lambda: idle(a, pairs=1), 5, "A keeping only the new start's pair")
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_a_pull_waiting_on_a_peer_that_restarted_fails_at_its_first_pong() -> None:
+    """The new start answers the pings: without comparing starts the pull would wait for the
+    whole transfer timeout for a reply that cannot come."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    codec = kv_codec(b"kv-faults-test")
+
+    def answer(identity: bytes, message: Any) -> None:
+        server.reply(identity, Pong(rid=message.rid, incarnation="new start"))
+
+    server = Messenger(codec, address, on_request=answer, on_store_set=print)
+    client = Messenger(codec, None, on_request=lambda i, m: None, on_store_set=print)
+    watch = PeerWatch(client, 1.0, list, print, print)
+    try:
+        started = time.monotonic()
+        box: queue.SimpleQueue[object] = queue.SimpleQueue()
+        with pytest.raises(KVError) as raised:
+            watch.reply(box, started + 20.0, address, "earlier start")
+        assert raised.value.failure is KVFailure.UNKNOWN_PAIR
+        assert time.monotonic() - started < 3.0, "at the first Pong, not the 20 s deadline"
+    finally:
+        watch.stop()
+        client.stop()
+        server.stop()
+
+
 def test_a_load_that_fails_before_claiming_its_export_releases_it() -> None:
     exporter, _ = make_worker("exporter", True)
     # Other planes: the pair is refused, so the pull never reaches the export.
@@ -361,7 +411,9 @@ def test_silent_peers_are_probed_at_once_and_busy_ones_not_at_all(
         address = f"tcp://127.0.0.1:{free_port()}"  # nobody there: it never answers
         ready = threading.Event()
         ready.set()
-        return SimpleNamespace(peer_address=address, lock=lock, last_used=last_used, ready=ready)
+        return SimpleNamespace(
+            peer_address=address, peer_incarnation="", lock=lock, last_used=last_used, ready=ready
+        )
 
     silent = [pair(long_ago) for _ in range(3)]
     busy = [pair(long_ago, locked=True), pair(time.monotonic())]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from pdserve.kv.messages import KVError, KVFailure, KVTimeout, Ping, Pong
+from pdserve.kv.messages import KVError, KVFailure, KVTimeout, Ping, Pong, another_start
 from pdserve.kv.messenger import Messenger
 from pdserve.logs import get_logger
 
@@ -133,7 +133,7 @@ class PeerWatch:
                     waited_since = time.monotonic()
                     continue
                 if isinstance(reply, Pong):
-                    if incarnation and reply.incarnation not in ("", incarnation):
+                    if another_start(incarnation, reply.incarnation):
                         raise KVError(KVFailure.UNKNOWN_PAIR, f"{address} restarted")
                     self._messenger.forget(reply.rid)
                     ping_rid, waited_since = None, time.monotonic()
@@ -181,7 +181,6 @@ class PeerWatch:
             if address not in answered:
                 self._drop_peer(address)
                 continue
-            now_as = answered[address]
-            stale = [p for p, was in peers[address] if now_as and was not in ("", now_as)]
+            stale = [p for p, was in peers[address] if another_start(was, answered[address])]
             if stale:
                 self._drop_stale(address, stale)

@@ -237,6 +237,12 @@ class Pong(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""
 
 
+def another_start(known: str, answered: str) -> bool:
+    """Whether a peer known as start ``known`` now answers as another one (it restarted);
+    an empty id on either side (unknown, or an older peer) is never another start."""
+    return bool(known and answered) and known != answered
+
+
 class StoreSet(msgspec.Struct, tag=True, frozen=True):
     """One key of the rendezvous store, mirrored to the other member of the pair."""
 

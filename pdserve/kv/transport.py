@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from pdserve.kv.messages import KVError, KVFailure, KVTimeout, StoreSet
+from pdserve.kv.messages import KVError, KVFailure, KVTimeout, StoreSet, another_start
 
 # The messenger moved to its own torch-free module; importers of these names here keep working.
 from pdserve.kv.messenger import Messenger, kv_codec
@@ -168,14 +168,10 @@ class PairTable:
     def stale(self, address: str, incarnation: str) -> list[Pair]:
         """The pairs with an earlier start of the peer at ``address``, now ``incarnation``
         (pairs whose peer's start is unknown, or an unknown ``incarnation``: none)."""
-        if not incarnation:
-            return []
-        with self.lock:
-            pairs = list(self.by_id.values())
         return [
             p
-            for p in pairs
-            if p.peer_address == address and p.peer_incarnation not in ("", incarnation)
+            for p in self.all()
+            if p.peer_address == address and another_start(p.peer_incarnation, incarnation)
         ]
 
     def forget(self, pair: Pair) -> None:

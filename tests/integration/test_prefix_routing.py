@@ -4,12 +4,15 @@ where that prefix is cached, which vLLM's own prefix-cache hit counter shows.
 
 A cluster of its own: ``--prefill 2 --decode 1 --policy cache-aware`` (about a minute to
 start on a CPU machine). With two prefill instances, one of them never sees the first
-request: the second request must not go there.
+request: the second request must not go there. The same cluster shows a disaggregated
+request's time to first token broken down by phase (``gateway.phases``).
 """
 
 from __future__ import annotations
 
+import re
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,3 +108,31 @@ def test_a_shared_prefix_is_prefilled_where_it_is_cached(cache_aware: ServeClust
     first_pull = bytes_first[decode] - bytes_before[decode]
     second_pull = bytes_second[decode] - bytes_first[decode]
     assert first_pull > 0 and second_pull < first_pull, (first_pull, second_pull)
+
+
+PHASES = {"tokenize", "queue", "prefill", "kv_transfer", "first_decode"}
+
+
+def phase_counts(cluster: ServeCluster) -> dict[str, float]:
+    """``pdserve_request_phase_seconds_count`` per phase, from the gateway's /metrics."""
+    with urllib.request.urlopen(cluster.url + "/metrics", timeout=10) as response:
+        text = response.read().decode()
+    pattern = re.compile(r'^pdserve_request_phase_seconds_count\{phase="([a-z_]+)"\} (\S+)$', re.M)
+    return {phase: float(value) for phase, value in pattern.findall(text)}
+
+
+def test_the_time_to_first_token_is_broken_down_by_phase(cache_aware: ServeCluster) -> None:
+    """A disaggregated request's phases, in /admin/requests and in the histogram, add up to
+    its time to first token (``gateway.phases``)."""
+    before = phase_counts(cache_aware)
+    complete(cache_aware, prompt_token_ids(300, seed=3))  # fresh: prefilled on a prefill one
+    status, rows = http_json(cache_aware.url + "/admin/requests?recent=1", timeout=10)
+    assert status == 200 and rows, rows
+    row = rows[0]
+    phases = row["phases_s"]
+    assert set(phases) == PHASES, row
+    assert all(seconds >= 0 for seconds in phases.values()), row
+    assert row["ttft_s"] > 0 and phases["prefill"] > 0, row
+    assert abs(sum(phases.values()) - row["ttft_s"]) < 0.01, row
+    after = phase_counts(cache_aware)
+    assert {p for p in PHASES if after.get(p, 0) - before.get(p, 0) == 1} == PHASES, after

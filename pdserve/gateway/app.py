@@ -301,7 +301,7 @@ def create_app(
     rescheduling: ReschedulingSettings | None = None,
 ) -> FastAPI:
     metrics = GatewayMetrics()
-    control = ControlPlane(settings, secret, make_policy(dispatch), cache=dispatch.cache)
+    control = ControlPlane(settings, secret, make_policy(dispatch))
     upstream = Upstream(
         instance_api_key(secret),
         settings.upstream_connect_timeout_s,

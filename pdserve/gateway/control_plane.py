@@ -33,7 +33,6 @@ from pdserve.protocol.reports import (
     Register,
 )
 from pdserve.protocol.wire import AuthError, Codec
-from pdserve.scheduler.cache_aware import CacheAwareSettings
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, NoCapacity, NoInstance
 from pdserve.scheduler.index import ClusterIndex
 from pdserve.scheduler.snapshot import (
@@ -221,15 +220,13 @@ class ControlPlane:
         secret: bytes,
         policy: DispatchPolicy,
         clock: Callable[[], float] = time.monotonic,
-        cache: CacheAwareSettings | None = None,
     ) -> None:
         """``clock``: the time every entry point uses when given none (the simulator passes
-        its simulated clock; nothing here opens a socket before ``start``). ``cache``: the
-        prefix index's settings (``DispatchSettings.cache``)."""
+        its simulated clock; nothing here opens a socket before ``start``)."""
         self.settings = settings
         self.policy = policy
         # Where prompts' prefixes are cached: fed by instances' PrefixEvents, read at dispatch.
-        self.prefix = PrefixRouting(policy, cache)
+        self.prefix = PrefixRouting(policy)
         self.clock = clock
         self.instances: dict[str, InstanceRecord] = {}
         self._codec: Codec[Any] = Codec(ControlMessage, secret)

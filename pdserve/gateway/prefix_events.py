@@ -18,8 +18,11 @@ An instance that sends no events (``pdserve instance --no-prefix-events``, or an
 server) is tracked approximately: ``routed`` records the prompts placed there
 (``PrefixIndex.routed``), aged out.
 
-Only a policy that reads the index (``PrefixAwarePolicy``: ``cache-aware``) makes this do
-any work: with another policy batches are dropped on arrival and nothing is matched.
+Only a policy that reads the index (``PrefixAwarePolicy``: ``cache-aware``,
+``router-cache-aware``) makes this do any work: with another policy batches are dropped on
+arrival and nothing is matched. The policy says how the index is kept (its ``tracking``,
+``PrefixTracking``): ``router-cache-aware`` drops the events and tracks every instance
+approximately, without a TTL, as vllm-router does.
 """
 
 from __future__ import annotations
@@ -30,9 +33,8 @@ from dataclasses import dataclass
 from pdserve.logs import get_logger
 from pdserve.protocol.prefix import Cleared, PrefixEvents, Removed, Stored, prompt_keys
 from pdserve.protocol.reports import LoadReport, Register
-from pdserve.scheduler.cache_aware import CacheAwareSettings
 from pdserve.scheduler.dispatch import Dispatch, DispatchPolicy, PrefixAwarePolicy
-from pdserve.scheduler.prefix_index import NO_MATCH, PrefixIndex, PrefixMatch
+from pdserve.scheduler.prefix_index import NO_MATCH, PrefixIndex, PrefixMatch, PrefixTracking
 from pdserve.scheduler.snapshot import ClusterSnapshot, RequestEstimate
 
 logger = get_logger(__name__)
@@ -51,12 +53,18 @@ class _Stream:
 class PrefixRouting:
     """The index and its bookkeeping (module docstring)."""
 
-    def __init__(self, policy: DispatchPolicy, settings: CacheAwareSettings | None = None) -> None:
-        settings = settings or CacheAwareSettings()
+    def __init__(self, policy: DispatchPolicy) -> None:
         self.enabled = isinstance(policy, PrefixAwarePolicy)
-        self.index = PrefixIndex(
-            approximate_max_blocks=settings.approximate_max_blocks,
-            approximate_ttl_s=settings.approximate_ttl_s,
+        self.tracking: PrefixTracking | None = (
+            policy.tracking if isinstance(policy, PrefixAwarePolicy) else None
+        )
+        self.index = (
+            PrefixIndex(
+                approximate_max_blocks=self.tracking.approximate_max_blocks,
+                approximate_ttl_s=self.tracking.approximate_ttl_s,
+            )
+            if self.tracking is not None
+            else PrefixIndex()
         )
         self._streams: dict[str, _Stream] = {}
         self.batches = 0
@@ -66,8 +74,13 @@ class PrefixRouting:
 
     # --- events -------------------------------------------------------------------------------
 
+    @property
+    def wants_events(self) -> bool:
+        """Whether the instances' events are applied (the simulator sends them only then)."""
+        return self.tracking is not None and self.tracking.kv_events
+
     def receive(self, message: PrefixEvents) -> None:
-        if not self.enabled:
+        if not self.wants_events:
             return
         self.batches += 1
         instance_id = message.instance_id
@@ -161,6 +174,7 @@ class PrefixRouting:
             return
         for instance_id, load in placed.items():
             block_size = load.block_size if load else _DEFAULT_BLOCK_SIZE
-            capacity = load.total_blocks if load else None
+            bounded = self.tracking is not None and self.tracking.bounded_by_capacity
+            capacity = load.total_blocks if load and bounded else None
             keys = self._keys(tokens, block_size)
             self.index.routed(instance_id, keys, block_size, now, capacity)

@@ -15,6 +15,8 @@
 ``cache-aware`` (``pdserve.scheduler.cache_aware``) chooses prefill and decode together by
 the predicted TTFT with each instance's cached prefix (the control plane hands it the
 request's ``PrefixMatch``: ``PrefixAwarePolicy``).
+``router-cache-aware`` (``pdserve.scheduler.router_cache_aware``) is vllm-router's
+``cache_aware`` re-created, the baseline the simulator compares ``cache-aware`` to at scale.
 ``adaptive`` (``pdserve.scheduler.adaptive``) treats roles as preferences and places each
 request against the SLOs (``DispatchSettings.slo``).
 
@@ -38,8 +40,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from pdserve.scheduler.adaptive import AdaptivePolicy
 from pdserve.scheduler.admission import prefill_wait_s
 from pdserve.scheduler.cache_aware import CacheAwarePolicy, CacheAwareSettings
-from pdserve.scheduler.prefix_index import NO_MATCH, PrefixMatch
+from pdserve.scheduler.prefix_index import NO_MATCH, PrefixMatch, PrefixTracking
 from pdserve.scheduler.rescheduling import MigrationPlan
+from pdserve.scheduler.router_cache_aware import RouterCacheAwarePolicy, RouterCacheAwareSettings
 from pdserve.scheduler.slo import SloSettings
 from pdserve.scheduler.snapshot import (
     POOLS,
@@ -50,7 +53,9 @@ from pdserve.scheduler.snapshot import (
     RequestEstimate,
 )
 
-PolicyName = Literal["pd", "round-robin", "least-requests", "adaptive", "cache-aware"]
+PolicyName = Literal[
+    "pd", "round-robin", "least-requests", "adaptive", "cache-aware", "router-cache-aware"
+]
 
 
 class DispatchSettings(BaseModel):
@@ -58,7 +63,8 @@ class DispatchSettings(BaseModel):
 
     policy: PolicyName = Field(
         "pd",
-        description="dispatch policy: pd, round-robin, least-requests, adaptive, cache-aware",
+        description="dispatch policy: pd, round-robin, least-requests, adaptive, cache-aware, "
+        "router-cache-aware",
     )
     short_prompt_tokens: int = Field(
         64, ge=0, description="prompts up to this many tokens are prefilled on the decode instance"
@@ -77,6 +83,7 @@ class DispatchSettings(BaseModel):
     )
     slo: SloSettings = Field(default_factory=SloSettings)
     cache: CacheAwareSettings = Field(default_factory=CacheAwareSettings)
+    router: RouterCacheAwareSettings = Field(default_factory=RouterCacheAwareSettings)
 
 
 @dataclass(frozen=True)
@@ -159,7 +166,10 @@ class DispatchPolicy(Protocol):
 @runtime_checkable
 class PrefixAwarePolicy(Protocol):
     """A policy that also reads where the request's prefix is cached: the control plane
-    matches the prompt in its prefix index only for such a policy."""
+    matches the prompt in its prefix index only for such a policy, and keeps the index as
+    its ``tracking`` says."""
+
+    tracking: PrefixTracking
 
     def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch: ...
 
@@ -263,6 +273,13 @@ class CacheAwareDispatch:
 
     def __init__(self, settings: DispatchSettings) -> None:
         self.settings = settings
+        # From the instances' KV events; routed prompts only for those that send none.
+        self.tracking = PrefixTracking(
+            kv_events=True,
+            approximate_ttl_s=settings.cache.approximate_ttl_s,
+            approximate_max_blocks=settings.cache.approximate_max_blocks,
+            bounded_by_capacity=True,
+        )
         self.cache = CacheAwarePolicy(
             settings.cache,
             settings.watermark,
@@ -285,6 +302,27 @@ class CacheAwareDispatch:
             assert decode is not None
             check_room(decode, request, self.settings.watermark)
         return Dispatch(placement.decode, placement.prefill, placement.cached_tokens)
+
+
+class RouterCacheAwareDispatch:
+    """``pdserve.scheduler.router_cache_aware``'s choices as dispatch decisions: its index is
+    only what it routed (``tracking``), its ``cached_tokens`` 0 (it predicts no TTFT)."""
+
+    def __init__(self, settings: DispatchSettings) -> None:
+        self.router = RouterCacheAwarePolicy(settings.router)
+        self.tracking = self.router.tracking
+
+    def choose(self, snapshot: ClusterSnapshot, request: RequestEstimate) -> Dispatch:
+        return self.choose_cached(snapshot, request, NO_MATCH)
+
+    def choose_cached(
+        self, snapshot: ClusterSnapshot, request: RequestEstimate, prefix: PrefixMatch
+    ) -> Dispatch:
+        placed = self.router.place(snapshot, request, prefix)
+        if placed is None:
+            raise NoInstance()
+        decode, prefill = placed
+        return Dispatch(decode=decode, prefill=prefill)
 
 
 class RoundRobinPolicy:
@@ -344,4 +382,6 @@ def make_policy(settings: DispatchSettings) -> DispatchPolicy:
         return AdaptiveDispatch(settings)
     if settings.policy == "cache-aware":
         return CacheAwareDispatch(settings)
+    if settings.policy == "router-cache-aware":
+        return RouterCacheAwareDispatch(settings)
     return PdPolicy(settings)

@@ -67,6 +67,20 @@ DEFAULT_APPROXIMATE_TTL_S = 120.0
 DEFAULT_MAX_INSTANCES = 4096
 
 
+@dataclass(frozen=True)
+class PrefixTracking:
+    """How the control plane keeps the index a policy reads
+    (``gateway.prefix_events.PrefixRouting``): ``kv_events`` False ignores the instances' events
+    and tracks every instance approximately (vllm-router's way); a routed prompt is remembered
+    ``approximate_ttl_s``, at most ``approximate_max_blocks`` blocks per instance, and at most
+    its KV cache's blocks where ``bounded_by_capacity``."""
+
+    kv_events: bool
+    approximate_ttl_s: float
+    approximate_max_blocks: int
+    bounded_by_capacity: bool
+
+
 class Tracking(enum.StrEnum):
     EXACT = "exact"  # the instance's own KV events
     APPROXIMATE = "approximate"  # what the gateway routed there, aged out

@@ -84,12 +84,11 @@ class SimCluster:
             SECRET,
             make_policy(self.dispatch_settings),
             clock=self.queue.clock,
-            cache=self.dispatch_settings.cache,
         )
         # The engines' prefix events, for a policy that reads the prefix index (the runs'
         # chain keys: ``pdserve.sim.prefix_events``, filled by whoever makes the sessions).
         self.runs = RunKeys()
-        self.outbox = PrefixOutbox(self.runs) if self.control.prefix.enabled else None
+        self.outbox = PrefixOutbox(self.runs) if self.control.prefix.wants_events else None
         self.engines: dict[str, SimEngine] = {}
         self.failed: list[SimEngine] = []
         self._delivered: dict[str, int] = {}

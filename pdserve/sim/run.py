@@ -232,10 +232,11 @@ def simulate_point(
     started = time.perf_counter()
     cluster = build_cluster(settings, profile, dispatch, rescheduling, gateway)
     block_size = cluster.engine_config.block_size
-    ids = cluster.outbox is not None
+    # The prompts' ids for a policy that matches them, the runs' keys for the engines' events.
+    ids = cluster.control.prefix.enabled
     warming = sessions_for(warm, [0.0] * len(warm), block_size, "warm", ids)
     sessions = sessions_for(requests, schedule.times, block_size, token_ids=ids)
-    if ids:
+    if cluster.outbox is not None:
         index_runs(cluster.runs, [*warm, *requests], [*warming, *sessions], block_size)
     before = warm_up(cluster, warming)
     simulated = cluster.run(sessions)

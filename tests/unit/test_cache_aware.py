@@ -38,7 +38,7 @@ def cluster(*views: object) -> ClusterSnapshot:
     return ClusterSnapshot(views)  # type: ignore[arg-type]
 
 
-def test_it_is_selected_by_name_and_is_the_only_prefix_aware_policy() -> None:
+def test_it_is_selected_by_name_and_load_only_policies_read_no_prefix_index() -> None:
     assert isinstance(make_policy(DispatchSettings(policy="cache-aware")), CacheAwareDispatch)
     assert isinstance(policy(), PrefixAwarePolicy)
     for name in ("pd", "round-robin", "least-requests", "adaptive"):

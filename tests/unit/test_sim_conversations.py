@@ -156,6 +156,8 @@ def test_the_sim_prefix_benchmark_writes_its_report(tmp_path: Path) -> None:
     assert "| 1 | round-robin | 2 | 12/12 |" in report and "Ratios: baseline /" in report
     data = json.loads((tmp_path / "results.json").read_text())
     assert set(data) == {"0", "1"} and {"round-robin", "pd", "1P1D"} <= set(data["0"])
+    assert {"router-cache-aware", "router-cache-aware 1P1D"} <= set(data["0"])
+    assert "cache-aware vs router-cache-aware, at least 1.3x:" in report
     assert all(p["prefix_cache_hit_rate"] is not None for p in data["0"]["round-robin"])
     assert (tmp_path / "sweep-seed1.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -54,6 +54,13 @@ class ClientSettings(BaseModel):
         True, description="generate exactly max_tokens tokens (vLLM's ignore_eos)"
     )
     request_timeout_s: float = Field(600.0, gt=0, description="limit on one request")
+    # Written out only when off, so that settings saved before it existed read back alike.
+    send_priority: bool = Field(
+        True,
+        description="send a request of the workload's high-priority class with vLLM's "
+        "'priority' field (-1: lower is earlier); off: every request is sent alike",
+        exclude_if=lambda v: v is True,
+    )
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Target:
     temperature: float
     ignore_eos: bool
     request_timeout_s: float
+    send_priority: bool = True
 
     def payload(self, request: BenchRequest) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -79,6 +87,8 @@ class Target:
         }
         if request.conversation is not None:
             body["return_token_ids"] = True  # the next turn re-sends the answer's ids
+        if self.send_priority and request.priority:
+            body["priority"] = -request.priority  # the workload's higher is vLLM's lower
         return body
 
 
@@ -127,6 +137,7 @@ async def resolve_target(settings: ClientSettings) -> Target:
         temperature=settings.temperature,
         ignore_eos=settings.ignore_eos,
         request_timeout_s=settings.request_timeout_s,
+        send_priority=settings.send_priority,
     )
 
 
@@ -260,6 +271,7 @@ class Runner:
             input_len=request.input_len,
             output_len=request.output_len,
             start_s=time.perf_counter() - self.start,
+            priority=request.priority,
         )
         self.records.append(record)
         return record

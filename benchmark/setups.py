@@ -20,6 +20,11 @@ A setup is named on the command line (``--setups``):
     ``pdserve serve --prefill X --decode Y`` (X + Y = N) with the default ``pd`` policy.
 ``pdserve-XpYd-resched``
     The same with live rescheduling between decode instances (``--rescheduling``).
+``...-prio`` (after any pdserve setup's name)
+    The same with priorities on: vLLM's priority scheduling (``--priority-scheduling``) and
+    the client sending each high-priority request's ``priority`` (``--high-priority-fraction``
+    of them); every other setup gets no priorities, so ``pdserve-adaptive-prio`` against
+    ``pdserve-adaptive`` is priorities on against off.
 ``pdserve-POLICY`` (and ``pdserve-POLICY-resched``)
     ``pdserve serve --both N --policy POLICY``: N ``both`` instances under any dispatch
     policy ``pdserve serve`` has (``pdserve-adaptive`` once that policy exists); the
@@ -69,12 +74,12 @@ from pdserve.scheduler.dispatch import PolicyName
 
 ROUTER = "vllm-router"
 PDSERVE_RR = "pdserve-rr"
-XPYD = re.compile(r"^pdserve-(\d+)p(\d+)d(-resched)?$")
+XPYD = re.compile(r"^pdserve-(\d+)p(\d+)d(-resched)?(-prio)?$")
 ROUTER_POLICY = re.compile(r"^vllm-router-([a-z][a-z-]*)$")
 # vllm-router 0.1.x's policies that need nothing but the workers' URLs (kv_aware needs
 # KV event sources, sticky_least_loaded session ids).
 ROUTER_POLICIES = ("round_robin", "cache_aware", "power_of_two", "random", "consistent_hash")
-POLICY_SETUP = re.compile(r"^pdserve-([a-z][a-z-]*?)(-resched)?$")
+POLICY_SETUP = re.compile(r"^pdserve-([a-z][a-z-]*?)(-resched)?(-prio)?$")
 STOP_GRACE_S = 60.0
 
 
@@ -112,6 +117,9 @@ class SetupSpec:
     both: int = 0
     policy: str = "pd"
     rescheduling: bool = False
+    # ``-prio``: vLLM's priority scheduling on, and the client sends the requests' priorities
+    # (every other setup gets none: priorities off).
+    priorities: bool = False
 
     @property
     def instances(self) -> int:
@@ -124,7 +132,8 @@ class SetupSpec:
             text = f"pdserve, {self.both} colocated instances, policy {self.policy}"
         else:
             text = f"pdserve {self.prefill}P{self.decode}D, policy {self.policy}"
-        return text + (", live rescheduling" if self.rescheduling else "")
+        text += ", live rescheduling" if self.rescheduling else ""
+        return text + (", priorities (vLLM's priority scheduling)" if self.priorities else "")
 
 
 def parse_setup(name: str, instances: int) -> SetupSpec:
@@ -150,19 +159,33 @@ def parse_setup(name: str, instances: int) -> SetupSpec:
             f"setup {name}: needs X >= 1 prefill and Y >= 1 decode instances with "
             f"X + Y = --instances ({instances})"
         )
-    return SetupSpec(name, "pdserve", prefill=prefill, decode=decode, rescheduling=bool(match[3]))
+    return SetupSpec(
+        name,
+        "pdserve",
+        prefill=prefill,
+        decode=decode,
+        rescheduling=bool(match[3]),
+        priorities=bool(match[4]),
+    )
 
 
 def _policy_setup(name: str, instances: int) -> SetupSpec:
-    """``pdserve-POLICY[-resched]``: every instance ``both``, the policy decides."""
+    """``pdserve-POLICY[-resched][-prio]``: every instance ``both``, the policy decides."""
     match = POLICY_SETUP.match(name)
     policies = get_args(PolicyName)
     if match is None or match[1] not in policies:
         raise ValueError(
-            f"unknown setup {name!r}: {ROUTER}[-POLICY], {PDSERVE_RR}, pdserve-XpYd[-resched] "
-            f"or pdserve-POLICY[-resched] with POLICY one of {', '.join(policies)}"
+            f"unknown setup {name!r}: {ROUTER}[-POLICY], {PDSERVE_RR}, pdserve-XpYd[-resched][-prio] "
+            f"or pdserve-POLICY[-resched][-prio] with POLICY one of {', '.join(policies)}"
         )
-    return SetupSpec(name, "pdserve", both=instances, policy=match[1], rescheduling=bool(match[2]))
+    return SetupSpec(
+        name,
+        "pdserve",
+        both=instances,
+        policy=match[1],
+        rescheduling=bool(match[2]),
+        priorities=bool(match[3]),
+    )
 
 
 def default_setups(instances: int) -> list[str]:
@@ -325,6 +348,7 @@ def plan_pdserve(
         "--policy",
         spec.policy,
         "--rescheduling" if spec.rescheduling else "--no-rescheduling",
+        *(["--priority-scheduling"] if spec.priorities else []),
         "--host",
         host,
         "--port",

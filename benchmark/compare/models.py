@@ -87,6 +87,8 @@ class SpecEntry(ResultModel):
     both: int = 0
     policy: str = "pd"
     rescheduling: bool = False
+    # Written out only when on, so that results made before it existed read back alike.
+    priorities: bool = Field(False, exclude_if=lambda v: v is False)
 
 
 class PointEntry(ResultModel):

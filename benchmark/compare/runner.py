@@ -290,7 +290,9 @@ class Comparison:
             return
         repetition = (entry.repetition or 1) - 1
         seed = seed_base(self.settings, repetition, 0) + len(load_points(settings)) + 1
-        point = point_settings(settings, spec.name, running.endpoint, seed)
+        point = point_settings(
+            settings, spec.name, running.endpoint, seed, send_priority=spec.priorities
+        )
         warm = self.requests(seed, settings, num_requests=settings.warmup_requests)
         entry.warmup_ok = self.warm(point, warm, spec.instances)
         if entry.warmup_ok == 0:
@@ -310,7 +312,9 @@ class Comparison:
         label = self._point_label(spec, entry)
         for index, load in enumerate(load_points(settings)):
             seed = base + index
-            point = point_settings(settings, label, running.endpoint, seed)
+            point = point_settings(
+                settings, label, running.endpoint, seed, send_priority=spec.priorities
+            )
             warm, requests = split_warmup(self.requests(seed, settings))
             if warm:  # the point's tenants' system prompts, before its counters are read
                 self.warm(point, warm, spec.instances)
@@ -350,7 +354,12 @@ class Comparison:
         else:
             seed = settings.seed + len(loads)
             point = point_settings(
-                settings, f"{spec.name}-cross-check", running.endpoint, seed, workload="fixed"
+                settings,
+                f"{spec.name}-cross-check",
+                running.endpoint,
+                seed,
+                workload="fixed",
+                send_priority=spec.priorities,
             )
             _log(f"cross-check: pdserve's client at {load_text(rate)} req/s (fixed lengths)")
             result = self.measure(point, rate, self.requests(seed, workload="fixed"))

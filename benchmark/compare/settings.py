@@ -22,8 +22,9 @@ from benchmark.setups import (
 from pdserve.cluster.launcher import ServeSettings
 from pdserve.settings import from_args
 
-# RunSettings fields that each setup decides (where to send, under which name).
-EXCLUDED = ("url", "label", "api_key")
+# RunSettings fields that each setup decides (where to send, under which name, whether with
+# priorities: the ``-prio`` setups).
+EXCLUDED = ("url", "label", "api_key", "send_priority")
 COMPARE_LIST_FIELDS = (*LIST_FIELDS, "setups", "mixes")
 WARMUP_OUTPUT_TOKENS = 8
 # What the output directory holds (figures: benchmark.compare.figures).

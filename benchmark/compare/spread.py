@@ -12,7 +12,7 @@ claim at all.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +31,11 @@ LATENCY_METRICS = (
     ("TPOT mean", "tpot_ms", "mean"),
     ("TPOT P99", "tpot_ms", "p99"),
     ("ITL P99", "itl_ms", "p99"),
+    # Only where the workload has priority classes (``--high-priority-fraction``).
+    ("high-priority TTFT P99", "ttft_ms_high", "p99"),
+    ("normal TTFT P99", "ttft_ms_normal", "p99"),
 )
+CLASS_FIELDS = ("ttft_ms_high", "ttft_ms_normal")
 Better = Literal["higher", "lower"]
 # One repetition's setups by name.
 Repetition = dict[str, SetupResult]
@@ -125,13 +129,17 @@ def _best_baseline(per_baseline: Sequence[Sequence[Sample]]) -> list[Sample]:
     return out
 
 
-def _latency_sample(
-    mine: Summary | None, theirs: Summary | None, value: Callable[[Summary], float | None]
-) -> Sample:
+def _latency_sample(mine: Summary | None, theirs: Summary | None, field: str, stat: str) -> Sample:
+    """The ratio of one statistic and the fewest requests behind it (a class's own count)."""
     if mine is None or theirs is None:
         return Sample(None)
-    a, b = value(mine), value(theirs)
+    ours, others = getattr(mine, field), getattr(theirs, field)
+    if ours is None or others is None:
+        return Sample(None)
+    a, b = getattr(ours, stat), getattr(others, stat)
     ratio = a / b if a is not None and b else None
+    if field in CLASS_FIELDS:
+        return Sample(ratio, min(ours.n, others.n))
     return Sample(ratio, min(mine.completed, theirs.completed))
 
 
@@ -155,15 +163,12 @@ def _latency_rows(
     rows = []
     for load in loads:
         for metric, field, stat in LATENCY_METRICS:
-
-            def value(s: Summary, field: str = field, stat: str = stat) -> float | None:
-                stats = getattr(s, field)
-                return getattr(stats, stat)  # type: ignore[no-any-return]
-
             samples = [
-                _latency_sample(_at(rep, candidate, load), _at(rep, baseline, load), value)
+                _latency_sample(_at(rep, candidate, load), _at(rep, baseline, load), field, stat)
                 for rep in reps
             ]
+            if field in CLASS_FIELDS and all(s.ratio is None for s in samples):
+                continue  # no priority classes in this workload
             rows.append(spread_row(mix, metric, pair, load, "lower", samples))
     return rows
 

@@ -38,6 +38,7 @@ class RequestRecord(BaseModel):
     itl_s: list[float] = Field(default_factory=list, description="gaps between chunks")
     e2e_s: float | None = Field(None, description="send to last chunk")
     output_tokens: int = Field(0, description="usage.completion_tokens, else chunk count")
+    priority: int = Field(0, description="the workload's class: above 0 high priority")
     success: bool = False
     error: str = ""
 
@@ -80,6 +81,13 @@ class Summary(BaseModel):
     slo_tpot_ms: float | None = None
     goodput: float | None = Field(None, description="req/s meeting every SLO; None if no SLO")
     slo_attainment: float | None = Field(None, description="fraction of requests sent")
+    # Per priority class, only where the records have more than one (else left out).
+    ttft_ms_high: LatencyStats | None = Field(
+        None, description="TTFT of high-priority requests", exclude_if=lambda v: v is None
+    )
+    ttft_ms_normal: LatencyStats | None = Field(
+        None, description="TTFT of the other requests", exclude_if=lambda v: v is None
+    )
 
 
 def latency_stats(seconds: Sequence[float]) -> LatencyStats:
@@ -118,6 +126,8 @@ def summarize(
 ) -> Summary:
     """The summary of one run's records; ``duration_s`` is the run's wall-clock time."""
     done = [r for r in records if r.success]
+    ttfts = [(r.ttft_s, r.priority > 0) for r in done if r.ttft_s is not None]
+    classes = any(r.priority > 0 for r in records) and any(r.priority <= 0 for r in records)
     output_tokens = sum(r.output_tokens for r in done)
     has_slo = slo_ttft_ms is not None or slo_tpot_ms is not None
     good = sum(meets_slo(r, slo_ttft_ms, slo_tpot_ms) for r in records)
@@ -130,7 +140,7 @@ def summarize(
         total_output_tokens=output_tokens,
         request_throughput=_rate(len(done), duration_s),
         output_throughput=_rate(output_tokens, duration_s),
-        ttft_ms=latency_stats([r.ttft_s for r in done if r.ttft_s is not None]),
+        ttft_ms=latency_stats([t for t, _ in ttfts]),
         tpot_ms=latency_stats([t for r in done if (t := r.tpot_s) is not None]),
         itl_ms=latency_stats([gap for r in done for gap in r.itl_s]),
         e2e_ms=latency_stats([r.e2e_s for r in done if r.e2e_s is not None]),
@@ -138,6 +148,8 @@ def summarize(
         slo_tpot_ms=slo_tpot_ms,
         goodput=_rate(good, duration_s) if has_slo else None,
         slo_attainment=(good / len(records) if records else 0.0) if has_slo else None,
+        ttft_ms_high=latency_stats([t for t, high in ttfts if high]) if classes else None,
+        ttft_ms_normal=latency_stats([t for t, high in ttfts if not high]) if classes else None,
     )
 
 

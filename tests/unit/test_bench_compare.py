@@ -755,7 +755,9 @@ def test_interleaved_repetitions_rotate_restart_and_give_fresh_prompts(tmp_path:
     ]  # fmt: skip
     # Per start: 1 warm-up + 4 + 4 requests. Same prompts within a repetition, fresh across.
     prompts = [json.dumps(p["prompt"]) for p in fake.payloads]
-    per_start = [prompts[i * 9 : (i + 1) * 9] for i in range(9)]
+    # Each mix's requests sorted: 10 ms apart, they may reach the fake server in any order.
+    starts_prompts = [prompts[i * 9 : (i + 1) * 9] for i in range(9)]
+    per_start = [[*p[:1], *sorted(p[1:5]), *sorted(p[5:])] for p in starts_prompts]
     for rep in range(3):
         first, *others = per_start[rep * 3 : rep * 3 + 3]
         assert all(o == first for o in others)

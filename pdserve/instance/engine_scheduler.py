@@ -45,6 +45,8 @@ class LoadReporter:
         self._latest: LoadReport | None = None
         self._seq = 0
         self._keys: dict[str, str | None] = {}
+        # Prefix-cache hits of the waiting requests, looked up once per stay in the queue.
+        self._waiting_hits: dict[str, int] = {}
         self._last_step_at: float | None = None
         self._step_ms = 0.0
         self._prefill_rate = 0.0
@@ -67,6 +69,28 @@ class LoadReporter:
             params = parse_params(request.kv_transfer_params)
             self._keys[request.request_id] = params.request_key if params else None
         return self._keys[request.request_id]
+
+    def _queued_tokens(self, scheduler: Scheduler) -> int:
+        """The waiting queue's tokens less each request's prefix-cache hit, looked up as it
+        is first seen waiting. vLLM finds the hit only when it schedules a request, so
+        counting whole prompts made an instance holding a hot prefix look busy by every
+        queued request's cached part, and cache-aware dispatch spread the prefix early. The
+        lookup is read-only (no reference taken, no statistics counted)."""
+        manager = scheduler.kv_cache_manager
+        hits: dict[str, int] = {}
+        queued = 0
+        for request in scheduler.waiting:
+            hit = self._waiting_hits.get(request.request_id)
+            if hit is None:
+                hit = 0
+                if request.block_hashes and manager.prefix_cache_lookup_enabled(request):
+                    _, hit, _ = manager.coordinator.find_longest_cache_hit(
+                        request.block_hashes, request.num_tokens - 1
+                    )
+            hits[request.request_id] = hit
+            queued += request.num_tokens - max(request.num_computed_tokens, hit)
+        self._waiting_hits = hits
+        return queued
 
     def _time_step(self, busy: bool, work: StepTotals) -> None:
         """Times the previous step (from its schedule() to this one) and adds it to the
@@ -124,7 +148,8 @@ class LoadReporter:
             total_blocks=pool.num_gpu_blocks - 1,
             block_size=self.block_size,
             waiting_prompt_tokens=unfinished_prefill
-            + sum(r.num_tokens - r.num_computed_tokens for r in waiting),
+            + self._queued_tokens(scheduler)
+            + sum(r.num_tokens - r.num_computed_tokens for r in scheduler.kv_holding_waiting),
             # Only requests that hold no blocks yet want new ones: those in
             # kv_holding_waiting (KV being loaded, or a partial prefill) are already counted
             # as used in free_blocks, and counting them again hid free room from dispatch.

@@ -144,7 +144,8 @@ class LoadReport(msgspec.Struct, tag=True, frozen=True):
     free_blocks: int
     total_blocks: int
     block_size: int
-    # Prompt tokens admitted but not computed yet (waiting requests and unfinished prefills).
+    # Prompt tokens admitted but not computed yet (waiting requests and unfinished prefills),
+    # less the prefix-cache hit a waiting request found as it joined the queue.
     waiting_prompt_tokens: int
     # Blocks the waiting requests will need once admitted.
     waiting_blocks: int

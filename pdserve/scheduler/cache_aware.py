@@ -46,11 +46,11 @@ queue grows past it spreads to the next instance, which from then on holds it to
 load balances between the holders. Approximate matches (instances without KV events) are
 taken at face value. Ties go to ``pd``'s choice.
 
-Known bias: a load report counts a waiting request's whole prompt as queued, its cached part
-included (vLLM finds its prefix hit only when it schedules it), so a holder with a waiting
-queue looks busier than it is and spreads a little early; the gateway's own pending work
-counts only the uncached part (``Dispatch.cached_tokens``). The operator's view, with the
-events behind the index: docs/prefix-routing.md.
+A load report counts a waiting request's tokens less the prefix-cache hit it found as it
+joined the queue (``LoadReport.waiting_prompt_tokens``), and the gateway's own pending work
+only the uncached part (``Dispatch.cached_tokens``), so a holder's queue of mostly cached
+requests is priced at what it will compute, not at its prompts' length. The operator's
+view, with the events behind the index: docs/prefix-routing.md.
 """
 
 from __future__ import annotations

@@ -125,8 +125,7 @@ class SimEngine(EngineHoldings):
             self.running.remove(leg)
         elif state is LegState.WAITING:
             self.waiting.remove(leg)
-            self.waiting_tokens -= leg.num_tokens
-            self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
+            self._unqueue(leg)
         elif state is LegState.READY:
             self.ready.remove(leg)
         elif state is LegState.LOADING:

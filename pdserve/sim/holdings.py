@@ -35,14 +35,24 @@ class EngineHoldings:
             self.waiting.appendleft(leg)
         else:
             self.waiting.append(leg)
-        self.waiting_tokens += leg.num_tokens
+        leg.queued_tokens = leg.num_tokens - self._cached_tokens(leg)
+        self.waiting_tokens += leg.queued_tokens
         self.waiting_blocks += cdiv(leg.num_tokens, self.block_size)
 
     def _dequeue(self) -> Leg:
         leg = self.waiting.popleft()
-        self.waiting_tokens -= leg.num_tokens
-        self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
+        self._unqueue(leg)
         return leg
+
+    def _unqueue(self, leg: Leg) -> None:
+        self.waiting_tokens -= leg.queued_tokens
+        self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
+
+    def _cached_tokens(self, leg: Leg) -> int:
+        """The prefix-cache hit a leg finds as it joins the queue: the report counts only the
+        rest as queued (``pdserve.instance.engine_scheduler`` looks it up alike)."""
+        found = self.pool.lookup(leg.chain, (leg.num_tokens - 1) // self.block_size)
+        return sum(take for _, take in found) * self.block_size
 
     def _free(self, leg: Leg) -> None:
         """Its blocks go back to the pool; what it computed of its chain stays cached (the

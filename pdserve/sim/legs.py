@@ -110,6 +110,7 @@ class Leg:
     engine: LegHost | None = None
     num_computed: int = 0
     num_output: int = 0
+    queued_tokens: int = 0  # what it adds to its engine's queued tokens while it waits
     own_blocks: int = 0
     hit_blocks: int = 0  # blocks of its tokens held through cached runs
     refs: list[tuple[PrefixKey, int]] = field(default_factory=list)

@@ -38,7 +38,7 @@ class Reported(Protocol):
     prefill_rate: float
     transfers: TransferCache
     list_running: bool  # list the running requests (else nobody reads them)
-    waiting_tokens: int  # tokens of the waiting queue (kept as it changes)
+    waiting_tokens: int  # uncached tokens of the waiting queue (kept as it changes)
     waiting_blocks: int
 
     @property

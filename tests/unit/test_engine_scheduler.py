@@ -29,16 +29,38 @@ def request(rid: str, tokens: int, computed: int = 0, prompt: int | None = None,
         num_output_tokens=max(0, tokens - (prompt if prompt is not None else tokens)),
         status=kw.get("status", RequestStatus.WAITING),
         kv_transfer_params=kw.get("params"),
+        block_hashes=kw.get("hashes", []),
     )
 
 
-def scheduler(running: list[Any], waiting: list[Any], holding: list[Any], free: int) -> Any:
+class FakeCoordinator:
+    """vLLM's prefix-cache lookup: ``hits`` cached tokens per request id, calls counted."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        self.lookups: list[str] = []
+
+    def find_longest_cache_hit(self, hashes: list[str], max_length: int) -> tuple[Any, int, int]:
+        rid = hashes[0]
+        self.lookups.append(rid)
+        return (), min(self.hits.get(rid, 0), max_length), 0
+
+
+def scheduler(
+    running: list[Any],
+    waiting: list[Any],
+    holding: list[Any],
+    free: int,
+    coordinator: FakeCoordinator | None = None,
+) -> Any:
     pool = SimpleNamespace(get_num_free_blocks=lambda: free, num_gpu_blocks=101)
+    manager = SimpleNamespace(
+        block_pool=pool,
+        coordinator=coordinator or FakeCoordinator(),
+        prefix_cache_lookup_enabled=lambda request: True,
+    )
     return SimpleNamespace(
-        running=running,
-        waiting=waiting,
-        kv_holding_waiting=holding,
-        kv_cache_manager=SimpleNamespace(block_pool=pool),
+        running=running, waiting=waiting, kv_holding_waiting=holding, kv_cache_manager=manager
     )
 
 
@@ -60,6 +82,28 @@ def test_waiting_blocks_count_only_requests_without_blocks(reporter: LoadReporte
     assert report.num_waiting == 2 and report.num_loading == 1
     assert report.waiting_blocks == 3  # the fresh request's 40 tokens; not the loader's 4
     assert report.total_blocks == 100 and report.free_blocks == 60
+
+
+def test_queued_tokens_leave_out_each_waiting_requests_cached_prefix(
+    reporter: LoadReporter,
+) -> None:
+    coordinator = FakeCoordinator()
+    coordinator.hits = {"a": 96, "b": 200}
+    hot = request("a", 100, hashes=["a"])
+    whole = request("b", 100, hashes=["b"])  # all cached: vLLM computes the last token
+    cold = request("c", 50, hashes=["c"])
+    loading = request("l", 64, computed=32, status=RequestStatus.WAITING_FOR_REMOTE_KVS)
+    sched = scheduler([], [hot, whole, cold], [loading], free=60, coordinator=coordinator)
+    reporter.observe(sched, TransferCounters())
+    assert reporter._latest is not None
+    assert reporter._latest.waiting_prompt_tokens == 4 + 1 + 50 + 32
+    reporter.observe(sched, TransferCounters())
+    assert sorted(coordinator.lookups) == ["a", "b", "c"]  # once while they wait
+    sched.waiting = [cold]
+    reporter.observe(sched, TransferCounters())
+    sched.waiting = [hot, cold]  # preempted back to the queue: looked up again
+    reporter.observe(sched, TransferCounters())
+    assert coordinator.lookups.count("a") == 2 and coordinator.lookups.count("c") == 1
 
 
 def test_running_requests_with_a_key_are_listed(reporter: LoadReporter) -> None:

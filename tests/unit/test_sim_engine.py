@@ -206,6 +206,23 @@ def test_the_load_report_is_the_instance_schedulers() -> None:
     assert [(r.request_key, r.num_tokens, r.num_blocks) for r in report.running] == [("k0", 10, 3)]
 
 
+def test_a_waiting_requests_cached_prefix_is_not_queued_work() -> None:
+    """As the instance's report: a waiting leg counts its tokens less the prefix hit it
+    found as it joined the queue (here 2 of its 3 blocks; the rest, 4 tokens, is queued)."""
+    chain = ((("prefix", 1), 2),)
+    e, queue = engine(profile(max_num_batched_tokens=64, max_num_seqs=1))
+    e.add(Leg("a", 12, 1, Owner(), chain), 0.0)
+    queue.run()
+    e.add(Leg("long", 20, 50, Owner()), queue.now)
+    queue.run(until=queue.now)  # "long" runs (its 20 tokens in flight), holding the slot
+    e.add(Leg("b", 12, 1, Owner(), chain), queue.now)
+    e.add(Leg("c", 12, 1, Owner()), queue.now)
+    report = e.report(1)
+    assert report.num_waiting == 2 and report.waiting_prompt_tokens == 20 + 4 + 12
+    queue.run()
+    assert e.report(2).waiting_prompt_tokens == 0 and e.waiting_tokens == 0
+
+
 def test_a_report_shows_the_state_at_its_own_time() -> None:
     """Reports are taken at report times (every 0.1 s): one read later shows the state
     then, not now, also in the middle of an epoch."""

@@ -51,16 +51,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     rng = random.SystemRandom()
     for _ in range(_PICK_ATTEMPTS):
         port = rng.randrange(start, end)
-        if not port_in_use(host, port):
+        if not port_in_use(host, port, reuse_addr=False):
             return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int, *, reuse_addr: bool = True) -> bool:
+    """Whether a bind fails. With ``reuse_addr`` (how our servers bind) a port whose
+    closed connection lingers in TIME_WAIT is free, so a restart on a fixed port is not
+    refused; without it such a port counts as in use, as it does for a binder that does
+    not set SO_REUSEADDR (``free_port`` hands out only ports any binder can take)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_addr:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

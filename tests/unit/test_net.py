@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -30,3 +31,33 @@ def test_a_port_in_use_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> Non
         monkeypatch.setattr(net, "_WINDOW", 2)
         picks = {net.free_port() for _ in range(30)}
     assert taken not in picks
+
+
+def _port_in_time_wait() -> int:
+    """A port whose accepted connection this side closed first: it lingers in TIME_WAIT,
+    which a bind with SO_REUSEADDR ignores and a plain bind does not."""
+    with socket.socket() as listener:
+        # As servers bind (uvicorn, ZeroMQ): a TIME_WAIT left by a socket without the option
+        # blocks every later bind on Linux, with it only the binds without it.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = int(listener.getsockname()[1])
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the active close: this side's end goes to TIME_WAIT
+        client.recv(1)
+        client.close()
+    deadline = time.monotonic() + 2
+    while net.port_in_use("127.0.0.1", port) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the last ACK moved it from FIN_WAIT to TIME_WAIT
+    return port
+
+
+def test_a_port_in_time_wait_is_not_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    lingering = _port_in_time_wait()
+    assert not net.port_in_use("127.0.0.1", lingering)  # our servers could restart on it
+    assert net.port_in_use("127.0.0.1", lingering, reuse_addr=False)
+    monkeypatch.setattr(net, "ephemeral_range", lambda: (lingering + 1, lingering + 2))
+    monkeypatch.setattr(net, "_WINDOW", 2)
+    assert lingering not in {net.free_port() for _ in range(30)}

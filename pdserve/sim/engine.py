@@ -428,8 +428,7 @@ class SimEngine(EngineHoldings):
         while self.waiting and budget > 0 and len(running) < max_seqs:
             leg = self.waiting[0]
             tokens = leg.num_tokens
-            found = self.pool.lookup(leg.chain, (tokens - 1) // bs)
-            hit = sum(take for _, take in found)
+            found, hit = self._prefix_hit(leg)
             if leg.source is not None and leg.source.state not in _EXPORTING:
                 leg.source = None  # its exporter is gone: prefilled here
             if leg.source is not None:

@@ -48,11 +48,16 @@ class EngineHoldings:
         self.waiting_tokens -= leg.queued_tokens
         self.waiting_blocks -= cdiv(leg.num_tokens, self.block_size)
 
+    def _prefix_hit(self, leg: Leg) -> tuple[list[tuple[PrefixKey, int]], int]:
+        """The cached runs of the leg's chain and their blocks in all (never its last
+        token's block: vLLM computes a prompt's last token itself)."""
+        found = self.pool.lookup(leg.chain, (leg.num_tokens - 1) // self.block_size)
+        return found, sum(take for _, take in found)
+
     def _cached_tokens(self, leg: Leg) -> int:
         """The prefix-cache hit a leg finds as it joins the queue: the report counts only the
         rest as queued (``pdserve.instance.engine_scheduler`` looks it up alike)."""
-        found = self.pool.lookup(leg.chain, (leg.num_tokens - 1) // self.block_size)
-        return sum(take for _, take in found) * self.block_size
+        return self._prefix_hit(leg)[1] * self.block_size
 
     def _free(self, leg: Leg) -> None:
         """Its blocks go back to the pool; what it computed of its chain stays cached (the

@@ -306,3 +306,27 @@ def test_decodes_waiting_behind_a_long_prefill_queue_count_for_a_lifetime_only()
     snap = snapshot(dec, view("busy", queued=40_000))
     assert p.pending_weight(p.loads(snap)) == pytest.approx(1 / 3, rel=0.2)
     assert p.place(snap, REQUEST) == Placement("dec")
+
+
+def test_running_decodes_that_end_before_a_new_decode_starts_do_not_count() -> None:
+    p = policy()
+    # "dec" runs 40 decodes (over the pack bound now), but prompts wait ~30 s on "busy",
+    # three decode lifetimes: a decode dispatched now starts once those 40 have ended.
+    dec = view("dec", decoding=40)
+    snap = snapshot(dec, view("fresh"), view("busy", queued=40_000))
+    loads = p.loads(snap)
+    assert p.running_weight(loads) == 0.0
+    assert p.place(snap, REQUEST).decode == "dec"
+    # Without the backlog the 40 count whole, and a fresh instance opens.
+    assert p.place(snapshot(dec, view("fresh")), REQUEST).decode == "fresh"
+
+
+def test_a_prefill_starved_cluster_drains_its_lightest_decoder() -> None:
+    p = policy()
+    full = [view("a", decoding=40), view("b", decoding=42)]
+    light = view("light", decoding=3)
+    # Every instance decodes, so none is free to prefill: "light" gets no new decodes
+    # (it empties and prefills), although it is the only one under the bound.
+    assert p.place(snapshot(*full, light), REQUEST).decode == "a"
+    # With a free instance to prefill on, the cluster is not starved: packing as usual.
+    assert p.place(snapshot(*full, light, view("idle")), REQUEST).decode == "light"

@@ -25,6 +25,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,11 @@ from pdserve.gateway.settings import GatewaySettings
 from pdserve.scheduler.dispatch import DispatchSettings, PolicyName
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.scheduler.slo import SloSettings
+from pdserve.sim.capacity import fluid_need
+from pdserve.sim.profile import load_profile
 from pdserve.sim.run import SimPoint, simulate
 from pdserve.sim.settings import SimSettings
+from pdserve.workload.workloads import build_workload, split_warmup
 
 
 @dataclass(frozen=True)
@@ -62,10 +66,11 @@ SETUPS = {
 # The adaptive rescheduler runs as Llumnix v1's (every 100 ms), with room for a few moves.
 ADAPTIVE_RESCHEDULING = {"reschedule_interval_s": 0.1, "max_migrations": 4}
 GOAL_STATIC, GOAL_ADAPTIVE = 0.60, 0.95
+INSTANCES = 8  # every setup's
 
 
-def run_setup(setup: Setup, label: str, args: argparse.Namespace, seed: int) -> list[SimPoint]:
-    settings = SimSettings(
+def sim_settings(setup: Setup, label: str, args: argparse.Namespace, seed: int) -> SimSettings:
+    return SimSettings(
         prefill=setup.prefill,
         decode=setup.decode,
         both=setup.both,
@@ -77,6 +82,10 @@ def run_setup(setup: Setup, label: str, args: argparse.Namespace, seed: int) -> 
         seed=seed,
         label=label,
     )
+
+
+def run_setup(setup: Setup, label: str, args: argparse.Namespace, seed: int) -> list[SimPoint]:
+    settings = sim_settings(setup, label, args, seed)
     slo = SloSettings(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
     extra = ADAPTIVE_RESCHEDULING if setup.adaptive else {}
     _, points = simulate(
@@ -88,12 +97,26 @@ def run_setup(setup: Setup, label: str, args: argparse.Namespace, seed: int) -> 
     return points
 
 
-def run_setups(args: argparse.Namespace, seed: int) -> dict[str, list[SimPoint]]:
-    out = {}
-    for label in args.setups:
-        out[label] = run_setup(SETUPS[label], label, args, seed)
-        print(f"seed {seed} {label}: done", file=sys.stderr, flush=True)
-    return out
+def _run_labelled(args: argparse.Namespace, seed: int, label: str) -> list[SimPoint]:
+    points = run_setup(SETUPS[label], label, args, seed)
+    print(f"seed {seed} {label}: done", file=sys.stderr, flush=True)
+    return points
+
+
+def run_all(args: argparse.Namespace) -> dict[int, dict[str, list[SimPoint]]]:
+    """Every setup at every seed, ``--jobs`` of them at once (each is one process's
+    deterministic simulation, so the results do not depend on the jobs; wall times do)."""
+    jobs = [(seed, label) for seed in args.seeds for label in args.setups]
+    if args.jobs <= 1:
+        done = [_run_labelled(args, seed, label) for seed, label in jobs]
+    else:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            futures = [pool.submit(_run_labelled, args, seed, label) for seed, label in jobs]
+            done = [f.result() for f in futures]
+    by_seed: dict[int, dict[str, list[SimPoint]]] = {seed: {} for seed in args.seeds}
+    for (seed, label), points in zip(jobs, done, strict=True):
+        by_seed[seed][label] = points
+    return by_seed
 
 
 def goal(runs: dict[str, list[SimPoint]]) -> dict[str, Any]:
@@ -111,6 +134,42 @@ def goal(runs: dict[str, list[SimPoint]]) -> dict[str, Any]:
             return {"rate": rate, "best_static": best[1], "best_static_attainment": best[0],
                     "adaptive": got, "met": met}  # fmt: skip
     return {"rate": None}
+
+
+def fluid_needs(args: argparse.Namespace, seed: int) -> list[float]:
+    """Per rate, the busy instances its requests need at least (``pdserve.sim.capacity``):
+    each point's own requests (the workload's seed plus the point's index, as simulated)."""
+    profile = load_profile(args.profile)
+    base = sim_settings(SETUPS["adaptive"], "adaptive", args, seed)
+    out = []
+    for index, rate in enumerate(args.rate):
+        _, requests = split_warmup(build_workload(base.model_copy(update={"seed": seed + index})))
+        lengths = [(r.input_len, r.output_len) for r in requests]
+        out.append(fluid_need(profile, lengths, rate, args.slo_tpot_ms / 1000).total)
+    return out
+
+
+def need_line(needs: Sequence[float]) -> str:
+    cells = ", ".join(f"{n:.2f}" for n in needs)
+    return (
+        f"Fluid bound (`pdserve.sim.capacity`): busy instances each rate needs at least under "
+        f"the TPOT objective, of {INSTANCES}: {cells}."
+    )
+
+
+def across_seeds(by_seed: dict[int, dict[str, list[SimPoint]]]) -> list[str]:
+    """SLO attainment per setup and rate: the mean over the seeds and the range."""
+    first = next(iter(by_seed.values()))
+    rates = [p.rate for p in next(iter(first.values()))]
+    lines = ["| setup | " + " | ".join(f"{r:g}" for r in rates) + " |"]
+    lines.append("| --- |" + " --- |" * len(rates))
+    for label in first:
+        cells = []
+        for i in range(len(rates)):
+            got = [runs[label][i].summary.slo_attainment or 0.0 for runs in by_seed.values()]
+            cells.append(f"{sum(got) / len(got):.3f} ({min(got):.2f}-{max(got):.2f})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _num(value: float | None, digits: int = 0) -> str:
@@ -145,7 +204,12 @@ def attainment_grid(runs: dict[str, list[SimPoint]]) -> list[str]:
     return lines
 
 
-def render(by_seed: dict[int, dict[str, list[SimPoint]]], command: str, args: Any) -> str:
+def render(
+    by_seed: dict[int, dict[str, list[SimPoint]]],
+    command: str,
+    args: Any,
+    needs: dict[int, list[float]],
+) -> str:
     lines = [
         f"# Adaptive PD at 8 instances (simulated, {args.profile}, {args.workload})",
         "",
@@ -155,12 +219,18 @@ def render(by_seed: dict[int, dict[str, list[SimPoint]]], command: str, args: An
         f"{args.num_requests} requests per rate, max context {args.max_context}; profile "
         "derived, not measured. Latencies in ms.",
         "",
+        f"## All seeds ({', '.join(str(s) for s in by_seed)})",
+        "",
+        "SLO attainment by rate (req/s): the mean over the seeds (min-max).",
+        "",
+        *across_seeds(by_seed),
+        "",
     ]
     for seed, runs in by_seed.items():
         g = goal(runs)
         lines += [f"## Seed {seed}", "", "SLO attainment by rate (req/s):", ""]
         lines += attainment_grid(runs)
-        lines += ["", _goal_line(g), ""]
+        lines += ["", need_line(needs[seed]), "", _goal_line(g), ""]
         lines += table(runs)
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -189,13 +259,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--jobs", type=int, default=1, help="simulations run at once")
     args = parser.parse_args(argv)
     logging.getLogger("pdserve.gateway.control_plane").setLevel(logging.WARNING)
-    by_seed = {seed: run_setups(args, seed) for seed in args.seeds}
+    by_seed = run_all(args)
     command = "python -m benchmark.sim_adaptive " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
-    report = render(by_seed, command.strip(), args)
+    needs = {seed: fluid_needs(args, seed) for seed in args.seeds}
+    report = render(by_seed, command.strip(), args, needs)
     print(report)
     if args.output is None:
         return 0
@@ -209,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed, runs in by_seed.items()
     }
     payload["goal"] = {str(seed): goal(runs) for seed, runs in by_seed.items()}
+    payload["fluid_need"] = {str(seed): needs[seed] for seed in args.seeds}
     (args.output / "results.json").write_text(json.dumps(payload, indent=1))
     return 0
 

@@ -16,6 +16,7 @@ HERE = Path(__file__).parent
 INTEGRATION_ORDER = [
     "test_single_instance",
     "test_prefix_routing",
+    "test_adaptive_serving",
     "test_kv_transfer",
     "test_gateway",
     "test_migration",

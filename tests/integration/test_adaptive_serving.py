@@ -1,7 +1,8 @@
 """The adaptive policy on real vLLM (issue 13): two ``both`` instances, and what each serves
 changes with the load, request by request, with plain vLLM's greedy outputs.
 
-A cluster of its own, ``--both 2 --policy adaptive`` with lenient SLOs (so that the CPU's
+A cluster of its own, ``--prefill 0 --decode 0 --both 2 --policy adaptive`` (``--prefill``
+and ``--decode`` default to 1) with lenient SLOs (so that the CPU's
 step times cannot make the test's placements go another way), and a plain vLLM of its own
 as the reference: the module runs before the session's shared cluster starts, since seven
 vLLM processes do not fit this machine's memory. About a minute and a half to start.
@@ -32,7 +33,10 @@ from tests.integration.helpers import (
     wait_for,
 )
 
-ARGS = "--both 2 --policy adaptive --slo-ttft-ms 120000 --slo-tpot-ms 5000 --kv-cache-gib 1"
+ARGS = (
+    "--prefill 0 --decode 0 --both 2 --policy adaptive"
+    " --slo-ttft-ms 120000 --slo-tpot-ms 5000 --kv-cache-gib 1"
+)
 
 
 @pytest.fixture(scope="module")

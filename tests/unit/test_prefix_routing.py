@@ -75,7 +75,12 @@ def test_prefill_goes_to_the_instance_whose_events_show_the_prefix() -> None:
 def test_the_prefix_spreads_when_its_holder_reports_a_long_queue() -> None:
     cp, _ = plane()
     cp.handle(events("p2", 1, stored(SYSTEM)), now=0.0)
-    busy = msgspec.structs.replace(report("p2", 2, incarnation="i1"), waiting_prompt_tokens=1500)
+    # It holds 992 tokens: it keeps them while its queue is under twice that (cache_aware's
+    # "copies are priced twice").
+    queued = msgspec.structs.replace(report("p2", 2, incarnation="i1"), waiting_prompt_tokens=1500)
+    cp.handle(queued, now=0.0)
+    assert cp.dispatch(PROMPT).prefill == "p2"
+    busy = msgspec.structs.replace(report("p2", 3, incarnation="i1"), waiting_prompt_tokens=2500)
     cp.handle(busy, now=0.0)
     assert cp.dispatch(PROMPT).prefill == "p1"
 

@@ -37,9 +37,8 @@ from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.scheduler.slo import SloSettings
 from pdserve.sim.capacity import fluid_need
 from pdserve.sim.profile import load_profile
-from pdserve.sim.run import SimPoint, simulate
+from pdserve.sim.run import SimPoint, point_requests, simulate
 from pdserve.sim.settings import SimSettings
-from pdserve.workload.workloads import build_workload, split_warmup
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def fluid_needs(args: argparse.Namespace, seed: int) -> list[float]:
     base = sim_settings(SETUPS["adaptive"], "adaptive", args, seed)
     out = []
     for index, rate in enumerate(args.rate):
-        _, requests = split_warmup(build_workload(base.model_copy(update={"seed": seed + index})))
+        _, requests = point_requests(base, index)
         lengths = [(r.input_len, r.output_len) for r in requests]
         out.append(fluid_need(profile, lengths, rate, args.slo_tpot_ms / 1000).total)
     return out

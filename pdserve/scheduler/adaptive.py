@@ -173,22 +173,27 @@ class AdaptivePolicy:
                     share=self.fit.prefill_share(view.instance_id, rate),
                 )
             )
-        pending, running = self.pending_weight(out), self.running_weight(out)
+        pending, running = self._later_weights(self.backlog_wait_s(out))
         return [_with_later(load, pending, running) for load in out]
 
     def pending_weight(self, loads: Sequence[Load]) -> float:
         """How many of the requests sent to an instance and not decoding there yet count in
         the batch a new decode joins (module docstring, "pending decodes"): a decode
         lifetime over the mean wait of the queued prompts they wait behind, at most 1."""
-        wait, lifetime = self.backlog_wait_s(loads), self.lifetime_s()
-        return 1.0 if wait <= lifetime else lifetime / wait
+        return self._later_weights(self.backlog_wait_s(loads))[0]
 
     def running_weight(self, loads: Sequence[Load]) -> float:
         """How many of the decodes running now still run when a new decode starts, after
         the backlog's wait: 1 less the wait over a decode lifetime, at least 0 (module
         docstring, "pending decodes")."""
-        wait, lifetime = self.backlog_wait_s(loads), self.lifetime_s()
-        return 1.0 if lifetime <= 0 else max(0.0, 1.0 - wait / lifetime)
+        return self._later_weights(self.backlog_wait_s(loads))[1]
+
+    def _later_weights(self, wait: float) -> tuple[float, float]:
+        """(pending, running) weights of the later batch after a backlog wait of ``wait``."""
+        lifetime = self.lifetime_s()
+        if lifetime <= 0:
+            return 1.0, 1.0
+        return min(1.0, lifetime / wait) if wait > 0 else 1.0, max(0.0, 1.0 - wait / lifetime)
 
     def backlog_wait_s(self, loads: Sequence[Load]) -> float:
         """The token-weighted mean wait of the queued prompts (0: none queued, or nothing
@@ -300,15 +305,15 @@ class AdaptivePolicy:
             if lightest is not None and tpot[id(lightest)] <= bound:
                 return lightest
             return min(loads, key=lambda load: tpot[id(load)])
-        if len(decoders) > 1 and self.prefill_starved(idle, request):
+        draining = len(decoders) > 1 and self.prefill_starved(idle, request)
+        if draining:  # rule 1, draining by dispatch: the lightest decoder gets none
             drain = min(decoders, key=lambda load: (load.seqs, load.context))
-            keep = [load for load in decoders if load is not drain]
-            packed = [load for load in keep if tpot[id(load)] <= bound]
-            if packed:
-                return max(packed, key=lambda load: (tpot[id(load)], load.seqs))
-            return min(keep, key=lambda load: tpot[id(load)])
+            decoders = [load for load in decoders if load is not drain]
+            fits = [load for load in decoders if tpot[id(load)] <= bound]
         if fits:
             return max(fits, key=lambda load: (tpot[id(load)], load.seqs))
+        if draining:
+            return min(decoders, key=lambda load: tpot[id(load)])
         fresh = [load for load in idle if tpot[id(load)] <= bound]
         if fresh:
             return min(fresh, key=self._opening_key)

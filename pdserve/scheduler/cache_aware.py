@@ -254,9 +254,9 @@ class CacheAwarePolicy:
             return
         moved = self.transfer_s(prompt - held)
         waits = []
-        most = max(min(prefix.tokens(p.instance_id), prompt) for p in prefillers)
-        for prefill in prefillers:
-            cached = min(prefix.tokens(prefill.instance_id), prompt)
+        cached_on = [min(prefix.tokens(p.instance_id), prompt) for p in prefillers]
+        most = max(cached_on)
+        for prefill, cached in zip(prefillers, cached_on, strict=True):
             wait = self.wait_s(prefill, prompt - cached) + self.copy_s(prefill, most - cached)
             waits.append(self.wait_s(prefill, 0))
             yield CachePlacement(decode.instance_id, prefill.instance_id, cached, wait + moved)

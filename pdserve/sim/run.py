@@ -213,6 +213,14 @@ def warm_up(cluster: SimCluster, sessions: Sequence[Session]) -> Counter[str]:
     return engine_totals(cluster)
 
 
+def point_requests(
+    settings: SimSettings, index: int
+) -> tuple[list[BenchRequest], list[BenchRequest]]:
+    """The warm-up and the measured requests of the point at ``index`` of ``--rate``: the
+    workload's seed plus the index, as ``pdserve bench run`` seeds its points."""
+    return split_warmup(build_workload(settings.model_copy(update={"seed": settings.seed + index})))
+
+
 def simulate_point(
     settings: SimSettings,
     profile: StepProfile,
@@ -224,9 +232,7 @@ def simulate_point(
 ) -> SimPoint:
     """One rate: a fresh cluster, the workload's requests (its warm-up first, unmeasured, as
     ``pdserve bench run`` sends it), every request's record."""
-    warm, requests = split_warmup(
-        build_workload(settings.model_copy(update={"seed": settings.seed + index}))
-    )
+    warm, requests = point_requests(settings, index)
     schedule = schedule_for(requests, settings.arrival, rate, settings.burstiness, settings.seed)
     assert isinstance(schedule, OpenLoop)
     started = time.perf_counter()

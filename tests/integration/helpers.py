@@ -186,6 +186,17 @@ class ServeCluster:
             if r["healthy"]
         )
 
+    def placed(self) -> dict[str, str]:
+        """The gateway's requests in flight: request key -> the instance serving it."""
+        status, rows = http_json(self.url + "/admin/requests", timeout=10)
+        assert status == 200, rows
+        return {row["request_key"]: row["instance"] for row in rows}
+
+    def kv_bytes_received(self) -> dict[str, int]:
+        """KV bytes each instance has pulled so far, from a load report newer than the call."""
+        time.sleep(1.0)  # a report interval (0.1 s) and then some
+        return {row["id"]: row["kv_bytes_received"] for row in self.instances()}
+
     def idle(self) -> bool:
         """No request in the gateway's sessions (``/admin/requests`` is empty)."""
         status, rows = http_json(self.url + "/admin/requests", timeout=10)

@@ -17,7 +17,6 @@ prefilling for it.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -52,29 +51,19 @@ def adaptive(logs: Path) -> Iterator[tuple[ServeCluster, PlainVLLM]]:
         reference.process.stop(grace_s=20)
 
 
-def received(cluster: ServeCluster) -> dict[str, int]:
-    """KV bytes each instance has pulled so far, from a load report newer than now."""
-    time.sleep(1.0)  # ten report intervals
-    return {row["id"]: row["kv_bytes_received"] for row in cluster.instances()}
-
-
-def placed(cluster: ServeCluster) -> dict[str, str]:
-    status, rows = http_json(cluster.url + "/admin/requests", timeout=10)
-    assert status == 200, rows
-    return {row["request_key"]: row["instance"] for row in rows}
-
-
 def test_what_an_instance_serves_changes_with_the_load(
     adaptive: tuple[ServeCluster, PlainVLLM],
 ) -> None:
     cluster, reference = adaptive
     lone, joining = prompt_token_ids(400, seed=31), prompt_token_ids(300, seed=32)
-    before = received(cluster)
+    before = cluster.kv_bytes_received()
 
     stream = Stream(cluster.url, lone, max_tokens=160)
     wait_for(lambda: len(stream.tokens) >= 3, 300, "the lone request to decode")
-    (decoder,) = placed(cluster).values()
-    assert received(cluster) == before, "a lone request on an idle cluster is served whole"
+    (decoder,) = cluster.placed().values()
+    assert cluster.kv_bytes_received() == before, (
+        "a lone request on an idle cluster is served whole"
+    )
 
     body = {"model": MODEL, "prompt": joining, "max_tokens": 16, "temperature": 0}
     status, answer = http_json(cluster.url + "/v1/completions", body, timeout=300)
@@ -83,7 +72,7 @@ def test_what_an_instance_serves_changes_with_the_load(
     stream.wait()
     assert stream.error is None, stream.error
 
-    after = received(cluster)
+    after = cluster.kv_bytes_received()
     pulled = {i for i in after if after[i] > before[i]}
     assert pulled == {decoder}, (
         f"the joining prompt should prefill on the instance without decodes and decode on "

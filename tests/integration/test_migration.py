@@ -21,15 +21,9 @@ from tests.integration.helpers import (
 DECODERS = ("decode-0", "decode-1")
 
 
-def where(cluster: ServeCluster) -> dict[str, str]:
-    status, rows = http_json(cluster.url + "/admin/requests")
-    assert status == 200
-    return {row["request_key"]: row["instance"] for row in rows}
-
-
 def only_request(cluster: ServeCluster) -> tuple[str, str]:
-    wait_for(lambda: len(where(cluster)) == 1, 120, "the request to be placed")
-    return next(iter(where(cluster).items()))
+    wait_for(lambda: len(cluster.placed()) == 1, 120, "the request to be placed")
+    return next(iter(cluster.placed().items()))
 
 
 def migrate(cluster: ServeCluster, key: str, target: str) -> dict[str, Any]:
@@ -46,7 +40,7 @@ def other(instance: str) -> str:
 
 @pytest.fixture(autouse=True)
 def idle(cluster: ServeCluster) -> None:
-    wait_for(lambda: not where(cluster), 120, "no request in flight")
+    wait_for(lambda: not cluster.placed(), 120, "no request in flight")
     wait_for(cluster.all_kv_free, 60, "an idle cluster")
 
 
@@ -89,18 +83,18 @@ def test_drain_moves_every_stream_off_an_instance(
     prompts = [prompt_token_ids(120 + 10 * i, seed=40 + i) for i in range(8)]
     streams = [Stream(cluster.url, p, max_tokens=60) for p in prompts]
     wait_for(
-        lambda: len(where(cluster)) == 8 and all(len(s.tokens) >= 3 for s in streams),
+        lambda: len(cluster.placed()) == 8 and all(len(s.tokens) >= 3 for s in streams),
         300,
         "8 streams to be running",
     )
     counts: dict[str, int] = {}
-    for instance in where(cluster).values():
+    for instance in cluster.placed().values():
         counts[instance] = counts.get(instance, 0) + 1
     drained = max(DECODERS, key=lambda d: counts.get(d, 0))
     try:
         status, answer = http_json(f"{cluster.url}/admin/instances/{drained}/drain", {})
         assert status == 200 and answer["moving"] == counts[drained]
-        wait_for(lambda: drained not in where(cluster).values(), 300, "the instance to empty")
+        wait_for(lambda: drained not in cluster.placed().values(), 300, "the instance to empty")
         for s in streams:
             s.wait()
     finally:
@@ -139,5 +133,5 @@ def test_client_leaving_during_migration_leaves_no_blocks(cluster: ServeCluster)
     time.sleep(1.0)
     stream.close()
     moving.join(120)
-    wait_for(lambda: not where(cluster), 60, "the request to be gone")
+    wait_for(lambda: not cluster.placed(), 60, "the request to be gone")
     cluster.assert_no_leaks()

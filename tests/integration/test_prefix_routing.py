@@ -11,7 +11,6 @@ request's time to first token broken down by phase (``gateway.phases``).
 from __future__ import annotations
 
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,12 +60,6 @@ def complete(cluster: ServeCluster, prompt: list[int]) -> dict[str, object]:
     return answer
 
 
-def received(cluster: ServeCluster) -> dict[str, int]:
-    """KV bytes each instance has pulled so far (its load reports' transfer counters)."""
-    time.sleep(1.0)  # a report interval (0.1 s) and then some
-    return {row["id"]: row["kv_bytes_received"] for row in cluster.instances()}
-
-
 def test_a_shared_prefix_is_prefilled_where_it_is_cached(cache_aware: ServeCluster) -> None:
     prefix = prompt_token_ids(PREFIX)
     first = prefix + prompt_token_ids(40, seed=1)
@@ -76,7 +69,7 @@ def test_a_shared_prefix_is_prefilled_where_it_is_cached(cache_aware: ServeClust
     cached_blocks = PREFIX // block_size
     assert cached_blocks > 0
 
-    before, bytes_before = counters(cache_aware), received(cache_aware)
+    before, bytes_before = counters(cache_aware), cache_aware.kv_bytes_received()
     complete(cache_aware, first)
     after_first = counters(cache_aware)
     # The prefill instance that computed it and the decode instance hold it now.
@@ -92,7 +85,7 @@ def test_a_shared_prefix_is_prefilled_where_it_is_cached(cache_aware: ServeClust
         )
 
     wait_for(indexed, 30, "the holders' prefix events to reach the gateway")
-    bytes_first = received(cache_aware)
+    bytes_first = cache_aware.kv_bytes_received()
 
     complete(cache_aware, second)
     after = counters(cache_aware)
@@ -103,7 +96,7 @@ def test_a_shared_prefix_is_prefilled_where_it_is_cached(cache_aware: ServeClust
     # the small uncached part itself) found the shared prefix in its cache.
     assert max(rose.values()) >= cached_blocks * block_size, rose
     # The decode instance pulled only what it lacked (nothing if it computed the rest).
-    bytes_second = received(cache_aware)
+    bytes_second = cache_aware.kv_bytes_received()
     decode = next(i for i, r in rows.items() if r["role"] == "decode")
     first_pull = bytes_first[decode] - bytes_before[decode]
     second_pull = bytes_second[decode] - bytes_first[decode]

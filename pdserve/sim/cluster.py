@@ -24,9 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pdserve.gateway.context import SloShedding
 from pdserve.gateway.control_plane import ControlPlane
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.protocol.reports import Register, Role
+from pdserve.scheduler.admission import TtftPredictor
 from pdserve.scheduler.dispatch import DispatchSettings, make_policy
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.sim.engine import SimEngine
@@ -105,6 +107,12 @@ class SimCluster:
             self.queue.at,
             self.next_report,
             profile.request_overhead_s,
+            shedding=SloShedding(
+                self.gateway_settings,
+                TtftPredictor(self.dispatch_settings.default_prefill_tokens_per_s),
+                self.dispatch_settings.slo,
+            ),
+            send_priority=self.engine_config.priority_scheduling,
         )
         self.rescheduler = SimRescheduler(
             self.gateway,

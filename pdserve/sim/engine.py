@@ -114,6 +114,7 @@ class SimEngine(EngineHoldings):
         self.touch(now, interrupt=True)
         leg.engine = self
         leg.state = LegState.WAITING
+        leg.arrival = now
         self._enqueue(leg)
         self._wake(now)
 
@@ -387,7 +388,7 @@ class SimEngine(EngineHoldings):
             new = -(-(computed + count) // bs) - leg.own_blocks - leg.hit_blocks
             if new > 0:
                 while not pool.allocate(new):
-                    victim = running.pop()
+                    victim, budget, i = self._victim(items, budget, i)
                     self._preempt(victim)
                     preempted = True
                     if victim is leg:
@@ -405,6 +406,26 @@ class SimEngine(EngineHoldings):
         whole = len(items) == len(running)
         admitted = self._admit(items, budget, now)
         return items, decode_only and whole and not admitted
+
+    def _victim(self, items: list[tuple[Leg, int]], budget: int, i: int) -> tuple[Leg, int, int]:
+        """The running leg a step preempts, taken out of ``running``, with the step's budget
+        and the scheduling loop's index after it: the last one (FCFS), or under priority
+        scheduling the lowest priority's latest arrival, which may be scheduled already in
+        this step (its tokens are then given back, as vLLM does)."""
+        running = self.running
+        if not self.by_priority:
+            return running.pop(), budget, i
+        victim = max(running, key=lambda leg: (leg.priority, leg.arrival))
+        index = running.index(victim)
+        del running[index]
+        if index < i:
+            i -= 1
+            for j, (scheduled, count) in enumerate(items):
+                if scheduled is victim:
+                    del items[j]
+                    budget += count
+                    break
+        return victim, budget, i
 
     def _admit(self, items: list[tuple[Leg, int]], budget: int, now: float) -> bool:
         """Waiting legs, pulled ones first, while budget, slots and blocks last."""
@@ -465,6 +486,10 @@ class SimEngine(EngineHoldings):
     def _start_step(self, now: float) -> None:
         self._version += 1
         items, epoch_ok = self._schedule(now)
+        while not items and self.running:
+            # Under priority scheduling the step's first request preempted itself, which
+            # ends vLLM's pass with nothing scheduled; its next pass schedules the others.
+            items, epoch_ok = self._schedule(now)
         if not items:
             self._busy = False
             self._items = []

@@ -5,8 +5,14 @@ snapshot with pending and held work), ``place`` / ``decode_started`` / ``forget_
 ``dispatch_decode`` / ``mark_broken``. What is simulated is only what the gateway's
 ``RequestSession`` does with those decisions, as events instead of HTTP calls:
 
-- admission: at most ``max_inflight`` sessions at once, ``max_queued`` more wait, the rest
+- admission: with ``--shed-over-slo``, the gateway's own ``SloShedding`` first (a request
+  of the lowest class no instance is predicted to serve within its TTFT SLO is refused,
+  429); then at most ``max_inflight`` sessions at once, ``max_queued`` more wait, the rest
   are refused (429);
+- priorities: with ``send_priority`` each request carries its class, as a client sending
+  vLLM's ``priority`` field: the policies read it (``RequestEstimate.priority``) and the
+  engines schedule by it (``EngineConfig.priority_scheduling``); without, every request is
+  sent alike and only the records keep the class;
 - a disaggregated request runs a prefill leg (``max_tokens`` 1, its KV exported) on the
   prefill instance, then a decode leg on the decode instance that pulls the KV and produces
   every output token, the first included: that first token is the client's TTFT (the prefill
@@ -28,7 +34,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pdserve.gateway.context import SloShedding
 from pdserve.gateway.control_plane import ControlPlane
+from pdserve.gateway.errors import APIError
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.scheduler.dispatch import Dispatch, NoCapacity, NoInstance
 from pdserve.scheduler.snapshot import RequestEstimate
@@ -62,6 +70,7 @@ class Outcome(enum.StrEnum):
 
     COMPLETED = "completed"
     REJECTED = "rejected"  # 429: the gateway's queue was full
+    SHED = "shed"  # 429: predicted to miss its TTFT SLO everywhere (--shed-over-slo)
     NO_INSTANCE = "no_instance"  # 503: no healthy instance for a role
     ABANDONED = "abandoned"  # its instance failed more than max_failovers times
     NOT_SENT = "not_sent"  # an earlier turn of its conversation did not complete
@@ -83,6 +92,7 @@ class Session:
     next_turn: Session | None = None
     think_s: float = 0.0
     follows: bool = False
+    priority: int = 0  # the workload's class (above 0: high), in the policies' convention
     sent_at: float = 0.0  # send time on the simulated clock
     gateway: SimGateway | None = None
     phase: Phase = Phase.QUEUED
@@ -143,6 +153,7 @@ class Session:
             itl_s=self.itl,
             e2e_s=(self.last_at - self.sent_at) if done else None,
             output_tokens=self.output,
+            priority=self.priority,
             success=done,
             error="" if done else (self.error or str(self.outcome)),
         )
@@ -164,6 +175,7 @@ class GatewayCounters:
     held_s: float = 0.0
     failovers: int = 0
     rejected: int = 0
+    shed: int = 0
     decision_ns: list[int] = field(default_factory=list)
 
 
@@ -179,10 +191,13 @@ class SimGateway:
         at: Callable[[float, Callable[[Any], None], Any], None],
         next_report: Callable[[float], float | None],
         request_overhead_s: float = 0.0,
+        shedding: SloShedding | None = None,
+        send_priority: bool = False,
     ) -> None:
         """``sync(now)`` delivers the load reports sent by ``now``; ``at`` schedules an
         event; ``next_report(now)``: when the next report of a decode-capable instance
-        arrives."""
+        arrives; ``shedding``: the gateway's admission control (it reads
+        ``--shed-over-slo`` itself); ``send_priority``: the requests carry their class."""
         self.control = control
         self.settings = settings
         self.engines = engines
@@ -190,6 +205,8 @@ class SimGateway:
         self.at = at
         self.next_report = next_report
         self.overhead_s = request_overhead_s
+        self.shedding = shedding if shedding is not None and shedding.enabled else None
+        self.send_priority = send_priority
         self.sessions: dict[str, Session] = {}
         self.queued: deque[Session] = deque()
         self.held: deque[Session] = deque()
@@ -205,6 +222,8 @@ class SimGateway:
         session.gateway = self
         self.sessions[session.key] = session
         self.open += 1
+        if self._shed(session):
+            return
         if self.inflight < self.settings.max_inflight:
             self._start(session, session.sent_at)
         elif len(self.queued) < self.settings.max_queued:
@@ -212,6 +231,21 @@ class SimGateway:
         else:
             self.counters.rejected += 1
             self.finish(session, Outcome.REJECTED, session.sent_at, "the cluster is at capacity")
+
+    def _shed(self, session: Session) -> bool:
+        """``GatewayContext.admit`` before a slot is taken: ``SloShedding.check`` on fresh
+        reports; True: refused (ended)."""
+        if self.shedding is None:
+            return False
+        now = session.sent_at
+        self.sync(now)
+        try:
+            self.shedding.check(self.control, self.estimate(session))
+        except APIError as refused:
+            self.counters.shed += 1
+            self.finish(session, Outcome.SHED, now, str(refused))
+            return True
+        return False
 
     def _start(self, session: Session, now: float) -> None:
         self.inflight += 1
@@ -222,8 +256,15 @@ class SimGateway:
         the prompt's token ids, for the prefix index, while it is the prompt sent)."""
         ids = session.token_ids if session.output == 0 else None
         return RequestEstimate(
-            session.input_len + session.output, session.output_len, prompt_token_ids=ids
+            session.input_len + session.output,
+            session.output_len,
+            prompt_token_ids=ids,
+            priority=self.sent_priority(session),
         )
+
+    def sent_priority(self, session: Session) -> int:
+        """The class the gateway sees (policies' convention: higher first; 0 unsent)."""
+        return session.priority if self.send_priority else 0
 
     def dispatch(self, estimate: RequestEstimate, key: str | None) -> Dispatch:
         """``ControlPlane.dispatch`` on fresh reports, its wall-clock time recorded."""
@@ -314,7 +355,11 @@ class SimGateway:
     # --- legs ---------------------------------------------------------------------------------
 
     def submit(self, instance_id: str, leg: Leg, now: float) -> None:
-        """Sends a leg to an instance; it reaches the engine after the request overhead."""
+        """Sends a leg to an instance; it reaches the engine after the request overhead. A
+        session's legs carry its priority in vLLM's convention (every leg's body has the
+        client's ``priority`` field); a migration's pre-copy none."""
+        if isinstance(leg.owner, Session):
+            leg.priority = -self.sent_priority(leg.owner)
         self.at(now + self.overhead_s, self._land, (instance_id, leg))
 
     def _land(self, arg: tuple[str, Leg]) -> None:
@@ -474,7 +519,7 @@ class SimGateway:
             self._unhold(session, now)
         if session.migration is not None:
             session.migration.session_ended(now)
-        took_slot = outcome is not Outcome.REJECTED
+        took_slot = outcome not in (Outcome.REJECTED, Outcome.SHED)
         session.phase = Phase.DONE
         session.outcome, session.error = outcome, error
         self.control.forget_held(session.key)

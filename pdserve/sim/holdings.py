@@ -9,6 +9,7 @@ request is admitted; vLLM also counts a lookup that then finds no room, again at
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 
@@ -25,13 +26,21 @@ class EngineHoldings:
         self.block_size = config.block_size
         self.pool = BlockPool(config.num_blocks, config.prefix_caching)
         self.watermark_blocks = int(config.watermark * config.num_blocks)
+        self.by_priority = config.priority_scheduling
         self.waiting: deque[Leg] = deque()
         self.waiting_tokens = 0
         self.waiting_blocks = 0
         self.counters = EngineCounters()
 
     def _enqueue(self, leg: Leg, front: bool = False) -> None:
-        if front:
+        """Into the waiting queue: at the front (``front``: preempted, or its pull failed) or
+        the back, as vLLM's FCFS queue; under priority scheduling in (priority, arrival)
+        order wherever it comes from (vLLM's heap), after the equal ones."""
+        if self.by_priority:
+            key = (leg.priority, leg.arrival)
+            index = bisect_right(self.waiting, key, key=lambda w: (w.priority, w.arrival))
+            self.waiting.insert(index, leg)
+        elif front:
             self.waiting.appendleft(leg)
         else:
             self.waiting.append(leg)

@@ -118,6 +118,10 @@ class Leg:
     pinned: bool = False  # a live migration exports it: its blocks outlive an abort
     pullers: list[Leg] = field(default_factory=list)  # legs pulling from this one now
     pull_gen: int = 0
+    # vLLM's request priority (lower is scheduled first; 0 unless the client sent one) and
+    # arrival time (set as it reaches its engine): the order of priority scheduling.
+    priority: int = 0
+    arrival: float = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -141,6 +145,10 @@ class EngineConfig:
     # Loads of at most this many tokens run in the step that admits their request
     # (the connector's --kv-sync-load-max-tokens, its default).
     sync_load_max_tokens: int = KVTransferSettings.model_fields["sync_load_max_tokens"].default
+    # vLLM's --priority-scheduling: the waiting queue in (priority, arrival) order, and a
+    # preemption takes the running request of the lowest priority, latest arrival (FCFS
+    # otherwise: arrival order, the last running one).
+    priority_scheduling: bool = False
     # Decode-only runs of steps computed at once (pdserve.sim.epoch); off: step by step,
     # the same results, slower (the tests compare the two).
     epochs: bool = True

@@ -59,6 +59,7 @@ class SimPoint:
     migrations: int = 0
     migrations_aborted: int = 0
     failovers: int = 0
+    shed: int = 0  # refused by --shed-over-slo
     kv_transfer_bytes: int = 0
     cache: CacheStats = field(default_factory=CacheStats)
     simulated_s: float = 0.0
@@ -74,6 +75,10 @@ class SimPoint:
         for name in LATENCIES:
             stats = getattr(s, name)
             point[name] = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99}
+        for name in ("ttft_ms_high", "ttft_ms_normal"):  # with two priority classes
+            stats = getattr(s, name)
+            if stats is not None:
+                point[name] = {"mean": stats.mean, "p50": stats.p50, "p99": stats.p99, "n": stats.n}
         point.update(
             goodput_rps=s.goodput,
             slo_attainment=s.slo_attainment,
@@ -85,6 +90,7 @@ class SimPoint:
             migrations=self.migrations,
             migrations_aborted=self.migrations_aborted,
             failovers=self.failovers,
+            shed=self.shed,
             kv_transfer_bytes=self.kv_transfer_bytes,
             prefix_cache_queries=self.cache.prefix_cache_queries,
             prefix_cache_hits=self.cache.prefix_cache_hits,
@@ -133,6 +139,7 @@ def sessions_for(
             chain=chain,
             token_ids=tuple(r.prompt) if token_ids and isinstance(r.prompt, list) else None,
             think_s=r.think_s,
+            priority=r.priority,
         )
         for i, (r, chain) in enumerate(zip(requests, chains, strict=True))
     ]
@@ -159,6 +166,7 @@ def build_cluster(
         max_num_batched_tokens=settings.max_num_batched_tokens,
         watermark=settings.kv_watermark,
         prefix_caching=settings.prefix_caching,
+        priority_scheduling=settings.priority_scheduling,
     )
     return SimCluster(
         profile,
@@ -258,6 +266,7 @@ def simulate_point(
         migrations=migrations.completed,
         migrations_aborted=len(migrations.records) - migrations.completed,
         failovers=cluster.gateway.counters.failovers,
+        shed=cluster.gateway.counters.shed,
         kv_transfer_bytes=counted["bytes_received"],
         cache=CacheStats.of(
             counted["prefix_queries"], counted["prefix_hits"], counted["bytes_received"]
@@ -352,8 +361,25 @@ def format_table(points: Sequence[SimPoint]) -> str:
             *lines,
             "latencies in ms (TTFT/TPOT without P: means); hit %: prefix-cache hit "
             "rate (tokens); dec us: P50",
+            *_class_lines(points),
         ]
     )
+
+
+def _class_lines(points: Sequence[SimPoint]) -> list[str]:
+    """Per rate, each priority class's TTFT and the requests shed, where there are any."""
+    lines = []
+    for p in points:
+        high, normal = p.summary.ttft_ms_high, p.summary.ttft_ms_normal
+        if high is None and normal is None and not p.shed:
+            continue
+        text = f"{p.rate:>6g}"
+        for name, stats in (("high", high), ("normal", normal)):
+            if stats is not None:
+                mean, p99 = _cell(stats.mean), _cell(stats.p99)
+                text += f"  TTFT {name} (n {stats.n}) mean {mean} P99 {p99}"
+        lines.append(text + f"  shed {p.shed}")
+    return lines
 
 
 def write_json(path: str, result: dict[str, Any]) -> Path:

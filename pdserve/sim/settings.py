@@ -80,6 +80,13 @@ class SimSettings(WorkloadSettings):
         "free (vLLM v1 keeps none)",
     )
     prefix_caching: bool = Field(True, description="model vLLM's prefix cache")
+    priority_scheduling: bool = Field(
+        False,
+        description="vLLM's --priority-scheduling on every instance, and each request sent "
+        "with its class (--high-priority-fraction) as vLLM's priority field, which the "
+        "policies read too; off: sent alike, first come first served (the classes' TTFT is "
+        "still reported apart)",
+    )
     fail: list[str] = Field([], description=LIST_FIELDS["fail"][2])
     join: list[str] = Field([], description=LIST_FIELDS["join"][2])
     label: str | None = Field(

@@ -351,3 +351,58 @@ def test_a_report_made_from_the_epoch_is_the_one_a_pass_over_the_requests_makes(
     )
     c.run(poisson_like(80, 0.04, n_out=120))
     assert made["epoch"] > 100 and made["pass"] > 10, made
+
+
+def classes_point(
+    tmp_path: Path, priority_scheduling: bool, gateway: GatewaySettings | None = None
+) -> SimPoint:
+    """One colocated instance past its prefill capacity (20 req/s of 400-token prompts),
+    30% of the requests high priority, a TTFT objective of 300 ms."""
+    path = tmp_path / "profile.json"
+    save_profile(PROFILE, path)
+    settings = SimSettings.model_validate(
+        dict(
+            prefill=0, decode=0, both=1, workload="fixed", input_len=400, output_len=20,
+            num_requests=120, high_priority_fraction=0.3, profile=str(path),
+            priority_scheduling=priority_scheduling,
+        )
+    )  # fmt: skip
+    return simulate_point(
+        settings,
+        PROFILE,
+        DispatchSettings(slo=SloSettings(ttft_ms=300)),
+        ReschedulingSettings(),
+        gateway or GatewaySettings(),
+        20.0,
+    )
+
+
+def test_priority_scheduling_serves_the_high_class_first(tmp_path: Path) -> None:
+    """The same requests with the classes sent (vLLM's priority scheduling) and not: the
+    high class's mean TTFT drops below the normal one's only when they are sent."""
+    sent, alike = (classes_point(tmp_path, on) for on in (True, False))
+    for result in (sent, alike):
+        assert result.summary.completed == 120 and result.leaks == []
+        assert result.as_json()["ttft_ms_high"]["n"] == sum(r.priority > 0 for r in result.records)
+    high, normal = sent.summary.ttft_ms_high, sent.summary.ttft_ms_normal
+    assert high is not None and normal is not None and high.mean is not None
+    assert normal.mean is not None and high.mean < 0.5 * normal.mean
+    high, normal = alike.summary.ttft_ms_high, alike.summary.ttft_ms_normal
+    assert high is not None and normal is not None and high.mean is not None
+    assert normal.mean is not None and 0.5 * normal.mean < high.mean < 2 * normal.mean
+
+
+def test_shed_over_slo_refuses_only_the_lowest_class_while_queues_are_late(
+    tmp_path: Path,
+) -> None:
+    """``--shed-over-slo --shed-priority 0``: normal requests are refused (429, counted as
+    shed) while the instance's queue is past the TTFT objective; high-priority ones never;
+    nothing leaks. Off (the default), nobody is shed."""
+    gateway = GatewaySettings(shed_over_slo=True, shed_priority=0)
+    shedding = classes_point(tmp_path, True, gateway)
+    shed = [r for r in shedding.records if not r.success]
+    assert shedding.shed == len(shed) > 0 and shedding.as_json()["shed"] == len(shed)
+    assert all(r.priority == 0 and "TTFT SLO" in r.error for r in shed)
+    assert all(r.success for r in shedding.records if r.priority > 0)
+    assert shedding.leaks == []
+    assert classes_point(tmp_path, True).shed == 0

@@ -290,3 +290,45 @@ def test_a_small_load_runs_in_the_step_that_admits_it() -> None:
     assert owner.times[0] == pytest.approx(start + 0.014 + 0.017 + second_step)
     assert owner.pulled_at == pytest.approx(owner.times[0])
     assert len(owner.times) == 3 and decode.counters.loads_ok == 1
+
+
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_priority_scheduling_admits_the_most_important_waiting_request_first(
+    by_priority: bool,
+) -> None:
+    """Three 8-token prompts waiting at once with a budget of 8 (one prompt a step, 18 ms):
+    first come first served, or with vLLM's priority scheduling the one of priority -1
+    (sent last) first, then the two of priority 0 in arrival order."""
+    e, queue = engine(priority_scheduling=by_priority)
+    owners = {name: Owner() for name in "abc"}
+    for name, priority in (("a", 0), ("b", 0), ("c", -1)):
+        leg = Leg(name, 8, 1, owners[name])
+        leg.priority = priority
+        e.add(leg, 0.0)
+    queue.run()
+    first = {name: owner.times[0] for name, owner in owners.items()}
+    order = sorted(first, key=first.__getitem__)
+    assert order == (["c", "a", "b"] if by_priority else ["a", "b", "c"])
+    assert rounded([first[name] for name in order]) == [0.018, 0.036, 0.054]
+
+
+@pytest.mark.parametrize("by_priority", [False, True])
+def test_priority_scheduling_preempts_the_least_important_request(by_priority: bool) -> None:
+    """Two sequences that cannot both grow, the less important one (priority 1, a 4-token
+    prompt) admitted first: first come first served preempts the later one (the last
+    running); priority scheduling the less important one, although it was scheduled ahead
+    in that step (its tokens go back to the budget), so the important one finishes first."""
+    e, queue = engine(
+        profile(num_blocks=6, max_num_batched_tokens=64), priority_scheduling=by_priority
+    )
+    low, high = Owner(), Owner()
+    low_leg = Leg("low", 4, 12, low)
+    low_leg.priority = 1
+    e.add(low_leg, 0.0)
+    queue.at(0.001, lambda _: e.add(Leg("high", 8, 12, high), queue.now), None)
+    queue.run()
+    assert e.counters.preemptions >= 1
+    assert len(low.times) == 12 and len(high.times) == 12
+    assert low.finished_at is not None and high.finished_at is not None
+    assert (high.finished_at < low.finished_at) is by_priority
+    assert e.pool.free == e.pool.total and e.idle()

@@ -33,13 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from benchmark.sim_adaptive import ADAPTIVE_RESCHEDULING, INSTANCES
+from benchmark.sim_adaptive import ADAPTIVE_RESCHEDULING, sim_settings
+from benchmark.sim_adaptive import SETUPS as ADAPTIVE_SETUPS
 from pdserve.gateway.settings import GatewaySettings
 from pdserve.scheduler.dispatch import DispatchSettings
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 from pdserve.scheduler.slo import SloSettings
 from pdserve.sim.run import SimPoint, simulate
-from pdserve.sim.settings import SimSettings
 
 # (priority scheduling and classes sent, shedding of the normal class)
 SETUPS = {"off": (False, False), "priorities": (True, False), "priorities+shed": (True, True)}
@@ -49,19 +49,12 @@ GOAL_HIGH, GOAL_NORMAL = 1.5, 1.1
 
 def run_setup(args: argparse.Namespace, seed: int, label: str) -> list[SimPoint]:
     sent, shed = SETUPS[label]
-    settings = SimSettings(
-        prefill=0,
-        decode=0,
-        both=INSTANCES,
-        profile=args.profile,
-        workload=args.workload,
-        rate=args.rate,
-        num_requests=args.num_requests,
-        max_context=args.max_context,
-        high_priority_fraction=args.high_priority_fraction,
-        priority_scheduling=sent,
-        seed=seed,
-        label=label,
+    setup = ADAPTIVE_SETUPS["adaptive+rescheduling"]
+    settings = sim_settings(setup, label, args, seed).model_copy(
+        update={
+            "high_priority_fraction": args.high_priority_fraction,
+            "priority_scheduling": sent,
+        }
     )
     slo = SloSettings(ttft_ms=args.slo_ttft_ms, tpot_ms=args.slo_tpot_ms)
     gateway = GatewaySettings(

@@ -62,6 +62,7 @@ class Messenger:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
+        self._pipe_closed = False
         self._mailboxes: dict[int, queue.SimpleQueue[Any]] = {}
         self._mailbox_lock = threading.Lock()
         self._rids = itertools.count(1)
@@ -111,9 +112,16 @@ class Messenger:
         self._enqueue("drop", address, None)
 
     def stop(self) -> None:
+        """Ends the I/O thread; the wake pipe is closed here, after it, never by the thread
+        itself (which can see the stop flag and exit before this call's wake-up is
+        written: the write then hit a closed descriptor, EBADF)."""
         self._stopped.set()
         self._wake()
         self._thread.join(timeout=5)
+        if not self._thread.is_alive() and not self._pipe_closed:
+            self._pipe_closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # --- the I/O thread --------------------------------------------------------------------
 
@@ -123,6 +131,8 @@ class Messenger:
         self._wake()
 
     def _wake(self) -> None:
+        if self._pipe_closed:
+            return  # stopped: nothing to wake
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"x")
 
@@ -207,8 +217,6 @@ class Messenger:
             for sock in [*self._dealers.values(), self._router]:
                 if sock is not None:
                     sock.close(linger=0)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
 
     def _loop(self) -> None:
         while not self._stopped.is_set():

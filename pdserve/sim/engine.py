@@ -415,7 +415,7 @@ class SimEngine(EngineHoldings):
         running = self.running
         if not self.by_priority:
             return running.pop(), budget, i
-        victim = max(running, key=lambda leg: (leg.priority, leg.arrival))
+        victim = max(running, key=lambda leg: leg.schedule_key)
         index = running.index(victim)
         del running[index]
         if index < i:

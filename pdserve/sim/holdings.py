@@ -37,8 +37,9 @@ class EngineHoldings:
         the back, as vLLM's FCFS queue; under priority scheduling in (priority, arrival)
         order wherever it comes from (vLLM's heap), after the equal ones."""
         if self.by_priority:
-            key = (leg.priority, leg.arrival)
-            index = bisect_right(self.waiting, key, key=lambda w: (w.priority, w.arrival))
+            index = bisect_right(
+                self.waiting, leg.schedule_key, key=lambda waiting: waiting.schedule_key
+            )
             self.waiting.insert(index, leg)
         elif front:
             self.waiting.appendleft(leg)

@@ -128,6 +128,11 @@ class Leg:
         return self.prompt_tokens + self.num_output
 
     @property
+    def schedule_key(self) -> tuple[int, float]:
+        """Its place under priority scheduling: lower first (vLLM's ``Request.__lt__``)."""
+        return self.priority, self.arrival
+
+    @property
     def covered_blocks(self) -> int:
         return self.own_blocks + self.hit_blocks
 

@@ -3,7 +3,8 @@
 Routes: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ``/health``, ``/metrics``,
 vLLM's ``/tokenize``, ``/detokenize``, ``/version`` and ``/ping`` (``utility_api``),
 ``/v1/responses`` (``responses_api``),
-``/admin/instances`` (and ``/admin/instances/{id}/drain|undrain``). Every error is in
+``/admin/instances`` (and ``/admin/instances/{id}/drain|undrain``), ``/admin/migrate``,
+``/admin/migrations``, ``/admin/requests`` and ``/admin/policy``. Every error is in
 OpenAI's error format. Nothing a client sends reaches an instance unchecked, and a client that
 goes away is noticed: its upstream requests are closed, which makes vLLM abort them and free
 their KV blocks.
@@ -51,7 +52,13 @@ from pdserve.logs import get_logger
 from pdserve.protocol.reports import ROLES
 from pdserve.protocol.wire import instance_api_key
 from pdserve.scheduler.admission import TtftPredictor
-from pdserve.scheduler.dispatch import DispatchSettings, Serving, make_policy, serving
+from pdserve.scheduler.dispatch import (
+    DescribedPolicy,
+    DispatchSettings,
+    Serving,
+    make_policy,
+    serving,
+)
 from pdserve.scheduler.rescheduling import ReschedulingSettings
 
 logger = get_logger(__name__)
@@ -448,6 +455,16 @@ def create_app(
             raise APIError(400, f"mode must be one of {', '.join(MIGRATION_MODES)}", param="mode")
         result = await migrator.migrate(session, str(body["target"]), mode)
         return result.as_json()
+
+    @app.get("/admin/policy")
+    async def policy() -> dict[str, Any]:
+        """The dispatch policy's name and, for one that learns (``adaptive``), what it has
+        learnt and its latest decisions (``DescribedPolicy.describe``)."""
+        chosen = ctx.control.policy
+        described = {}
+        if isinstance(chosen, DescribedPolicy):
+            described = chosen.describe(ctx.control.snapshot())
+        return {"policy": dispatch.policy, **described}
 
     @app.get("/admin/migrations")
     async def migrations() -> dict[str, Any]:

@@ -86,9 +86,12 @@ Rescheduling (``plan_adaptive``, run by both migrators every ``--reschedule-inte
 
 from __future__ import annotations
 
+import enum
 import math
+from collections import Counter, deque
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 from pdserve.protocol.reports import Role
 from pdserve.scheduler.rescheduling import MigrationPlan
@@ -101,6 +104,44 @@ _DECODE_PREFERENCE: dict[Role, int] = {"decode": 0, "both": 1, "prefill": 2}
 # Weight of one request in the running means of prompt and output lengths: the mean over
 # about the last 100 requests, enough to be stable, short enough to follow a changing mix.
 _MEAN_WEIGHT = 0.01
+# Decisions ``describe`` lists (the latest ones): enough to see a run's pattern, bounded.
+RECENT_DECISIONS = 32
+
+
+class DecodeRule(enum.StrEnum):
+    """Which branch of rule 1 (or 4) chose the decode instance."""
+
+    PACKED = "packed"  # the fullest decoder at or under the pack bound
+    OPENED = "opened"  # no decoder fitted: an idle instance starts decoding
+    OVER_BOUND = "over-bound"  # nothing fits: the lowest predicted TPOT
+    DRAINING = "draining"  # prefill-starved: not the lightest decoder, over the bound
+    PRIORITY = "priority"  # rule 4: the lightest decoder (or the lowest TPOT of all)
+
+
+class PrefillRule(enum.StrEnum):
+    """Which branch of rules 2 and 3 chose the prefill instance."""
+
+    SHORT = "short"  # rule 3: cheaper than a step's fixed cost, colocated
+    FREE = "free"  # meets the TTFT objective and runs no decodes
+    TOLERABLE = "tolerable"  # meets it, its decodes stay within the TPOT objective
+    MISSED = "missed"  # nothing meets both: the shortest TTFT of the idle ones
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One placement as ``describe`` shows it: what was chosen, why, and the predictions
+    the choice read (seconds)."""
+
+    prompt_tokens: int
+    max_tokens: int
+    priority: int
+    decode: str
+    decode_rule: DecodeRule
+    tpot_s: float
+    pack_bound_s: float
+    prefill: str
+    prefill_rule: PrefillRule
+    ttft_s: float
 
 
 @dataclass(frozen=True)
@@ -150,6 +191,8 @@ class AdaptivePolicy:
         self.fit = StepFit()
         self.mean_prompt = 0.0
         self.mean_output = 0.0
+        self.recent: deque[Decision] = deque(maxlen=RECENT_DECISIONS)
+        self.rule_counts: Counter[tuple[DecodeRule, PrefillRule]] = Counter()
 
     # --- what the predictions read ------------------------------------------------------------
 
@@ -287,37 +330,45 @@ class AdaptivePolicy:
         if not loads:
             return None
         self._learn(request)
-        decode = self.choose_decode(loads, request)
-        prefill = self.choose_prefill(loads, decode, request)
+        objective = self.tpot_objective_s(request, loads)
+        bound = self.pack_bound_s(objective, loads)
+        tpot = {id(load): self.tpot_s(load, request) for load in loads}
+        decode, decode_rule = self.choose_decode(loads, request, tpot, bound)
+        prefill, prefill_rule = self.choose_prefill(loads, decode, request)
+        self._record(request, decode, decode_rule, tpot[id(decode)], bound, prefill, prefill_rule)
         if prefill is decode:
             return Placement(decode.view.instance_id)
         return Placement(decode.view.instance_id, prefill.view.instance_id)
 
-    def choose_decode(self, loads: Sequence[Load], request: RequestEstimate) -> Load:
-        objective = self.tpot_objective_s(request, loads)
-        bound = self.pack_bound_s(objective, loads)
-        tpot = {id(load): self.tpot_s(load, request) for load in loads}
+    def choose_decode(
+        self,
+        loads: Sequence[Load],
+        request: RequestEstimate,
+        tpot: Mapping[int, float],
+        bound: float,
+    ) -> tuple[Load, DecodeRule]:
+        """Rules 1 and 4; ``tpot``: each load's predicted TPOT by ``id``."""
         decoders = [load for load in loads if load.decoding]
         idle = [load for load in loads if not load.decoding]
         fits = [load for load in decoders if tpot[id(load)] <= bound]
         if request.priority > 0:
             lightest = min(decoders, key=lambda load: tpot[id(load)], default=None)
             if lightest is not None and tpot[id(lightest)] <= bound:
-                return lightest
-            return min(loads, key=lambda load: tpot[id(load)])
+                return lightest, DecodeRule.PRIORITY
+            return min(loads, key=lambda load: tpot[id(load)]), DecodeRule.PRIORITY
         draining = len(decoders) > 1 and self.prefill_starved(idle, request)
         if draining:  # rule 1, draining by dispatch: the lightest decoder gets none
             drain = min(decoders, key=lambda load: (load.seqs, load.context))
             decoders = [load for load in decoders if load is not drain]
             fits = [load for load in decoders if tpot[id(load)] <= bound]
         if fits:
-            return max(fits, key=lambda load: (tpot[id(load)], load.seqs))
+            return max(fits, key=lambda load: (tpot[id(load)], load.seqs)), DecodeRule.PACKED
         if draining:
-            return min(decoders, key=lambda load: tpot[id(load)])
+            return min(decoders, key=lambda load: tpot[id(load)]), DecodeRule.DRAINING
         fresh = [load for load in idle if tpot[id(load)] <= bound]
         if fresh:
-            return min(fresh, key=self._opening_key)
-        return min(loads, key=lambda load: tpot[id(load)])
+            return min(fresh, key=self._opening_key), DecodeRule.OPENED
+        return min(loads, key=lambda load: tpot[id(load)]), DecodeRule.OVER_BOUND
 
     def prefill_starved(self, idle: Sequence[Load], request: RequestEstimate) -> bool:
         """No instance without decodes prefills ``request`` within the TTFT objective."""
@@ -331,9 +382,12 @@ class AdaptivePolicy:
     def _opening_key(load: Load) -> tuple[int, int]:
         return _DECODE_PREFERENCE[load.view.role], load.queued
 
-    def choose_prefill(self, loads: Sequence[Load], decode: Load, request: RequestEstimate) -> Load:
+    def choose_prefill(
+        self, loads: Sequence[Load], decode: Load, request: RequestEstimate
+    ) -> tuple[Load, PrefillRule]:
+        """Rules 2 and 3 (and 4's prefill)."""
         if request.prompt_tokens * self.model.token_s(decode.rate) <= self.model.base_s:
-            return decode  # rule 3: cheaper than a step's fixed cost
+            return decode, PrefillRule.SHORT
         objective = self.slo.ttft_s(request)
         limit = math.inf if objective is None else objective
         tpot_limit = self.tpot_objective_s(request, loads)
@@ -341,17 +395,77 @@ class AdaptivePolicy:
         meets = [load for load in loads if ttft[id(load)] <= limit]
         free = [load for load in meets if not load.decoding]
         if free and request.priority <= 0:
-            return min(free, key=lambda load: ttft[id(load)])
+            return min(free, key=lambda load: ttft[id(load)]), PrefillRule.FREE
         tolerable = [
             load
             for load in meets
             if not load.decoding or self.batch_tpot_s(load, request.prompt_tokens) <= tpot_limit
         ]
         if tolerable:
-            return min(tolerable, key=lambda load: ttft[id(load)])
+            return min(tolerable, key=lambda load: ttft[id(load)]), PrefillRule.TOLERABLE
         # Nothing meets both: miss this request's TTFT rather than every TPOT of a batch.
         idle = [load for load in loads if not load.decoding]
-        return min(idle or loads, key=lambda load: ttft[id(load)])
+        return min(idle or loads, key=lambda load: ttft[id(load)]), PrefillRule.MISSED
+
+    # --- what the policy learnt and did (``GET /admin/policy``) -------------------------------
+
+    def _record(
+        self,
+        request: RequestEstimate,
+        decode: Load,
+        decode_rule: DecodeRule,
+        tpot: float,
+        bound: float,
+        prefill: Load,
+        prefill_rule: PrefillRule,
+    ) -> None:
+        self.rule_counts[decode_rule, prefill_rule] += 1
+        self.recent.append(
+            Decision(
+                request.prompt_tokens,
+                request.max_tokens,
+                request.priority,
+                decode.view.instance_id,
+                decode_rule,
+                tpot,
+                bound,
+                prefill.view.instance_id,
+                prefill_rule,
+                self.ttft_s(prefill, decode, request),
+            )
+        )
+
+    def describe(self, snapshot: ClusterSnapshot) -> dict[str, Any]:
+        """The fitted step model, the running means, each instance's predictions now, how
+        often each (decode, prefill) rule decided and the latest decisions: what an operator
+        (or a test) reads to see why the policy places as it does."""
+        loads = self.loads(snapshot)
+        mean = RequestEstimate(max(1, int(self.mean_prompt)), max(1, int(self.mean_output)))
+        objective = self.tpot_objective_s(mean, loads)
+        return {
+            "model": asdict(self.model),
+            "equations": self.fit.equations,
+            "mean_prompt_tokens": self.mean_prompt,
+            "mean_output_tokens": self.mean_output,
+            "tpot_objective_s": objective,
+            "pack_bound_s": self.pack_bound_s(objective, loads),
+            "backlog_wait_s": self.backlog_wait_s(loads),
+            "lifetime_s": self.lifetime_s(),
+            "instances": {
+                load.view.instance_id: {
+                    "seqs": load.seqs,
+                    "later_seqs": load.later[0] if load.later else load.seqs,
+                    "queued_prompt_tokens": load.queued,
+                    "prefill_share": load.share,
+                    "step_s": self.step_s(load, 1, mean.prompt_tokens),
+                    "tpot_s": self.tpot_s(load, mean),
+                    "batch_tpot_s": self.batch_tpot_s(load),
+                }
+                for load in loads
+            },
+            "rules": {f"{d}/{p}": n for (d, p), n in sorted(self.rule_counts.items())},
+            "recent": [asdict(d) for d in reversed(self.recent)],
+        }
 
     # --- rescheduling -------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ import enum
 import itertools
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -164,6 +164,13 @@ class DispatchPolicy(Protocol):
 
 
 @runtime_checkable
+class DescribedPolicy(Protocol):
+    """A policy with learnt state worth showing (``GET /admin/policy``)."""
+
+    def describe(self, snapshot: ClusterSnapshot) -> dict[str, Any]: ...
+
+
+@runtime_checkable
 class PrefixAwarePolicy(Protocol):
     """A policy that also reads where the request's prefix is cached: the control plane
     matches the prompt in its prefix index only for such a policy, and keeps the index as
@@ -265,6 +272,9 @@ class AdaptiveDispatch:
         budget: int,
     ) -> list[MigrationPlan]:
         return self.adaptive.plan_migrations(snapshot, moving, preempted, budget)
+
+    def describe(self, snapshot: ClusterSnapshot) -> dict[str, Any]:
+        return self.adaptive.describe(snapshot)
 
 
 class CacheAwareDispatch:

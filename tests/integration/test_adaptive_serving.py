@@ -79,6 +79,20 @@ def test_what_an_instance_serves_changes_with_the_load(
         f"{decoder}, which pulls its KV; pulled: {pulled}"
     )
 
+    shown = http_json(cluster.url + "/admin/policy")[1]
+    joined, opened = shown["recent"][:2]
+    assert (opened["decode"], opened["decode_rule"], opened["prefill"]) == (
+        decoder,
+        "opened",
+        decoder,
+    ), shown
+    assert (joined["decode"], joined["decode_rule"], joined["prefill_rule"]) == (
+        decoder,
+        "packed",
+        "free",
+    ), shown
+    assert shown["policy"] == "adaptive" and shown["equations"] > 0, shown
+
     want_lone = reference.complete(lone, 160, ignore_eos=True)["choices"][0]["token_ids"]
     assert stream.tokens == want_lone
     want_joining = reference.complete(joining, 16)["choices"][0]["text"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -330,3 +331,24 @@ def test_a_prefill_starved_cluster_drains_its_lightest_decoder() -> None:
     assert p.place(snapshot(*full, light), REQUEST).decode == "a"
     # With a free instance to prefill on, the cluster is not starved: packing as usual.
     assert p.place(snapshot(*full, light, view("idle")), REQUEST).decode == "light"
+
+
+# --- what it shows (GET /admin/policy) ----------------------------------------------------------
+
+
+def test_describe_shows_the_fit_the_predictions_and_why_each_decision_was_made() -> None:
+    p = policy()
+    snap = snapshot(view("full", decoding=25), view("idle"))
+    p.place(snap, REQUEST)
+    p.place(snap, RequestEstimate(prompt_tokens=20, max_tokens=200))
+    shown = p.describe(snap)
+    assert shown["model"]["base_s"] == pytest.approx(TRUE[0], rel=1e-3)
+    assert shown["equations"] == 40
+    assert shown["rules"] == {"packed/free": 1, "packed/short": 1}
+    latest, first = shown["recent"]
+    assert (latest["prompt_tokens"], latest["decode"], latest["prefill"]) == (20, "full", "full")
+    assert (first["decode_rule"], first["prefill_rule"]) == ("packed", "free")
+    assert first["tpot_s"] <= first["pack_bound_s"]
+    instances = shown["instances"]
+    assert instances["full"]["batch_tpot_s"] > instances["idle"]["batch_tpot_s"] == 0.0
+    assert json.loads(json.dumps(shown)) == shown  # what the endpoint sends as is

@@ -56,10 +56,21 @@ class StepModel:
     decode_context_s: float = 0.0
 
     def token_s(self, prefill_rate: float) -> float:
-        """Seconds per prompt token, ``prefill_rate`` (tokens/s) where none is fitted."""
+        """Seconds per token through the weights (``prefill_rate`` where none is fitted):
+        what a decoding sequence costs before any decode was measured."""
         if self.prefill_token_s is not None and self.prefill_token_s > 0:
             return self.prefill_token_s
         return 1.0 / prefill_rate
+
+    def prompt_s(self, tokens: float, pairs: float, prefill_rate: float) -> float:
+        """Seconds of prompt work alone: ``tokens`` prompt tokens with ``pairs`` attention
+        pairs. The fit may put all of it on either coefficient (a workload of one prompt
+        length makes pairs a fixed multiple of tokens), so the two are only ever summed;
+        the reported rate stands in only where neither carries any cost (no prefill seen)."""
+        fitted = (self.prefill_token_s or 0.0) * tokens + self.attention_pair_s * pairs
+        if fitted > 0 or tokens <= 0:
+            return fitted
+        return tokens / prefill_rate
 
     def decode_step_s(self, seqs: int, context: int, prefill_rate: float) -> float:
         """One decode-only step of ``seqs`` sequences attending over ``context`` tokens."""
@@ -84,7 +95,7 @@ class StepModel:
         steps = math.ceil(tokens / chunk) if chunk > 0 else 1
         seqs, context = riders
         ride = self.decode_step_s(seqs, context, prefill_rate) if seqs else self.base_s
-        return tokens * self.token_s(prefill_rate) + self.attention_pair_s * pairs + steps * ride
+        return self.prompt_s(tokens, pairs, prefill_rate) + steps * ride
 
 
 class StepFit:
@@ -152,7 +163,7 @@ class StepFit:
         if seconds <= 0:
             return 0.0
         model = self.model()
-        spent = tokens * model.token_s(prefill_rate) + pairs * model.attention_pair_s
+        spent = model.prompt_s(tokens, pairs, prefill_rate)
         return min(0.9, spent / seconds)
 
     def model(self) -> StepModel:

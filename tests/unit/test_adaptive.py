@@ -18,7 +18,7 @@ from pdserve.scheduler.dispatch import (
 from pdserve.scheduler.rescheduling import ReschedulingSettings, plan_round
 from pdserve.scheduler.slo import SloSettings
 from pdserve.scheduler.snapshot import ClusterSnapshot, InstanceView, Pending, RequestEstimate
-from pdserve.scheduler.step_model import StepFit
+from pdserve.scheduler.step_model import StepFit, StepModel
 
 # Qwen3-32B on an H20 as the simulator's profile has it (seconds per unit).
 TRUE = (0.0215, 7.39e-4, 2.36e-8, 7.39e-4, 1.06e-7)
@@ -27,13 +27,15 @@ RATE = 1300.0  # prompt tokens/s, about 1 / prefill_token_s
 REQUEST = RequestEstimate(prompt_tokens=1000, max_tokens=200)
 
 
-def true_seconds(steps: int, prefill: int, pairs: float, seqs: int, context: int) -> float:
-    base, token, pair, seq, ctx = TRUE
+def true_seconds(
+    steps: int, prefill: int, pairs: float, seqs: int, context: int, truth: tuple = TRUE
+) -> float:
+    base, token, pair, seq, ctx = truth
     return base * steps + token * prefill + pair * pairs + seq * seqs + ctx * context
 
 
-def feed(fit: StepFit, equations: int = 40, seed: int = 0) -> None:
-    """Totals of one instance whose steps take the true model's time."""
+def feed(fit: StepFit, equations: int = 40, seed: int = 0, truth: tuple = TRUE) -> None:
+    """Totals of one instance whose steps take the ``truth`` model's time."""
     rng = random.Random(seed)
     totals = StepTotals()
     fit.observe("trainer", totals)
@@ -43,7 +45,7 @@ def feed(fit: StepFit, equations: int = 40, seed: int = 0) -> None:
         pairs = prefill * rng.randint(50, 2000) / 2
         seqs = steps * rng.randint(1, 40)
         context = seqs * rng.randint(100, 3000)
-        seconds = true_seconds(steps, prefill, pairs, seqs, context)
+        seconds = true_seconds(steps, prefill, pairs, seqs, context, truth)
         totals = StepTotals(
             totals.steps + steps,
             totals.seconds + seconds,
@@ -132,6 +134,50 @@ def test_unseen_features_fall_back_to_the_measured_prefill_rate() -> None:
     fit = StepFit()
     assert fit.model().token_s(2000.0) == pytest.approx(1 / 2000)
     assert fit.model().decode_step_s(4, 100, 2000.0) == pytest.approx(4 / 2000)
+
+
+# Prompt work on the attention pairs alone, as the fit had it on real vLLM here (2 cores, one
+# prompt length: pairs were 64 x tokens): 100 ms a step, 58 ns a pair, 10 ms a sequence.
+PAIRS_ONLY = (0.1, 0.0, 5.8e-8 * 1000, 0.01, 0.0)
+
+
+def test_prompt_work_fitted_on_the_attention_pairs_alone_is_counted_once() -> None:
+    model = StepModel(base_s=0.1, prefill_token_s=0.0, attention_pair_s=5.8e-5)
+    assert model.prompt_s(128, 128 * 64, RATE) == pytest.approx(128 * 64 * 5.8e-5)
+    assert model.prefill_s(128, 128 * 64, 8192, (0, 0), RATE) == pytest.approx(
+        0.1 + 128 * 64 * 5.8e-5
+    )
+    assert StepModel().prompt_s(128, 0.0, RATE) == pytest.approx(128 / RATE)  # none fitted
+
+
+def test_the_prefill_share_counts_prompt_work_once() -> None:
+    p = AdaptivePolicy(SLO, RATE)
+    feed(p.fit, truth=PAIRS_ONLY)
+    prompt = 0.1 * 4 + 5.8e-5 * 128 * 64  # 4 steps, one 128-token prompt
+    for i in range(1, 40):  # every report: that prompt, nothing else
+        p.fit.observe("a", StepTotals(4 * i, prompt * i, 128 * i, 128 * 64 * i, 0, 0))
+    (load,) = p.loads(snapshot(view("a")))
+    assert load.share == pytest.approx(5.8e-5 * 128 * 64 / prompt, rel=0.02)
+
+
+def test_a_prompt_whose_pairs_cost_more_than_a_step_is_not_short() -> None:
+    p = AdaptivePolicy(SloSettings(ttft_ms=3000, tpot_ms=500), RATE)
+    feed(p.fit, truth=PAIRS_ONLY)
+    p.mean_prompt, p.mean_output = 128.0, 48.0
+    snap = snapshot(view("dec", decoding=2), view("idle"))
+    assert p.place(snap, RequestEstimate(prompt_tokens=128, max_tokens=48)) == Placement(
+        "dec", "idle"
+    )
+
+
+def test_with_no_instance_idle_a_missed_prefill_stalls_the_lightest_batch() -> None:
+    p = policy()
+    # Both queues miss the TTFT objective and neither instance is idle: the prompt goes to
+    # the light decoder, whose batch it stalls least, not colocated on the full one (whose
+    # TTFT is shorter: no first decode step elsewhere to wait for).
+    full = view("full", decoding=25, queued=12_000)
+    snap = snapshot(full, view("light", decoding=4, queued=12_000))
+    assert p.place(snap, REQUEST) == Placement("full", "light")
 
 
 # --- decode: bin-packing ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ next load would find its KV cache already computed.
 with prompts of its own. ``--mixes`` measures several workloads per start. Every ratio of the
 candidate (``--candidate``, default the first setup) to every other setup is computed per
 repetition and reported as median and spread (min-max) with an ``Outcome``: a spread that
-crosses 1.0 is a tie; no P99 claim from under 100 requests per point (``spread``).
+crosses 1.0, or lies within 2% of it, is a tie; no P99 claim from under 100 requests per point (``spread``).
 
 ``--cross-check`` runs vLLM's own ``vllm bench serve`` (random dataset with the fixed
 ``--input-len``/``--output-len``, Poisson arrivals) against one setup at one rate and puts its

@@ -238,7 +238,7 @@ class Outcome(enum.StrEnum):
 
     BETTER = "better"  # every repetition's ratio on the candidate's good side of 1.0
     WORSE = "worse"  # every one on the bad side
-    TIE = "tie"  # the spread (min-max) crosses 1.0
+    TIE = "tie"  # the spread (min-max) crosses 1.0 or lies within TIE_MARGIN of it
     TOO_FEW_REQUESTS = "too few requests"  # a P99 from under MIN_P99_REQUESTS requests
     TOO_FEW_REPETITIONS = "too few repetitions"  # under MIN_REPETITIONS ratios measured
     UNMEASURED = "unmeasured"  # no repetition gave a ratio

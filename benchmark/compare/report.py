@@ -23,6 +23,7 @@ from benchmark.compare.settings import (
     MIN_P99_REQUESTS,
     MIN_REPETITIONS,
     POINTS_DIR,
+    TIE_MARGIN,
     CompareSettings,
 )
 from benchmark.compare.spread import PEAK_GOODPUT
@@ -165,7 +166,8 @@ def _targets_section(targets: Targets) -> list[str]:
 REPEATED_EXPLANATION = f"""\
 Each ratio is the candidate's value over the baseline's, computed within one repetition
 (both setups got the same prompts in it), then summarized over the repetitions: the median
-and the spread (min-max). The outcome follows one rule: a spread that crosses 1.0 is a
+and the spread (min-max). The outcome follows one rule: a spread that crosses 1.0, or
+lies within {TIE_MARGIN:.0%} of it (every ratio in {1 - TIE_MARGIN:.2f}-{1 + TIE_MARGIN:.2f}), is a
 **tie**; otherwise **better** or **worse** (goodput: higher is better; latencies: lower),
 but only from at least {MIN_REPETITIONS} measured repetitions and, for a P99, from points of
 at least {MIN_P99_REQUESTS} completed requests (else *too few repetitions* / *too few

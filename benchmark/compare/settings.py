@@ -35,6 +35,9 @@ POINTS_DIR = "points"
 MIN_P99_REQUESTS = 100
 # Below this many repetitions a spread says little: no ratio is called a win or a loss.
 MIN_REPETITIONS = 3
+# Ratios this close to 1.0 in every repetition are no difference: below the knee every setup
+# serves the offered load, and goodput ratios of 1.002-1.008 are that, not a win.
+TIE_MARGIN = 0.02
 # What a --mixes entry may set (workload, load and SLOs); the rest is the comparison's.
 MIX_FIELDS = (
     "workload",

@@ -4,7 +4,8 @@
 On a shared 2-core machine one pass per setup is noise: two decode-heavy passes of the same
 setups gave ratios of opposite sign (issue 13). A ratio is therefore computed within each
 repetition (setups of one repetition got the same prompts, one after the other), and a claim
-is made only from the spread of those ratios: a spread that crosses 1.0 is a tie; a P99 from
+is made only from the spread of those ratios: a spread that crosses 1.0, or lies within
+``TIE_MARGIN`` of it, is a tie; a P99 from
 fewer than ``MIN_P99_REQUESTS`` requests, or fewer than ``MIN_REPETITIONS`` ratios, is no
 claim at all.
 """
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from benchmark.compare.models import Outcome, RatioSpread, SetupResult
-from benchmark.compare.settings import MIN_P99_REQUESTS, MIN_REPETITIONS
+from benchmark.compare.settings import MIN_P99_REQUESTS, MIN_REPETITIONS, TIE_MARGIN
 from benchmark.compare.targets import goodput_target, groups
 from pdserve.workload.metrics import Summary
 
@@ -60,12 +61,12 @@ def median_spread(ratios: Sequence[float | None]) -> tuple[float | None, ...]:
 def ratio_outcome(
     ratios: Sequence[float | None], better: Better, min_requests: int | None, p99: bool
 ) -> Outcome:
-    """The rule: a spread crossing 1.0 is a tie; otherwise a win or loss only from enough
-    repetitions and, for a P99, enough requests per point."""
+    """The rule: a spread crossing 1.0, or within ``TIE_MARGIN`` of it, is a tie; otherwise a
+    win or loss only from enough repetitions and, for a P99, enough requests per point."""
     _, low, high = median_spread(ratios)
     if low is None or high is None:
         return Outcome.UNMEASURED
-    if low <= 1.0 <= high:
+    if low <= 1.0 <= high or (low >= 1.0 - TIE_MARGIN and high <= 1.0 + TIE_MARGIN):
         return Outcome.TIE
     if p99 and (min_requests is None or min_requests < MIN_P99_REQUESTS):
         return Outcome.TOO_FEW_REQUESTS

@@ -816,6 +816,10 @@ def test_median_spread_and_the_tie_rule() -> None:
     assert rule([0.8, 1.0, 0.7], "lower", 500, p99=True) is Outcome.TIE  # 1.0 is in the spread
     assert rule([0.8, 0.9, 0.7], "lower", 500, p99=True) is Outcome.BETTER
     assert rule([0.8, 0.9, 0.7], "higher", None, p99=False) is Outcome.WORSE
+    # Every setup served the offered load: 1.002-1.008 is no win, 0.97 is a loss.
+    assert rule([1.002, 1.008, 1.004], "higher", None, p99=False) is Outcome.TIE
+    assert rule([0.995, 0.998, 0.999], "higher", None, p99=False) is Outcome.TIE
+    assert rule([0.97, 0.99, 0.99], "higher", None, p99=False) is Outcome.WORSE
     assert rule([0.8, 0.9, 0.7], "lower", 99, p99=True) is Outcome.TOO_FEW_REQUESTS
     assert rule([0.8, 0.9, 0.7], "lower", 99, p99=False) is Outcome.BETTER  # not a P99
     assert rule([1.3, None, 1.4], "higher", None, p99=False) is Outcome.TOO_FEW_REPETITIONS

@@ -21,7 +21,13 @@ from pdserve.kv.settings import KVSettings, from_extra_config
 from pdserve.logs import get_logger
 from pdserve.protocol.net import cdiv, is_loopback
 from pdserve.protocol.push import PeriodicPusher
-from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals, TransferCounters
+from pdserve.protocol.reports import (
+    LoadReport,
+    PrefillRateMeter,
+    RunningRequest,
+    StepTotals,
+    TransferCounters,
+)
 from pdserve.protocol.wire import cluster_secret
 
 if TYPE_CHECKING:
@@ -49,7 +55,7 @@ class LoadReporter:
         self._waiting_hits: dict[str, int] = {}
         self._last_step_at: float | None = None
         self._step_ms = 0.0
-        self._prefill_rate = 0.0
+        self._prefill_rate = PrefillRateMeter(_EMA)
         self._preemptions = 0
         self._max_batched_tokens = 0
         # The step-time model's features: the last step's (timed at the next schedule()),
@@ -100,9 +106,7 @@ class LoadReporter:
             dt = now - self._last_step_at
             self._step_ms += _EMA * (dt * 1e3 - self._step_ms)
             last = self._last_work
-            if last.prefill_tokens > 0 and dt > 0:
-                rate = last.prefill_tokens / dt
-                self._prefill_rate += _EMA * (rate - self._prefill_rate)
+            self._prefill_rate.observe(last.prefill_tokens, last.decode_seqs, dt)
             self._totals = add_step(self._totals, last, dt)
         self._last_step_at = now if busy else None
         self._last_work = work
@@ -155,7 +159,7 @@ class LoadReporter:
             # as used in free_blocks, and counting them again hid free room from dispatch.
             waiting_blocks=sum(cdiv(r.num_tokens, self.block_size) for r in scheduler.waiting),
             step_ms=self._step_ms,
-            prefill_tokens_per_s=self._prefill_rate,
+            prefill_tokens_per_s=self._prefill_rate.tokens_per_s,
             num_preemptions=self._preemptions,
             running=listed,
             transfers=transfers,

@@ -39,7 +39,7 @@ import msgspec
 
 from pdserve.kv.metadata import loads_synchronously
 from pdserve.protocol.net import cdiv
-from pdserve.protocol.reports import LoadReport
+from pdserve.protocol.reports import LoadReport, PrefillRateMeter
 from pdserve.sim.epoch import Epoch, epoch_durations, epoch_ends, plan_epoch
 from pdserve.sim.events import EventQueue
 from pdserve.sim.holdings import EngineHoldings
@@ -85,7 +85,7 @@ class SimEngine(EngineHoldings):
         self.loading: dict[Leg, None] = {}
         self.exported: dict[Leg, None] = {}
         self.step_ms = 0.0
-        self.prefill_rate = 0.0
+        self.prefill_rate = PrefillRateMeter(EMA)
         self._busy = False
         self._wake_pending = False
         self._gen = 0  # step-end events of older generations are stale
@@ -587,8 +587,7 @@ class SimEngine(EngineHoldings):
         c.decode_seqs += work.decode_seqs
         c.decode_context += work.decode_context_tokens
         self.step_ms += EMA * (seconds * 1e3 - self.step_ms)
-        if prefill_tokens > 0 and seconds > 0:
-            self.prefill_rate += EMA * (prefill_tokens / seconds - self.prefill_rate)
+        self.prefill_rate.observe(prefill_tokens, work.decode_seqs, seconds)
 
     # --- epochs -----------------------------------------------------------------------------
 

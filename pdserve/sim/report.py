@@ -16,7 +16,13 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals, TransferCounters
+from pdserve.protocol.reports import (
+    LoadReport,
+    PrefillRateMeter,
+    RunningRequest,
+    StepTotals,
+    TransferCounters,
+)
 from pdserve.sim.blocks import BlockPool
 from pdserve.sim.epoch import Epoch
 from pdserve.sim.legs import EngineConfig, EngineCounters, Leg
@@ -35,7 +41,7 @@ class Reported(Protocol):
     config: EngineConfig
     counters: EngineCounters
     step_ms: float
-    prefill_rate: float
+    prefill_rate: PrefillRateMeter
     transfers: TransferCache
     list_running: bool  # list the running requests (else nobody reads them)
     waiting_tokens: int  # uncached tokens of the waiting queue (kept as it changes)
@@ -135,7 +141,7 @@ def load_report(
         waiting_prompt_tokens=queued,
         waiting_blocks=engine.waiting_blocks,
         step_ms=engine.step_ms,
-        prefill_tokens_per_s=engine.prefill_rate,
+        prefill_tokens_per_s=engine.prefill_rate.tokens_per_s,
         num_preemptions=engine.counters.preemptions,
         incarnation=engine.incarnation,
         running=listed,

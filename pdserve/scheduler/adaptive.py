@@ -531,13 +531,8 @@ class _Plan:
         self.busy.add(key)
         for instance_id, sign in ((source, -1), (target, 1)):
             old = self.loads[instance_id]
-            self.loads[instance_id] = Load(
-                old.view,
-                old.seqs + sign,
-                old.context + sign * tokens,
-                old.queued,
-                old.chunk,
-                old.rate,
+            self.loads[instance_id] = replace(
+                old, seqs=old.seqs + sign, context=old.context + sign * tokens
             )
 
     def target_for(self, source: str, tokens: int, idle_ok: bool) -> str | None:

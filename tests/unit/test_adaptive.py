@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 
 from pdserve.protocol.reports import LoadReport, RunningRequest, StepTotals
-from pdserve.scheduler.adaptive import AdaptivePolicy, Placement, PrefillRule
+from pdserve.scheduler.adaptive import AdaptivePolicy, Placement, PrefillRule, _Plan
 from pdserve.scheduler.dispatch import (
     AdaptiveDispatch,
     DispatchSettings,
@@ -324,6 +325,23 @@ def test_rescheduling_mitigates_an_instance_over_the_tpot_objective() -> None:
     snap = snapshot(over, view("light", decoding=5, running=listed("l", 5)), view("idle"))
     plans = p.plan_migrations(snap, moving=(), preempted={}, budget=4)
     assert plans and all(m.source == "over" and m.target == "light" for m in plans)
+
+
+def test_a_planned_move_keeps_what_the_loads_predictions_read() -> None:
+    # A move changes the batch only: the target's prefill share still stretches its steps
+    # (it was dropped, so the round saw a prefilling target's decode steps too short).
+    p = policy()
+    for i, prompt in enumerate((0, 4000, 8000, 12000), start=1):
+        p.fit.observe("light", StepTotals(i * 4, i * 4.0, prompt, 0.0, 40 * i, 44_000 * i))
+    over = view("over", decoding=45, running=listed("o", 45))
+    snap = snapshot(over, view("light", decoding=5, running=listed("l", 5)))
+    plan = _Plan(p, p.loads(snap), moving=())
+    before = plan.loads["light"]
+    plan._moved("over", "light", "o-0", 1100, 70)
+    after = plan.loads["light"]
+    assert before.share > 0 and after.share == before.share
+    assert (after.seqs, after.context) == (before.seqs + 1, before.context + 1100)
+    assert p.step_s(after) > p.step_s(replace(after, share=0.0))
 
 
 def test_rescheduling_consolidates_an_underused_decoder_when_prompts_wait() -> None:

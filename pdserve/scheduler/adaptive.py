@@ -72,7 +72,11 @@ Decisions (each rule has a unit test in ``tests/unit/test_adaptive.py``):
 4. **Priority** (``RequestEstimate.priority > 0``): headroom instead of packing: the decode
    goes to the decoding instance with the *lowest* predicted TPOT (if even that one is over
    the bound, to the lowest of all, usually an idle instance), the prefill to the shortest
-   TTFT whether or not the instance decodes.
+   TTFT whether or not the instance decodes, as long as its decodes stay within the TPOT
+   objective with the prompt's stall added (rule 2 without its first branch). Sending it
+   to the shortest TTFT anywhere met the high class's goal in the simulator but cost the
+   normal class 2-3x its P99 TTFT: each prompt stalls a batch, more instances end up
+   decoding, and fewer prefill (``benchmark/results/sim-priority-8``).
 5. **SLOs**: the request's own objectives, else the cluster's (``SloSettings``); without a
    TPOT objective the bound is twice the step of a lone sequence (a batch may halve each
    sequence's speed); without a TTFT objective every TTFT meets it.

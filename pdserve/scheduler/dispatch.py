@@ -78,6 +78,14 @@ class DispatchSettings(BaseModel):
     watermark: float = Field(
         0.01, ge=0, lt=1, description="fraction of KV blocks kept free when judging decode capacity"
     )
+    priority_kv_reserve: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of each decode instance's KV blocks that only high-priority "
+        "requests (a vLLM priority below 0) may take when their KV is pulled there; normal "
+        "ones wait at the gateway instead (0: no reserve)",
+    )
     default_prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="prefill rate assumed until an instance has measured its own"
     )
@@ -226,24 +234,39 @@ class PdPolicy:
         return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
 
     def _check_room(self, decode: InstanceView, request: RequestEstimate) -> None:
-        check_room(decode, request, self.settings.watermark)
+        check_room(decode, request, self.settings)
 
 
-def check_room(decode: InstanceView, request: RequestEstimate, watermark: float) -> None:
+def check_room(decode: InstanceView, request: RequestEstimate, settings: DispatchSettings) -> None:
     """Raises ``NoCapacity`` when the decode instance cannot take the request's KV.
 
     Only for a disaggregated placement (a colocated request waits in the instance's own
     queue, holding nothing elsewhere), and only for a request that fits an empty
     instance: a larger one waits nowhere better.
+
+    A normal request also leaves ``priority_kv_reserve`` of the blocks free, so that a
+    high-priority one arriving while the instance is full of normal decodes is pulled there
+    at once instead of waiting for them to end (vLLM's priority scheduling orders only the
+    instance's own queue, and a pulled request's blocks are allocated as it arrives). A
+    normal request too large for the blocks outside the reserve may use it: it would wait
+    for ever otherwise.
     """
     load = decode.load
     if load is None:
         return
     need = request.prompt_blocks(decode.block_size)
-    free = decode.virtual_free_blocks(watermark)
-    capacity = load.total_blocks - int(watermark * load.total_blocks)
-    if need > free and need <= capacity:
+    kept = settings.watermark
+    normal_kept = kept + settings.priority_kv_reserve
+    if request.priority <= 0 and need <= _capacity(load.total_blocks, normal_kept):
+        kept = normal_kept
+    free = decode.virtual_free_blocks(kept)
+    if need > free and need <= _capacity(load.total_blocks, kept):
         raise NoCapacity(decode.instance_id, need, free)
+
+
+def _capacity(total_blocks: int, kept: float) -> int:
+    """Blocks an empty instance offers when the fraction ``kept`` stays free."""
+    return total_blocks - int(kept * total_blocks)
 
 
 class AdaptiveDispatch:
@@ -261,7 +284,7 @@ class AdaptiveDispatch:
         if placement.prefill is not None:
             decode = snapshot.get(placement.decode)
             assert decode is not None
-            check_room(decode, request, self.settings.watermark)
+            check_room(decode, request, self.settings)
         return Dispatch(decode=placement.decode, prefill=placement.prefill)
 
     def plan_migrations(
@@ -310,7 +333,7 @@ class CacheAwareDispatch:
         if placement.prefill is not None:
             decode = snapshot.get(placement.decode)
             assert decode is not None
-            check_room(decode, request, self.settings.watermark)
+            check_room(decode, request, self.settings)
         return Dispatch(placement.decode, placement.prefill, placement.cached_tokens)
 
 

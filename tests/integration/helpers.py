@@ -304,8 +304,8 @@ magnetism and the chemistry of bread, while children build small boats to race o
 class Stream:
     """A streaming completion read on a thread, so the test can act while it runs."""
 
-    def __init__(self, url: str, prompt: list[int], max_tokens: int) -> None:
-        body = {
+    def __init__(self, url: str, prompt: list[int], max_tokens: int, priority: int = 0) -> None:
+        body: dict[str, Any] = {
             "model": MODEL,
             "prompt": prompt,
             "max_tokens": max_tokens,
@@ -314,6 +314,8 @@ class Stream:
             "stream": True,
             "return_token_ids": True,
         }
+        if priority:
+            body["priority"] = priority  # vLLM's: lower is more important
         self.request = urllib.request.Request(
             url + "/v1/completions",
             data=json.dumps(body).encode(),

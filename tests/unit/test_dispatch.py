@@ -242,6 +242,32 @@ def test_pd_holds_a_disaggregated_request_when_every_decode_instance_is_full() -
     assert PdPolicy(DispatchSettings()).choose(roomy, LONG) == Dispatch("d1", "p")
 
 
+def test_normal_requests_leave_the_priority_reserve_to_high_priority_ones() -> None:
+    """With ``priority_kv_reserve`` 0.5 a normal request is held where a high-priority one of
+    the same size is pulled at once; without a reserve both are placed."""
+    settings = DispatchSettings(priority_kv_reserve=0.5)
+    snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=400)))  # 40% free
+    normal = RequestEstimate(prompt_tokens=1000, max_tokens=16)  # 63 blocks of 16
+    high = RequestEstimate(prompt_tokens=1000, max_tokens=16, priority=1)
+    with pytest.raises(NoCapacity):
+        PdPolicy(settings).choose(snap, normal)
+    assert PdPolicy(settings).choose(snap, high) == Dispatch("d", "p")
+    assert PdPolicy(DispatchSettings()).choose(snap, normal) == Dispatch("d", "p")
+    roomy = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=600)))
+    assert PdPolicy(settings).choose(roomy, normal) == Dispatch("d", "p")
+
+
+def test_a_normal_request_too_large_for_the_unreserved_blocks_may_use_the_reserve() -> None:
+    """It would wait for ever outside the reserve: it waits for room as without one."""
+    settings = DispatchSettings(priority_kv_reserve=0.5)
+    large = RequestEstimate(prompt_tokens=12_000, max_tokens=16)  # 751 blocks > 490
+    empty = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=1000)))
+    assert PdPolicy(settings).choose(empty, large) == Dispatch("d", "p")
+    busy = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=700)))
+    with pytest.raises(NoCapacity):
+        PdPolicy(settings).choose(busy, large)
+
+
 def test_pd_places_a_request_larger_than_any_instance_instead_of_holding_it_forever() -> None:
     huge = RequestEstimate(prompt_tokens=20_000, max_tokens=16)  # 1251 blocks of 16 > 1000
     snap = ClusterSnapshot((view("p", "prefill"), view("d", "decode", free=10)))

@@ -230,11 +230,8 @@ class PdPolicy:
         wait = self.prefill_wait_s(prefill)
         if wait > self.settings.prefill_saturation_s and self.prefill_wait_s(decode) < wait:
             return Dispatch(decode=decode.instance_id)
-        self._check_room(decode, request)
-        return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
-
-    def _check_room(self, decode: InstanceView, request: RequestEstimate) -> None:
         check_room(decode, request, self.settings)
+        return Dispatch(decode=decode.instance_id, prefill=prefill.instance_id)
 
 
 def check_room(decode: InstanceView, request: RequestEstimate, settings: DispatchSettings) -> None:
@@ -249,7 +246,8 @@ def check_room(decode: InstanceView, request: RequestEstimate, settings: Dispatc
     at once instead of waiting for them to end (vLLM's priority scheduling orders only the
     instance's own queue, and a pulled request's blocks are allocated as it arrives). A
     normal request too large for the blocks outside the reserve may use it: it would wait
-    for ever otherwise.
+    for ever otherwise. The ``pd``, ``adaptive`` and ``cache-aware`` policies call it; the
+    baselines (round-robin, least-requests, router-cache-aware) check no room.
     """
     load = decode.load
     if load is None:

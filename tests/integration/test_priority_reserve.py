@@ -7,7 +7,7 @@ normal prompt is then held at the gateway (its KV would not fit outside the rese
 while a high-priority one sent after it is prefilled and pulled into the reserve at once.
 The normal one is served when the first ends. Without the reserve the second normal
 prompt would be prefilled first and pulled at once (the decode instance has room for
-ten of them), so the test fails if the reserve is ignored.
+several of them), so the test fails if the reserve is ignored.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from pdserve.scheduler.dispatch import DispatchSettings
 from tests.integration.helpers import ServeCluster, Stream, prompt_token_ids, wait_for
 
 RESERVE = 0.9
-WATERMARK = 0.01  # DispatchSettings' default
+WATERMARK = DispatchSettings().watermark  # the cluster runs the default
 ARGS = (
     "--prefill 1 --decode 1 --short-prompt-tokens 0 --prefill-saturation-s 100000 "
     f"--kv-cache-gib 1 --priority-scheduling --priority-kv-reserve {RESERVE} "

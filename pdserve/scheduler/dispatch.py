@@ -84,7 +84,7 @@ class DispatchSettings(BaseModel):
         lt=1,
         description="fraction of each decode instance's KV blocks that only high-priority "
         "requests (a vLLM priority below 0) may take when their KV is pulled there; normal "
-        "ones wait at the gateway instead (0: no reserve)",
+        "ones wait at the gateway instead (pd, adaptive, cache-aware; 0: no reserve)",
     )
     default_prefill_tokens_per_s: float = Field(
         2000.0, gt=0, description="prefill rate assumed until an instance has measured its own"
